@@ -1,0 +1,206 @@
+"""RoIAlign (Mask R-CNN, sec. 3): bilinear reads at unquantised sample points.
+
+Semantics are torchvision.ops.roi_align's, point for point: each of the
+``S x S`` bins of a RoI averages ``g x g`` regularly spaced samples; a sample
+more than one pixel outside the map reads 0, one within a pixel of the border
+is clamped to it. ``aligned=True`` shifts box coordinates by half a pixel so
+that pixel centres sit at ``i + 0.5`` (detectron2's default and ours);
+``aligned=False`` reproduces the original Mask R-CNN implementation, which
+also stretches RoIs smaller than one pixel to one.
+
+Only a fixed ``sampling_ratio`` is supported: the adaptive choice
+(``sampling_ratio=0``, ``ceil(roi_size / S)`` samples) gives a data-dependent
+shape.
+
+Implementation: every map the RoIs may read is flattened into one table
+``[sum(H_i * W_i), C]``; each RoI carries the offset, size and scale of its map,
+and the four bilinear corners of every sample are read with one gather each.
+This serves a single map, FPN levels (each RoI reads only its own level) and
+per-instance ground-truth masks (each RoI reads its matched instance's mask).
+"""
+
+import math
+from typing import Sequence, Tuple, Union
+
+import jax.numpy as jnp
+
+from mrcnn_jax.ops import boxes as box_ops
+from mrcnn_jax.ops.checks import check_shape
+
+# FPN level assignment (Lin et al. 2017, eq. 1): a 224x224 RoI (the ImageNet
+# input size) reads level 4.
+CANONICAL_LEVEL = 4
+CANONICAL_BOX_SIZE = 224
+
+Size = Union[int, Tuple[int, int]]
+
+
+def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: Size,
+              spatial_scale: float = 1.0, sampling_ratio: int = 2,
+              aligned: bool = True) -> jnp.ndarray:
+  """Pools ``boxes [R, 4]`` (image coordinates) from ``features [H, W, C]``.
+
+  Args:
+    features: ``[H, W, C]`` one image's feature map.
+    boxes: ``[R, 4]`` xyxy in image pixels; ``spatial_scale`` maps them onto
+      the map (1/stride).
+    output_size: S or (Sh, Sw).
+    spatial_scale: map pixels per image pixel.
+    sampling_ratio: g, samples per bin along each axis (fixed, > 0).
+    aligned: half-pixel offset (see module docstring).
+
+  Returns:
+    ``[R, Sh, Sw, C]`` in the dtype of ``features``.
+  """
+  dims = check_shape("features", features, ("H", "W", "C"))
+  check_shape("boxes", boxes, ("R", 4), dims)
+  h, w, c = features.shape
+  r = boxes.shape[0]
+  return roi_align_packed(
+      features.reshape(h * w, c), boxes,
+      map_offset=jnp.zeros((r,), jnp.int32),
+      map_height=jnp.full((r,), h, jnp.int32),
+      map_width=jnp.full((r,), w, jnp.int32),
+      spatial_scale=jnp.full((r,), spatial_scale, jnp.float32),
+      output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int,
+                  canonical_level: int = CANONICAL_LEVEL,
+                  canonical_box_size: float = CANONICAL_BOX_SIZE) -> jnp.ndarray:
+  """FPN level of each of ``boxes [R, 4]`` -> ``[R]`` int32 in ``[min_level, max_level]``.
+
+  ``k = floor(k0 + log2(sqrt(w * h) / 224))`` (FPN eq. 1), with torchvision's
+  epsilon of 1e-6 inside the floor so exact powers of two land on the upper
+  level. Degenerate or non-finite boxes go to ``min_level``.
+  """
+  check_shape("boxes", boxes, (None, 4))
+  size = jnp.sqrt(box_ops.area(boxes.astype(jnp.float32)))
+  level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size) + 1e-6)
+  level = jnp.where(jnp.isfinite(level), level, min_level)
+  return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
+                         strides: Sequence[int], output_size: Size,
+                         sampling_ratio: int = 2, aligned: bool = True,
+                         canonical_level: int = CANONICAL_LEVEL,
+                         canonical_box_size: float = CANONICAL_BOX_SIZE) -> jnp.ndarray:
+  """Pools each RoI from its own FPN level, all levels in one gather.
+
+  Args:
+    features: one ``[Hl, Wl, C]`` map per level, finest first.
+    boxes: ``[R, 4]`` xyxy in image pixels.
+    strides: each level's stride, powers of two (level = log2(stride)).
+    output_size, sampling_ratio, aligned: as for ``roi_align``.
+    canonical_level, canonical_box_size: see ``assign_levels``.
+
+  Returns:
+    ``[R, Sh, Sw, C]``.
+  """
+  if len(features) != len(strides):
+    raise ValueError(f"strides: expected one per feature level ({len(features)}), "
+                     f"got {len(strides)}")
+  check_shape("boxes", boxes, ("R", 4))
+  channels = features[0].shape[-1]
+  for i, f in enumerate(features):
+    check_shape(f"features[{i}]", f, (None, None, channels))
+  levels = [int(round(math.log2(s))) for s in strides]
+  if [2 ** k for k in levels] != list(strides) or levels != list(range(levels[0], levels[-1] + 1)):
+    raise ValueError(f"strides: expected consecutive powers of two, got {list(strides)}")
+
+  heights = [f.shape[0] for f in features]
+  widths = [f.shape[1] for f in features]
+  offsets = [0]
+  for h, w in zip(heights, widths):
+    offsets.append(offsets[-1] + h * w)
+  table = jnp.concatenate([f.reshape(-1, channels) for f in features], axis=0)
+
+  level = assign_levels(boxes, levels[0], levels[-1], canonical_level, canonical_box_size)
+  i = level - levels[0]
+  as_array = lambda v, dtype: jnp.asarray(v, dtype)[i]
+  return roi_align_packed(
+      table, boxes,
+      map_offset=as_array(offsets[:-1], jnp.int32),
+      map_height=as_array(heights, jnp.int32),
+      map_width=as_array(widths, jnp.int32),
+      spatial_scale=as_array([1.0 / s for s in strides], jnp.float32),
+      output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.ndarray,
+                     map_height: jnp.ndarray, map_width: jnp.ndarray,
+                     spatial_scale: jnp.ndarray, output_size: Size,
+                     sampling_ratio: int = 2, aligned: bool = True) -> jnp.ndarray:
+  """RoIAlign over several maps packed in one table; each RoI names its map.
+
+  Args:
+    table: ``[T, C]``, maps flattened row-major and concatenated.
+    boxes: ``[R, 4]`` xyxy; ``spatial_scale`` maps them onto their map.
+    map_offset: ``[R]`` int, first table row of each RoI's map.
+    map_height, map_width: ``[R]`` int, that map's size.
+    spatial_scale: ``[R]`` float, that map's pixels per box unit.
+    output_size, sampling_ratio, aligned: as for ``roi_align``.
+
+  Returns:
+    ``[R, Sh, Sw, C]`` in the dtype of ``table``.
+  """
+  dims = check_shape("table", table, ("T", "C"))
+  check_shape("boxes", boxes, ("R", 4), dims)
+  for name, v in (("map_offset", map_offset), ("map_height", map_height),
+                  ("map_width", map_width), ("spatial_scale", spatial_scale)):
+    check_shape(name, v, ("R",), dims)
+  if sampling_ratio <= 0:
+    raise ValueError(f"sampling_ratio: expected a fixed count > 0 (static shapes), "
+                     f"got {sampling_ratio}")
+  sh, sw = (output_size, output_size) if isinstance(output_size, int) else output_size
+  r, c = boxes.shape[0], table.shape[1]
+
+  offset = 0.5 if aligned else 0.0
+  scaled = boxes.astype(jnp.float32) * spatial_scale[:, None] - offset  # (R, 4)
+  roi_w = scaled[:, 2] - scaled[:, 0]
+  roi_h = scaled[:, 3] - scaled[:, 1]
+  if not aligned:
+    roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
+
+  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(scaled[:, 1], roi_h, sh, sampling_ratio, map_height)
+  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(scaled[:, 0], roi_w, sw, sampling_ratio, map_width)
+
+  base = map_offset[:, None, None]
+  stride = map_width[:, None, None]
+  out = 0.0
+  for yi, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
+    for xi, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
+      idx = base + yi[:, :, None] * stride + xi[:, None, :]  # (R, Sh*g, Sw*g)
+      weight = wy[:, :, None] * wx[:, None, :]
+      out = out + table[idx].astype(jnp.float32) * weight[..., None]
+  g = sampling_ratio
+  out = out.reshape(r, sh, g, sw, g, c).mean(axis=(2, 4))  # (R, Sh, Sw, C)
+  return out.astype(table.dtype)
+
+
+def _sample_axis(start, length, bins, g, size):
+  """Bilinear corners and weights of the ``bins * g`` samples along one axis.
+
+  Args:
+    start: ``[R]`` first edge of each RoI in map pixels; length: ``[R]``.
+    bins: S; g: samples per bin; size: ``[R]`` int map extent on this axis.
+
+  Returns:
+    low, high ``[R, S*g]`` int32 corner coordinates and their weights
+    ``[R, S*g]``; a sample out of range has both weights 0.
+  """
+  k = jnp.arange(bins * g)
+  frac = (k // g).astype(jnp.float32) + ((k % g).astype(jnp.float32) + 0.5) / g
+  pos = start[:, None] + (length / bins)[:, None] * frac[None, :]  # (R, S*g)
+  size = size[:, None]
+  inside = (pos >= -1.0) & (pos <= size.astype(jnp.float32))
+  pos = jnp.maximum(pos, 0.0)
+  low = jnp.floor(pos).astype(jnp.int32)
+  at_edge = low >= size - 1
+  low = jnp.where(at_edge, size - 1, low)
+  high = jnp.where(at_edge, size - 1, low + 1)
+  frac_hi = jnp.where(at_edge, 0.0, pos - low.astype(jnp.float32))
+  # A NaN position fails `inside` and reads nothing; clip keeps gathers in range.
+  low, high = jnp.clip(low, 0, size - 1), jnp.clip(high, 0, size - 1)
+  return low, high, jnp.where(inside, 1.0 - frac_hi, 0.0), jnp.where(inside, frac_hi, 0.0)
