@@ -15,6 +15,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from mrcnn_jax.ops.checks import check_shape
+
 # FPN defaults (Lin et al. 2017, sec. 4.1): one size per level P2..P6 and
 # three aspect ratios (height / width).
 FPN_STRIDES = (4, 8, 16, 32, 64)
@@ -42,6 +44,7 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float] = ASPECT
 def grid_anchors(grid_size: Tuple[int, int], stride: Tuple[int, int],
                  cells: np.ndarray) -> np.ndarray:
   """Tiles ``cells [A, 4]`` over a ``(Hf, Wf)`` grid -> ``[Hf * Wf * A, 4]``."""
+  check_shape("cells", cells, (None, 4))  # an [A, 1] would broadcast silently
   (hf, wf), (sy, sx) = grid_size, stride
   ys, xs = np.meshgrid(np.arange(hf, dtype=np.float32) * sy,
                        np.arange(wf, dtype=np.float32) * sx, indexing="ij")

@@ -24,6 +24,7 @@ RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 def area(boxes: jnp.ndarray) -> jnp.ndarray:
   """Area of ``boxes [..., 4]`` -> ``[...]``; inverted boxes have area 0."""
+  _check_last_axis("boxes", boxes)
   w = jnp.maximum(boxes[..., 2] - boxes[..., 0], 0.0)
   h = jnp.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
   return w * h
@@ -111,6 +112,7 @@ def clip_to_image(boxes: jnp.ndarray, height, width) -> jnp.ndarray:
   ``height``/``width`` may be traced scalars (each image's true size inside the
   padded canvas), so one compiled program serves every image.
   """
+  _check_last_axis("boxes", boxes)
   x = jnp.clip(boxes[..., 0::2], 0.0, width)
   y = jnp.clip(boxes[..., 1::2], 0.0, height)
   return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
@@ -118,12 +120,20 @@ def clip_to_image(boxes: jnp.ndarray, height, width) -> jnp.ndarray:
 
 def xyxy_to_xywh(boxes: jnp.ndarray) -> jnp.ndarray:
   """``[x1, y1, x2, y2] -> [x, y, w, h]`` (COCO's box format), any leading shape."""
+  _check_last_axis("boxes", boxes)
   return jnp.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
 
 
 def xywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
   """``[x, y, w, h] -> [x1, y1, x2, y2]``, any leading shape."""
+  _check_last_axis("boxes", boxes)
   return jnp.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
+
+
+def _check_last_axis(name, boxes):
+  # JAX clamps out-of-range static indices, so a [..., 3] input would
+  # otherwise give a wrong answer instead of an error.
+  check_shape(name, boxes, (None,) * (jnp.ndim(boxes) - 1) + (4,))
 
 
 def _centre_form(boxes):

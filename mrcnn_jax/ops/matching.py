@@ -27,7 +27,7 @@ def match(iou: jnp.ndarray, gt_valid: jnp.ndarray,
 
   With ``thresholds = (t0, ..., tk)`` and ``labels = (l0, ..., lk+1)``, a box
   whose best IoU ``q`` falls in ``[t_i, t_{i+1})`` (with ``t_-1 = -inf`` and
-  ``t_k+1 = +inf``) gets ``labels[i]``. RPN: ``(0.3, 0.7)`` and
+  ``t_k+1 = +inf``) gets ``labels[i + 1]``. RPN: ``(0.3, 0.7)`` and
   ``(NEGATIVE, IGNORE, POSITIVE)``; RoI heads: ``(0.5,)`` and
   ``(NEGATIVE, POSITIVE)``.
 

@@ -1,0 +1,49 @@
+"""Box head (Fast R-CNN): pooled RoI features -> class logits and box deltas.
+
+FPN design (Lin et al. 2017, sec. 4.2): two 1024-d FC layers on the flattened
+7x7 RoIAlign output ("2fc"), then the predictor. Flattening is NHWC, (y, x, c)
+order; torchvision flattens (c, y, x), so imported fc6 weights are reordered.
+Classes follow detectron2: logits for K foreground classes then background,
+and K class-specific box deltas.
+"""
+
+from typing import Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# detectron2's c2_xavier_fill: kaiming_uniform(a=1), i.e. uniform, fan_in, scale 1.
+fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+class BoxPredictor(nn.Module):
+  """``[..., D] -> logits [..., K + 1] (background last), deltas [..., K, 4]``."""
+  num_classes: int = 80  # K, foreground classes
+  class_agnostic: bool = False  # one box per RoI instead of one per class
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    # Predictors run in float32 (DESIGN.md): logits and deltas feed the losses.
+    x = x.astype(jnp.float32)
+    logits = nn.Dense(self.num_classes + 1, kernel_init=nn.initializers.normal(0.01),
+                      name="cls_score")(x)
+    num_boxes = 1 if self.class_agnostic else self.num_classes
+    deltas = nn.Dense(num_boxes * 4, kernel_init=nn.initializers.normal(0.001),
+                      name="bbox_pred")(x)
+    return logits, deltas.reshape(*x.shape[:-1], num_boxes, 4)
+
+
+class BoxHead(nn.Module):
+  """``pooled [..., S, S, C] -> (logits [..., K + 1], deltas [..., K, 4])``."""
+  num_classes: int = 80
+  fc_dims: Sequence[int] = (1024, 1024)  # "2fc" head
+  class_agnostic: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled: jnp.ndarray):
+    lead = pooled.shape[:-3]
+    x = pooled.reshape(*lead, -1).astype(self.dtype)
+    for i, dim in enumerate(self.fc_dims):
+      x = nn.relu(nn.Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))
+    return BoxPredictor(self.num_classes, self.class_agnostic, name="predictor")(x)

@@ -1,0 +1,139 @@
+"""The one place a config is read: ``build_model(config) -> MaskRCNN``.
+
+``model_config(**overrides)`` gives the model section of a config with every
+key, set to detectron2's R50-FPN Mask R-CNN recipe (``design="c4"`` switches
+to its R50-C4 recipe); experiment files in configs/ start from it and change
+what differs.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from mrcnn_jax.modeling.box_head import BoxHead
+from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.modeling.keypoint_head import KeypointHead
+from mrcnn_jax.modeling.mask_head import MaskHead
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.norm import NORMS
+from mrcnn_jax.modeling.res5_head import Res5Head
+from mrcnn_jax.modeling.resnet import ResNet, frozen_prefixes
+from mrcnn_jax.modeling.rpn import RPNHead
+from mrcnn_jax.ops import anchors as anchor_ops
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.ConfigDict:
+  """The ``config.model`` section; ``overrides`` replace top-level keys."""
+  c4 = design == "c4"
+  if design not in ("fpn", "c4"):
+    raise ValueError(f"design: expected 'fpn' or 'c4', got {design!r}")
+  cfg = ml_collections.ConfigDict({
+      "design": design,
+      "num_classes": 80,
+      "dtype": "float32",  # compute dtype: float32 or bfloat16 (params stay float32)
+      # depth: "18", "34", "50", "101" or "tiny"; norm: see modeling/norm.py.
+      "backbone": {"depth": "50", "width": 64, "norm": "frozen_bn", "freeze_at": 2,
+                   "stride_in_1x1": False, "zero_init_residual": False},
+      "fpn_channels": 256,
+      # One tuple of sizes per RPN level: P2..P6, or C4's single level.
+      "anchor_sizes": ((32, 64, 128, 256, 512),) if c4 else anchor_ops.FPN_SIZES,
+      "aspect_ratios": anchor_ops.ASPECT_RATIOS,
+      "rpn": {
+          # detectron2: per level for FPN; C4 has one level with more anchors.
+          "pre_nms_topk_train": 12000 if c4 else 2000,
+          "post_nms_topk_train": 2000 if c4 else 1000,
+          "pre_nms_topk_test": 6000 if c4 else 1000,
+          "post_nms_topk_test": 1000,
+          "nms_threshold": 0.7, "min_size": 0.0, "iou_thresholds": (0.3, 0.7),
+          "batch_size_per_image": 256, "positive_fraction": 0.5,
+          "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
+      },
+      "roi": {
+          "batch_size_per_image": 512, "positive_fraction": 0.25, "iou_threshold": 0.5,
+          "num_mask_rois": 128,  # = 512 * 0.25: every foreground RoI
+          "crowd_ioa_threshold": 0.7, "sampling_ratio": 2, "aligned": True,
+      },
+      "box_head": {
+          "pooler_resolution": 14 if c4 else 7, "fc_dims": (1024, 1024),
+          "class_agnostic": False, "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
+      },
+      "mask_head": {"enabled": True, "num_convs": 0 if c4 else 4, "conv_dim": 256,
+                    "pooler_resolution": 14},
+      "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
+                        "conv_dim": 512, "pooler_resolution": 14},
+      "test": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 100,
+               "max_candidates": 4000},
+  })
+  cfg.update(overrides)
+  return cfg
+
+
+def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
+  """``config.model`` (or a bare model section) -> a ``MaskRCNN`` module."""
+  m = config.model if "model" in config else config
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {m.dtype!r}")
+  if m.backbone.norm not in NORMS:
+    raise ValueError(f"model.backbone.norm: expected one of {NORMS}, got {m.backbone.norm!r}")
+  dtype = DTYPES[m.dtype]
+  bb = m.backbone
+  c4 = m.design == "c4"
+  backbone = ResNet(depth=bb.depth, width=bb.width, norm=bb.norm, freeze_at=bb.freeze_at,
+                    num_stages=3 if c4 else 4, stride_in_1x1=bb.stride_in_1x1,
+                    zero_init_residual=bb.zero_init_residual, dtype=dtype, name="backbone")
+  num_anchors = anchor_ops.num_anchors_per_location(m.anchor_sizes[0], m.aspect_ratios)
+  if c4:
+    box_head = Res5Head(num_classes=m.num_classes, depth=bb.depth, width=bb.width,
+                        norm=bb.norm, stride_in_1x1=bb.stride_in_1x1,
+                        class_agnostic=m.box_head.class_agnostic, dtype=dtype, name="box_head")
+    fpn = None
+  else:
+    box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(m.box_head.fc_dims),
+                       class_agnostic=m.box_head.class_agnostic, dtype=dtype, name="box_head")
+    fpn = FPN(channels=m.fpn_channels, dtype=dtype, name="fpn")
+  mask_head = keypoint_head = None
+  if m.mask_head.enabled:
+    mask_head = MaskHead(num_classes=m.num_classes, num_convs=m.mask_head.num_convs,
+                         conv_dim=m.mask_head.conv_dim, dtype=dtype, name="mask_head")
+  if m.keypoint_head.enabled:
+    keypoint_head = KeypointHead(num_keypoints=m.keypoint_head.num_keypoints,
+                                 num_convs=m.keypoint_head.num_convs,
+                                 conv_dim=m.keypoint_head.conv_dim, dtype=dtype,
+                                 name="keypoint_head")
+  return MaskRCNN(
+      backbone=backbone, rpn_head=RPNHead(num_anchors=num_anchors, dtype=dtype, name="rpn"),
+      box_head=box_head, fpn=fpn, mask_head=mask_head, keypoint_head=keypoint_head,
+      num_classes=m.num_classes,
+      anchor_sizes=tuple(tuple(s) for s in m.anchor_sizes),
+      aspect_ratios=tuple(m.aspect_ratios),
+      rpn_pre_nms_topk_train=m.rpn.pre_nms_topk_train,
+      rpn_post_nms_topk_train=m.rpn.post_nms_topk_train,
+      rpn_pre_nms_topk_test=m.rpn.pre_nms_topk_test,
+      rpn_post_nms_topk_test=m.rpn.post_nms_topk_test,
+      rpn_nms_threshold=m.rpn.nms_threshold, rpn_min_size=m.rpn.min_size,
+      rpn_iou_thresholds=tuple(m.rpn.iou_thresholds),
+      rpn_batch_size_per_image=m.rpn.batch_size_per_image,
+      rpn_positive_fraction=m.rpn.positive_fraction,
+      roi_batch_size_per_image=m.roi.batch_size_per_image,
+      roi_positive_fraction=m.roi.positive_fraction,
+      roi_iou_threshold=m.roi.iou_threshold,
+      num_mask_rois=m.roi.num_mask_rois,
+      crowd_ioa_threshold=m.roi.crowd_ioa_threshold,
+      box_pooler_resolution=m.box_head.pooler_resolution,
+      mask_pooler_resolution=m.mask_head.pooler_resolution,
+      keypoint_pooler_resolution=m.keypoint_head.pooler_resolution,
+      sampling_ratio=m.roi.sampling_ratio, aligned=m.roi.aligned,
+      rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
+      box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
+      score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
+      detections_per_image=m.test.detections_per_image,
+      max_candidates=m.test.max_candidates)
+
+
+def frozen_parameters(config: ml_collections.ConfigDict):
+  """Parameter paths (tuples of names) the config freezes: the optimiser skips them."""
+  m = config.model if "model" in config else config
+  return [("backbone", name) for name in frozen_prefixes(m.backbone.freeze_at)]

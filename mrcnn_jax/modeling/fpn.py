@@ -1,0 +1,43 @@
+"""Feature Pyramid Network (Lin et al. 2017): C2..C5 -> P2..P6, 256 channels.
+
+A 1x1 lateral conv per input level, top-down nearest-neighbour upsampling
+added to the laterals, a 3x3 output conv per level, and P6 as a stride-2
+subsample of P5 (torchvision's LastLevelMaxPool, a 1x1 max pool). Parameter
+names: ``lateral{k}`` / ``output{k}`` for level k = 2..5.
+"""
+
+from typing import Dict
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# detectron2 and torchvision initialise FPN convs with kaiming_uniform(a=1).
+fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def upsample_nearest(x: jnp.ndarray, size) -> jnp.ndarray:
+  """``[B, h, w, C] -> [B, H, W, C]``, PyTorch's legacy 'nearest' (index floor(i * h / H))."""
+  rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
+  cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
+  return x[:, rows][:, :, cols]
+
+
+class FPN(nn.Module):
+  """``{"c2".."c5"} -> {"p2".."p6"}`` (strides 4..64)."""
+  channels: int = 256
+  top_block: bool = True  # add P6 = P5[::2, ::2]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
+    levels = sorted(int(k[1:]) for k in features)
+    out, top = {}, None
+    for k in reversed(levels):
+      lateral = nn.Conv(self.channels, (1, 1), kernel_init=fpn_init, dtype=self.dtype,
+                        name=f"lateral{k}")(features[f"c{k}"])
+      top = lateral if top is None else lateral + upsample_nearest(top, lateral.shape[1:3])
+      out[f"p{k}"] = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
+                             kernel_init=fpn_init, dtype=self.dtype, name=f"output{k}")(top)
+    if self.top_block:
+      out[f"p{levels[-1] + 1}"] = out[f"p{levels[-1]}"][:, ::2, ::2]
+    return {k: out[k] for k in sorted(out)}

@@ -1,0 +1,36 @@
+"""Mask head (Mask R-CNN, sec. 3, fig. 4 right): a small FCN per RoI.
+
+FPN design: four 3x3 convs of 256 on the 14x14 RoIAlign output, a 2x2
+stride-2 deconv to 28x28, and a 1x1 conv to one mask logit per class. The
+loss (losses.py) reads only the ground-truth class's channel, so classes do
+not compete: a per-pixel sigmoid, not a softmax. With ``num_convs=0`` on res5
+features this is the C4 design's mask head.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# detectron2's c2_msra_fill: He init over fan_out.
+msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class MaskHead(nn.Module):
+  """``pooled [..., S, S, C] -> mask logits [..., 2S, 2S, K]`` (float32)."""
+  num_classes: int = 80
+  num_convs: int = 4
+  conv_dim: int = 256
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled: jnp.ndarray) -> jnp.ndarray:
+    lead = pooled.shape[:-3]
+    x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
+    for i in range(self.num_convs):
+      x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
+                          kernel_init=msra_init, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
+    x = nn.relu(nn.ConvTranspose(self.conv_dim, (2, 2), (2, 2), padding="VALID",
+                                 kernel_init=msra_init, dtype=self.dtype, name="deconv")(x))
+    # The predictor runs in float32 (DESIGN.md); normal(0.001) as detectron2.
+    x = nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.001),
+                name="predictor")(x.astype(jnp.float32))
+    return x.reshape(*lead, *x.shape[1:])

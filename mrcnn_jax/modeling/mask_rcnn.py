@@ -1,0 +1,263 @@
+"""Mask R-CNN: the two stages composed, in training and inference mode.
+
+Stage 1: backbone (+ FPN) features, the RPN, proposals. Stage 2: RoIAlign on
+the proposals and the box, mask and keypoint heads in parallel (Mask R-CNN,
+sec. 3). Every count is fixed: P proposals, R sampled RoIs (foreground first,
+see ops/sampling.py), the first ``num_mask_rois`` of them for the mask and
+keypoint heads, D detections, so one compiled program serves every batch.
+
+Two designs share every op: ``fpn`` set (RPN on P2..P6, RoIs read from
+P2..P5 by size) or ``fpn=None``, the C4 design (RPN and RoIAlign on C4, res5
+as the box head, which must then be a ``Res5Head``).
+
+Entry points (``model.apply(variables, ..., method=...)``):
+  ``losses(images, image_info, gt, rng, train=True)`` -> (losses, diagnostics)
+  ``detect(images, image_info)`` -> fixed-size detections
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrcnn_jax import losses as loss_lib
+from mrcnn_jax.modeling import keypoint_head as kp_lib
+from mrcnn_jax.modeling import rpn as rpn_lib
+from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import boxes as box_ops
+from mrcnn_jax.ops import postprocess
+from mrcnn_jax.ops import roi_align as roi_ops
+from mrcnn_jax.ops import targets as target_ops
+
+Array = jnp.ndarray
+
+
+class MaskRCNN(nn.Module):
+  """Mask R-CNN over a fixed ``canvas_size``; defaults are detectron2's R50-FPN recipe."""
+  backbone: nn.Module  # ResNet
+  rpn_head: nn.Module  # RPNHead
+  box_head: nn.Module  # BoxHead (FPN) or Res5Head (C4)
+  fpn: Optional[nn.Module] = None  # FPN, or None for the C4 design
+  mask_head: Optional[nn.Module] = None  # None: Faster R-CNN
+  keypoint_head: Optional[nn.Module] = None
+  num_classes: int = 80
+  # Anchors: one tuple of sizes per RPN level (FPN P2..P6; C4 has one level).
+  anchor_sizes: Sequence[Sequence[float]] = anchor_ops.FPN_SIZES
+  aspect_ratios: Sequence[float] = anchor_ops.ASPECT_RATIOS
+  # RPN (detectron2 R50-FPN: 2000/1000 pre-NMS per level, 1000 post-NMS per image).
+  rpn_pre_nms_topk_train: int = 2000
+  rpn_post_nms_topk_train: int = 1000
+  rpn_pre_nms_topk_test: int = 1000
+  rpn_post_nms_topk_test: int = 1000
+  rpn_nms_threshold: float = 0.7
+  rpn_min_size: float = 0.0
+  rpn_iou_thresholds: Tuple[float, float] = (0.3, 0.7)
+  rpn_batch_size_per_image: int = 256
+  rpn_positive_fraction: float = 0.5
+  # RoI sampling (Fast R-CNN): 512 RoIs per image, up to 25% foreground.
+  roi_batch_size_per_image: int = 512
+  roi_positive_fraction: float = 0.25
+  roi_iou_threshold: float = 0.5
+  num_mask_rois: int = 128  # foreground RoI slots for the mask/keypoint heads
+  crowd_ioa_threshold: float = 0.7
+  # RoIAlign.
+  box_pooler_resolution: int = 7  # 14 for C4 (res5 halves it)
+  mask_pooler_resolution: int = 14
+  keypoint_pooler_resolution: int = 14
+  sampling_ratio: int = 2
+  aligned: bool = True
+  # Losses: "smooth_l1" with beta 0 is detectron2's L1.
+  rpn_loss_type: str = "smooth_l1"
+  rpn_smooth_l1_beta: float = 0.0
+  box_loss_type: str = "smooth_l1"
+  box_smooth_l1_beta: float = 0.0
+  # Inference.
+  score_threshold: float = 0.05
+  nms_threshold: float = 0.5
+  detections_per_image: int = 100
+  max_candidates: int = 4000
+
+  # ------------------------------------------------------------------ stage 1
+  def _features(self, images: Array, train: bool):
+    """Returns (RPN feature maps, their strides, RoI feature maps, their strides)."""
+    c = self.backbone(images, train=train)
+    if self.fpn is None:  # C4: RPN and RoIs both read C4 (stride 16)
+      return [c["c4"]], [16], [c["c4"]], [16]
+    p = self.fpn(c)
+    names = sorted(p, key=lambda n: int(n[1:]))
+    rpn_maps = [p[n] for n in names]
+    strides = [2 ** int(n[1:]) for n in names]
+    # RoIs read P2..P5; P6 serves only the RPN (FPN paper, sec. 4.2).
+    return rpn_maps, strides, rpn_maps[:-1], strides[:-1]
+
+  def _anchors(self, maps, strides):
+    if len(self.anchor_sizes) != len(maps):
+      raise ValueError(f"anchor_sizes: expected one tuple per RPN level ({len(maps)}), "
+                       f"got {len(self.anchor_sizes)}")
+    out = []
+    for m, stride, sizes in zip(maps, strides, self.anchor_sizes):
+      cells = anchor_ops.cell_anchors(sizes, self.aspect_ratios)
+      out.append(anchor_ops.grid_anchors(m.shape[1:3], (stride, stride), cells))
+    return out
+
+  def _rpn(self, images, image_size, train: bool, training_counts: bool):
+    rpn_maps, rpn_strides, roi_maps, roi_strides = self._features(images, train)
+    objectness, deltas = self.rpn_head(rpn_maps)
+    anchors = self._anchors(rpn_maps, rpn_strides)
+    pre, post = ((self.rpn_pre_nms_topk_train, self.rpn_post_nms_topk_train) if training_counts
+                 else (self.rpn_pre_nms_topk_test, self.rpn_post_nms_topk_test))
+    proposals, _, proposals_valid = rpn_lib.propose(
+        objectness, deltas, anchors, image_size, pre, post,
+        self.rpn_nms_threshold, self.rpn_min_size)
+    return (roi_maps, roi_strides), (objectness, deltas, anchors), (proposals, proposals_valid)
+
+  def _pool(self, roi_features, boxes: Array, resolution: int) -> Array:
+    """RoIAlign of ``boxes [B, R, 4]`` -> ``[B, R, S, S, C]``."""
+    maps, strides = roi_features
+    if len(maps) == 1:
+      one = lambda f, b: roi_ops.roi_align(f, b, resolution, 1.0 / strides[0],
+                                           self.sampling_ratio, self.aligned)
+      return jax.vmap(one)(maps[0], boxes)
+    many = lambda fs, b: roi_ops.multilevel_roi_align(fs, b, strides, resolution,
+                                                      self.sampling_ratio, self.aligned)
+    return jax.vmap(many)(maps, boxes)
+
+  def _box_head(self, roi_features, boxes, train):
+    """Returns (logits, deltas, res5 features or None)."""
+    pooled = self._pool(roi_features, boxes, self.box_pooler_resolution)
+    if self.fpn is None:
+      res5, logits, deltas = self.box_head(pooled, train=train)
+      return logits, deltas, res5
+    logits, deltas = self.box_head(pooled)
+    return logits, deltas, None
+
+  # ------------------------------------------------------------------ training
+  def losses(self, images: Array, image_info: Dict[str, Array], gt: Dict[str, Array],
+             rng: jax.Array, train: bool = True) -> Tuple[Dict[str, Array], Dict[str, Array]]:
+    """All losses of one batch.
+
+    Args:
+      images: ``[B, H, W, 3]`` normalised, padded to the canvas.
+      image_info: ``image_size [B, 2]`` (height, width of the image inside the
+        canvas); other entries are ignored here.
+      gt: ``gt_boxes [B, G, 4]``, ``gt_classes [B, G]`` in ``[0, K)``,
+        ``gt_valid [B, G]``, ``gt_is_crowd [B, G]``, and where the heads are
+        on ``gt_masks [B, G, M, M]`` (box-cropped) and
+        ``gt_keypoints [B, G, Kp, 3]`` (continuous coordinates, v > 0 visible).
+      rng: one key for this step; split here per purpose.
+      train: BatchNorm mode ("bn" norms use batch statistics); the training
+        proposal counts and RoI sampling are used either way.
+
+    Returns:
+      (losses: ``loss_*`` scalars and their sum ``loss``,
+       diagnostics: scalars such as ``fg_fraction`` and ``proposal_recall``).
+    """
+    b = images.shape[0]
+    rpn_key, roi_key = jax.random.split(rng)
+    roi_features, (objectness, deltas, anchors), (proposals, proposals_valid) = self._rpn(
+        images, image_info["image_size"], train, training_counts=True)
+    gt_boxes, gt_valid = gt["gt_boxes"].astype(jnp.float32), gt["gt_valid"]
+    gt_crowd = gt["gt_is_crowd"]
+
+    # RPN losses over all levels' anchors at once.
+    all_anchors = jnp.asarray(np.concatenate(anchors))
+    rpn_t = jax.vmap(lambda gb, gv, gc, k: target_ops.rpn_targets(
+        all_anchors, gb, gv, gc, k, self.rpn_iou_thresholds, self.rpn_batch_size_per_image,
+        self.rpn_positive_fraction, self.crowd_ioa_threshold))(
+            gt_boxes, gt_valid, gt_crowd, jax.random.split(rpn_key, b))
+    out = loss_lib.rpn_losses(jnp.concatenate(objectness, axis=1),
+                              jnp.concatenate(deltas, axis=1), all_anchors, rpn_t,
+                              self.rpn_batch_size_per_image, self.rpn_loss_type,
+                              self.rpn_smooth_l1_beta)
+
+    # Sample RoIs among proposals + ground truth; box head losses.
+    rois = jax.vmap(lambda p, pv, gb, gcl, gv, gc, k: target_ops.roi_targets(
+        p, pv, gb, gcl, gv, gc, k, self.num_classes, self.roi_batch_size_per_image,
+        self.roi_positive_fraction, self.roi_iou_threshold, self.crowd_ioa_threshold))(
+            proposals, proposals_valid, gt_boxes, gt["gt_classes"], gt_valid, gt_crowd,
+            jax.random.split(roi_key, b))
+    logits, box_deltas, res5 = self._box_head(roi_features, rois["boxes"], train)
+    out |= loss_lib.box_head_losses(logits, box_deltas, rois, self.box_loss_type,
+                                    self.box_smooth_l1_beta)
+
+    # Mask and keypoint heads on the first num_mask_rois slots (foreground first).
+    m = min(self.num_mask_rois, self.roi_batch_size_per_image)
+    fg_boxes = rois["boxes"][:, :m]
+    fg_valid = rois["foreground"][:, :m]
+    matched = rois["matched_gt"][:, :m]
+    if self.mask_head is not None:
+      mask_logits = self._mask_logits(roi_features, fg_boxes, res5, m)  # (B, m, S, S, K)
+      cls = jnp.minimum(rois["classes"][:, :m], self.num_classes - 1)
+      mask_logits = jnp.take_along_axis(mask_logits, cls[:, :, None, None, None], axis=-1)[..., 0]
+      mask_t = jax.vmap(lambda r, i, gb, gm: target_ops.mask_targets(
+          r, i, gb, gm, mask_logits.shape[-1], self.sampling_ratio))(
+              fg_boxes, matched, gt_boxes, gt["gt_masks"])
+      out["loss_mask"] = loss_lib.mask_loss(mask_logits, mask_t, fg_valid)
+    if self.keypoint_head is not None:
+      heatmaps = self.keypoint_head(
+          self._pool(roi_features, fg_boxes, self.keypoint_pooler_resolution))
+      kps = jnp.take_along_axis(gt["gt_keypoints"], matched[:, :, None, None], axis=1)
+      kp_t = jax.vmap(lambda r, k: target_ops.keypoint_targets(r, k, heatmaps.shape[2]))(
+          fg_boxes, kps)
+      out["loss_keypoint"] = loss_lib.keypoint_loss(
+          heatmaps, kp_t["index"], kp_t["valid"] & fg_valid[:, :, None])
+
+    out["loss"] = loss_lib.total(out)
+    return out, self._diagnostics(rois, proposals, proposals_valid, gt_boxes,
+                                  gt_valid & ~gt_crowd)
+
+  def _mask_logits(self, roi_features, boxes, res5, m):
+    if res5 is not None:  # C4: the mask head reads the box head's res5 output
+      return self.mask_head(res5[:, :m])
+    return self.mask_head(self._pool(roi_features, boxes, self.mask_pooler_resolution))
+
+  def _diagnostics(self, rois, proposals, proposals_valid, gt_boxes, gt_objects):
+    num_valid = jnp.maximum(jnp.sum(rois["valid"]), 1)
+    iou = jax.vmap(box_ops.pairwise_iou)(proposals, gt_boxes)  # (B, P, G)
+    best = jnp.max(jnp.where(proposals_valid[:, :, None], iou, 0.0), axis=1)  # (B, G)
+    num_gt = jnp.sum(gt_objects)
+    recall = jnp.sum((best >= 0.5) & gt_objects) / jnp.maximum(num_gt, 1)
+    return {
+        "fg_fraction": jnp.sum(rois["foreground"]) / num_valid,
+        "num_fg_rois": jnp.sum(rois["foreground"]) / rois["valid"].shape[0],
+        "proposal_recall": recall,
+        "num_proposals": jnp.sum(proposals_valid) / proposals_valid.shape[0],
+    }
+
+  # ------------------------------------------------------------------ inference
+  def detect(self, images: Array, image_info: Dict[str, Array]) -> Dict[str, Array]:
+    """Fixed-size detections per image.
+
+    Returns:
+      ``boxes [B, D, 4]`` (canvas pixels), ``scores [B, D]``, ``classes [B, D]``
+      in ``[0, K)``, ``valid [B, D]``; with the mask head ``masks [B, D, S, S]``
+      (probabilities over each box); with the keypoint head
+      ``keypoints [B, D, Kp, 3]`` (x, y, score).
+    """
+    roi_features, _, (proposals, proposals_valid) = self._rpn(
+        images, image_info["image_size"], train=False, training_counts=False)
+    logits, deltas, _ = self._box_head(roi_features, proposals, False)
+    size = image_info["image_size"].astype(jnp.float32)
+    dets = jax.vmap(lambda lg, dl, p, pv, s: postprocess.detect(
+        lg, dl, p, pv, (s[0], s[1]), self.score_threshold, self.nms_threshold,
+        self.detections_per_image, self.max_candidates))(logits, deltas, proposals,
+                                                         proposals_valid, size)
+    out = {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
+    if self.mask_head is not None:
+      if self.fpn is None:
+        res5, _, _ = self.box_head(self._pool(roi_features, dets["boxes"],
+                                              self.box_pooler_resolution), train=False)
+        mask_logits = self.mask_head(res5)
+      else:
+        mask_logits = self.mask_head(self._pool(roi_features, dets["boxes"],
+                                                self.mask_pooler_resolution))
+      picked = jnp.take_along_axis(mask_logits, dets["classes"][:, :, None, None, None],
+                                   axis=-1)[..., 0]
+      out["masks"] = jax.nn.sigmoid(picked)
+    if self.keypoint_head is not None:
+      heatmaps = self.keypoint_head(self._pool(roi_features, dets["boxes"],
+                                               self.keypoint_pooler_resolution))
+      out["keypoints"] = jax.vmap(kp_lib.heatmaps_to_keypoints)(heatmaps, dets["boxes"])
+    return out

@@ -1,0 +1,60 @@
+"""Normalisation layers selectable by name: frozen BN, GroupNorm, BatchNorm.
+
+- ``"frozen_bn"``: an affine map from stored BN statistics, never trained
+  (the standard with a pretrained backbone; detectron2's FrozenBatchNorm2d).
+  Its four arrays live in the ``batch_stats`` collection, not in ``params``,
+  so no optimiser ever sees them.
+- ``"gn"``: GroupNorm with 32 groups (Wu & He 2018), trainable.
+- ``"bn"``: BatchNorm. Under ``jax.jit`` over a sharded batch its statistics
+  are those of the whole global batch (synchronised BN) with no extra code.
+- ``"none"``: identity (convs then carry a bias).
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = ("frozen_bn", "gn", "bn", "none")
+
+
+class FrozenBatchNorm(nn.Module):
+  """``y = (x - mean) / sqrt(var + eps) * scale + bias`` with fixed statistics."""
+  epsilon: float = 1e-5  # torchvision's FrozenBatchNorm2d (detectron2 uses the same)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    stat = lambda name, init: self.variable("batch_stats", name, init, (c,), jnp.float32).value
+    scale = stat("scale", jax.nn.initializers.ones)
+    bias = stat("bias", jax.nn.initializers.zeros)
+    mean = stat("mean", jax.nn.initializers.zeros)
+    var = stat("var", jax.nn.initializers.ones)
+    mult = scale * jax.lax.rsqrt(var + self.epsilon)
+    return (x * mult.astype(self.dtype) + (bias - mean * mult).astype(self.dtype)).astype(self.dtype)
+
+
+def make_norm(kind: str, channels: int, train: bool, dtype, name: str,
+              zero_init: bool = False):
+  """The norm layer ``kind`` for ``channels`` channels, named ``name``.
+
+  ``zero_init`` starts its scale at 0. GroupNorm uses 32 groups, or the
+  largest count dividing ``channels`` when that is smaller (tiny test models).
+
+  Zero-initialising the last norm of each residual block makes every block
+  start as the identity (Goyal et al. 2017, sec. 5.1).
+  """
+  scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+  if kind == "frozen_bn":
+    return FrozenBatchNorm(dtype=dtype, name=name)
+  if kind == "gn":
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), epsilon=1e-5, dtype=dtype, scale_init=scale_init,
+                        name=name)
+  if kind == "bn":
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=dtype, scale_init=scale_init, name=name)
+  if kind == "none":
+    return lambda x: x
+  raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")
