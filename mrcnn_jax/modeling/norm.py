@@ -28,10 +28,10 @@ class FrozenBatchNorm(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     stat = lambda name, init: self.variable("batch_stats", name, init, (c,), jnp.float32).value
-    scale = stat("scale", jax.nn.initializers.ones)
-    bias = stat("bias", jax.nn.initializers.zeros)
-    mean = stat("mean", jax.nn.initializers.zeros)
-    var = stat("var", jax.nn.initializers.ones)
+    scale = stat("scale", jnp.ones)
+    bias = stat("bias", jnp.zeros)
+    mean = stat("mean", jnp.zeros)
+    var = stat("var", jnp.ones)
     mult = scale * jax.lax.rsqrt(var + self.epsilon)
     return (x * mult.astype(self.dtype) + (bias - mean * mult).astype(self.dtype)).astype(self.dtype)
 

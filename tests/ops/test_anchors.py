@@ -56,6 +56,12 @@ def test_cell_anchors_hand_computed():
   np.testing.assert_allclose(h / w, [0.5, 1.0, 2.0], rtol=1e-5)
 
 
+def test_cell_anchors_round_half_to_even():
+  """Exact halves round to even as torch.round does: sizes 3 and 5 give halves 1.5 and 2.5 -> 2."""
+  cells = anchor_ops.cell_anchors((3, 5), (1.0,))
+  np.testing.assert_array_equal(cells, [[-2, -2, 2, 2], [-2, -2, 2, 2]])
+
+
 def test_cell_anchors_order_is_ratio_major():
   """With several sizes, the aspect ratio is the outer loop: (r0,s0), (r0,s1), (r1,s0), ..."""
   cells = anchor_ops.cell_anchors((16, 32), (1.0, 4.0))
@@ -164,6 +170,14 @@ def test_fpn_anchors_match_torchvision(torch, canvas):
   assert ours.shape == ref.shape
   np.testing.assert_array_equal(ours, ref)
   assert per_loc == [anchor_ops.num_anchors_per_location(s) for s in anchor_ops.FPN_SIZES]
+
+
+def test_cell_anchors_match_torchvision(torch):
+  """Odd sizes and uncommon ratios (exact halves, more ratios) against generate_anchors."""
+  from torchvision.models.detection.anchor_utils import AnchorGenerator
+  sizes, ratios = (1, 3, 5, 33, 45, 100), (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
+  ref = AnchorGenerator().generate_anchors(list(sizes), list(ratios)).numpy()
+  np.testing.assert_array_equal(anchor_ops.cell_anchors(sizes, ratios), ref)
 
 
 def test_c4_anchors_match_torchvision(torch):

@@ -176,7 +176,8 @@ def test_iou_ioa_match_numpy_reference(rng):
   np.testing.assert_allclose(box_ops.area(jnp.asarray(a)), [_np_area(x) for x in a], rtol=1e-6)
 
 
-@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0),
+                                     (2.0, 3.0, 4.0, 0.5)])  # distinct: catches swapped axes
 def test_encode_decode_match_numpy_reference(rng, weights):
   """encode/decode against the loop reference; decode(encode(b)) recovers b."""
   anchors = random_boxes(rng, 16, min_size=4.0)

@@ -135,11 +135,13 @@ def test_ignore_crowd_table():
       [14, 0, 24, 10],       # 6x10 = 60 of 100 -> 0.6         -> NEGATIVE
       [100, 100, 110, 110],  # inside a non-crowd gt            -> NEGATIVE
       [5, 5, 6, 6],          # already IGNORE                   -> IGNORE
+      [13, 0, 23, 10],       # 7x10 = 70 of 100: exactly 0.7    -> IGNORE ("at least")
   ], jnp.float32)
-  labels = jnp.array([NEGATIVE, NEGATIVE, POSITIVE, NEGATIVE, NEGATIVE, NEGATIVE, IGNORE])
+  labels = jnp.array([NEGATIVE, NEGATIVE, POSITIVE, NEGATIVE, NEGATIVE, NEGATIVE, IGNORE,
+                      NEGATIVE])
   out = ignore_crowd(labels, boxes, gt_boxes, gt_crowd)
   np.testing.assert_array_equal(
-      out, [IGNORE, NEGATIVE, POSITIVE, IGNORE, NEGATIVE, NEGATIVE, IGNORE])
+      out, [IGNORE, NEGATIVE, POSITIVE, IGNORE, NEGATIVE, NEGATIVE, IGNORE, IGNORE])
   # A looser threshold catches the 0.6 box too.
   out = ignore_crowd(labels, boxes, gt_boxes, gt_crowd, ioa_threshold=0.5)
   assert out[4] == IGNORE

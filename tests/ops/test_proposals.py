@@ -168,7 +168,7 @@ def test_matches_numpy_reference(rng, pre_nms_topk, post_nms_topk):
   assert 10 < n  # NMS and the image clip both did something, but left plenty
   assert valid.sum() == n
   assert valid[:n].all()
-  np.testing.assert_allclose(boxes[:n], ref_boxes, atol=1e-4)
+  np.testing.assert_allclose(boxes[:n], ref_boxes, atol=2e-5)
   np.testing.assert_allclose(scores[:n], ref_scores, atol=1e-6)
   np.testing.assert_array_equal(boxes[n:], 0.0)
   assert np.all(np.isneginf(scores[n:]))
@@ -213,7 +213,7 @@ def test_matches_torchvision(rng, torch, torchvision):
   n = len(ref_boxes)
   assert 10 < n < post_nms_topk
   np.testing.assert_array_equal(valid, np.arange(post_nms_topk) < n)
-  np.testing.assert_allclose(boxes[:n], ref_boxes, atol=1e-4)
+  np.testing.assert_allclose(boxes[:n], ref_boxes, atol=2e-5)
   np.testing.assert_allclose(jax.nn.sigmoid(scores[:n]), ref_scores, atol=1e-6)
 
 
@@ -238,7 +238,7 @@ def test_jit_with_traced_image_size(rng):
     ref_boxes, ref_scores = _np_proposals(objectness, deltas, anchors, size, 50, 40)
     n = len(ref_scores)
     np.testing.assert_array_equal(valid, np.arange(40) < n)
-    np.testing.assert_allclose(boxes[:n], ref_boxes, atol=1e-4)
+    np.testing.assert_allclose(boxes[:n], ref_boxes, atol=2e-5)
     np.testing.assert_allclose(scores[:n], ref_scores, atol=1e-6)
   assert run._cache_size() == 1
 

@@ -71,7 +71,7 @@ def _linear_features(height, width, channels):
 _MAP_SIZE = (12, 10)  # (H, W)
 _SPECIAL_MAP_BOXES = np.array([
     [-2.7, -1.3, 3.1, 4.2],      # across the top-left corner
-    [7.3, 9.6, 12.8, 14.1],      # across the bottom-right corner
+    [7.3, 9.6, 11.8, 14.1],      # across the bottom-right corner
     [8.4, 10.6, 10.7, 12.9],     # straddles the last row/column and the +1 margin
     [-0.8, 3.3, 2.6, 6.9],       # starts within one pixel left of the map
     [13.2, 15.1, 18.4, 19.7],    # wholly outside, below right

@@ -92,7 +92,7 @@ def test_matches_numpy_counts_on_random_labels(rng):
     labels = labels.astype(np.int32)
     keys = jax.random.split(jax.random.PRNGKey(n + num_samples), 8)
     draw = jax.jit(jax.vmap(lambda l, k: sample_balanced(l, num_samples, fraction, k)))
-    out = draw(jnp.asarray(labels), keys)
+    out = [np.asarray(x) for x in draw(jnp.asarray(labels), keys)]
     for i in range(8):
       _check_draw(labels[i], num_samples, fraction, *(x[i] for x in out))
 

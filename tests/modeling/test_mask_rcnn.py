@@ -1,0 +1,188 @@
+"""The whole model: shapes per design, one compile, gradients, golden losses, overfitting.
+
+One tiny model (every head on) is compiled once per module and shared: its
+train step is pure, so each test starts from the same initial state.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mrcnn_jax.modeling import build
+from mrcnn_jax.ops import boxes as box_ops
+from tests.modeling.conftest import (CANVAS, NUM_KEYPOINTS, _shape_mask, make_batch,
+                                     tiny_config)
+
+KEY = jax.random.PRNGKey(0)
+OVERFIT_STEPS = 300
+
+
+def make_tiny():
+  """(model, initial params, optimiser, jitted Adam train step, jitted detect, fixed batch)."""
+  model = build.build_model(tiny_config())
+  batch = make_batch(np.random.default_rng(1), [3, 4], classes=[0, 1, 2, 2])
+  params = jax.jit(lambda k: model.init(k, *batch, k, method="losses"))(KEY)["params"]
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 20, OVERFIT_STEPS))
+
+  @jax.jit
+  def step(params, opt_state, images, info, gt, key):
+    def loss_fn(p):
+      losses, diag = model.apply({"params": p}, images, info, gt, key, method="losses")
+      return losses["loss"], (losses, diag)
+    (_, (losses, diag)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, losses, diag, grads
+
+  detect = jax.jit(lambda p, images, info: model.apply({"params": p}, images, info,
+                                                       method="detect"))
+  return model, params, tx, step, detect, batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return make_tiny()
+
+
+def test_train_outputs_and_diagnostics(tiny):
+  model, params, tx, step, _, batch = tiny
+  _, _, losses, diag, _ = step(params, tx.init(params), *batch, KEY)
+  assert set(losses) == {"loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg",
+                         "loss_mask", "loss_keypoint"}
+  for name, v in losses.items():
+    assert v.shape == () and v.dtype == jnp.float32 and np.isfinite(v), name
+  total = sum(float(v) for k, v in losses.items() if k != "loss")
+  np.testing.assert_allclose(float(losses["loss"]), total, rtol=1e-6)
+  assert 0 < float(diag["fg_fraction"]) <= 0.25 + 1e-6
+  assert 0 <= float(diag["proposal_recall"]) <= 1
+
+
+def test_detect_shapes(tiny):
+  model, params, _, _, detect, (images, info, _) = tiny
+  out = detect(params, images, info)
+  d = 20
+  assert out["boxes"].shape == (2, d, 4) and out["scores"].shape == (2, d)
+  assert out["classes"].shape == (2, d) and out["classes"].dtype == jnp.int32
+  assert out["valid"].shape == (2, d) and out["valid"].dtype == jnp.bool_
+  assert out["masks"].shape == (2, d, 28, 28)
+  assert out["keypoints"].shape == (2, d, NUM_KEYPOINTS, 3)
+
+
+def test_golden_losses(tiny):
+  """Fixed seed, fixed inputs: each loss equals its stored value (catches changes in the math)."""
+  _, params, tx, step, _, batch = tiny
+  _, _, losses, _, _ = step(params, tx.init(params), *batch, KEY)
+  assert set(GOLDEN_LOSSES) == set(losses)
+  for name, want in GOLDEN_LOSSES.items():
+    np.testing.assert_allclose(float(losses[name]), want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# From a run of this file (jax 0.10.2, CPU). Change only for an intended change
+# in the math, and say which in the commit.
+GOLDEN_LOSSES = {
+    "loss": 12.35883903503418,
+    "loss_box_reg": 0.1790427416563034,
+    "loss_cls": 1.3798149824142456,
+    "loss_keypoint": 9.36346435546875,
+    "loss_mask": 0.693248450756073,
+    "loss_rpn_cls": 0.6957343816757202,
+    "loss_rpn_loc": 0.04753401130437851,
+}
+
+
+def test_every_parameter_gets_a_gradient(tiny):
+  """All heads on, nothing frozen: every parameter's gradient is finite and non-zero."""
+  _, params, tx, step, _, batch = tiny
+  *_, grads = step(params, tx.init(params), *batch, KEY)
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  assert len(leaves) == len(jax.tree.leaves(params))
+  for path, g in leaves:
+    name = jax.tree_util.keystr(path)
+    assert np.all(np.isfinite(g)), name
+    assert float(jnp.max(jnp.abs(g))) > 0, name
+
+
+def test_train_step_compiles_once(tiny):
+  """Batches with 0..5 instances per image (0 everywhere included) reuse one executable."""
+  _, params, tx, step, _, _ = tiny
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(7)
+  before = step._cache_size()
+  for counts in ([0, 0], [1, 3], [4, 2], [0, 5]):
+    params, opt_state, losses, _, _ = step(params, opt_state, *make_batch(rng, counts), KEY)
+    assert np.isfinite(float(losses["loss"])), counts
+  assert step._cache_size() == max(before, 1) == 1
+
+
+def test_bfloat16_losses_close_to_float32(tiny):
+  """bfloat16 compute with the same float32 params: losses within a few percent."""
+  _, params, tx, step, _, batch = tiny
+  _, _, f32, _, _ = step(params, tx.init(params), *batch, KEY)
+  model16 = build.build_model(tiny_config(dtype="bfloat16"))
+  bf16 = jax.jit(lambda p: model16.apply({"params": p}, *batch, KEY, method="losses")[0])(params)
+  for name in f32:
+    assert bf16[name].dtype == jnp.float32
+    np.testing.assert_allclose(float(bf16[name]), float(f32[name]), rtol=0.05, atol=2e-3,
+                               err_msg=name)
+
+
+@pytest.mark.slow
+def test_overfit_two_images(tiny):
+  """300 Adam steps on 2 images: loss falls >= 80%, every object found (box, mask, keypoints)."""
+  _, params, tx, step, detect, batch = tiny
+  opt_state = tx.init(params)
+  first = None
+  for i in range(OVERFIT_STEPS):
+    params, opt_state, losses, _, _ = step(params, opt_state, *batch, jax.random.fold_in(KEY, i))
+    first = float(losses["loss"]) if first is None else first
+  assert float(losses["loss"]) <= 0.2 * first, (first, {k: float(v) for k, v in losses.items()})
+
+  images, info, gt = batch
+  out = jax.tree.map(np.asarray, detect(params, images, info))
+  ys, xs = np.mgrid[0:CANVAS, 0:CANVAS] + 0.5
+  for b in range(images.shape[0]):
+    for g in np.flatnonzero(np.asarray(gt["gt_valid"][b])):
+      gt_box = np.asarray(gt["gt_boxes"][b, g])
+      kind = int(gt["gt_classes"][b, g])
+      keep = out["valid"][b] & (out["scores"][b] > 0.5) & (out["classes"][b] == kind)
+      assert keep.any(), (b, g, "no confident detection of the right class")
+      iou = np.asarray(box_ops.pairwise_iou(gt_box[None], out["boxes"][b]))[0]
+      d = int(np.argmax(np.where(keep, iou, -1)))
+      assert iou[d] >= 0.8, (b, g, iou[d])
+      # Mask IoU in image pixels: paste the 28x28 probabilities into the box.
+      x1, y1, x2, y2 = out["boxes"][b, d]
+      inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+      cx = np.clip(((xs - x1) / (x2 - x1) * 28).astype(int), 0, 27)
+      cy = np.clip(((ys - y1) / (y2 - y1) * 28).astype(int), 0, 27)
+      pred = inside & (out["masks"][b, d][cy, cx] >= 0.5)
+      true = _shape_mask(kind, gt_box, xs, ys)
+      mask_iou = (pred & true).sum() / (pred | true).sum()
+      assert mask_iou >= 0.8, (b, g, mask_iou)
+      if kind == 2:
+        err = np.linalg.norm(out["keypoints"][b, d, :, :2] - np.asarray(gt["gt_keypoints"][b, g, :, :2]),
+                             axis=-1)
+        assert np.all(err <= 3.0), (b, g, err)
+
+
+@pytest.mark.parametrize("design", ["fpn", "c4"])
+def test_r50_shapes(design):
+  """R50-FPN and R50-C4 at a 128 canvas: traced (not compiled) shapes in both modes."""
+  cfg = build.model_config(design, num_classes=5)
+  cfg.keypoint_head.update(enabled=True, num_keypoints=4)
+  model = build.build_model(cfg)
+  images, info, gt = make_batch(np.random.default_rng(0), [2, 1])
+  gt["gt_classes"] = gt["gt_classes"] % 5
+  gt["gt_keypoints"] = jnp.zeros(gt["gt_keypoints"].shape[:2] + (4, 3))
+  variables = jax.eval_shape(lambda: model.init(KEY, images, info, gt, KEY, method="losses"))
+  losses, _ = jax.eval_shape(lambda v: model.apply(v, images, info, gt, KEY, method="losses"),
+                             variables)
+  assert all(v.shape == () for v in losses.values())
+  assert {"loss_mask", "loss_keypoint", "loss_cls"} <= set(losses)
+  out = jax.eval_shape(lambda v: model.apply(v, images, info, method="detect"), variables)
+  mask = 14 if design == "c4" else 28
+  assert out["boxes"].shape == (2, 100, 4)
+  assert out["masks"].shape == (2, 100, mask, mask)
+  assert out["keypoints"].shape == (2, 100, 4, 3)
+  params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+  assert params > 20_000_000
