@@ -208,6 +208,10 @@ def test_assign_levels_hand_cases():
   assert got.dtype == jnp.int32
   # Other bounds: 56 is level 2 and 55.9 level 1 when level 1 exists.
   np.testing.assert_array_equal(assign_levels(boxes[8:10].astype(np.float32), 1, 6), [2, 1])
+  # Rounding just under a power of two: torchvision's epsilon of 1e-6 inside
+  # the floor puts these on the upper level (4 + log2 is 3.9999998 here).
+  near = np.array([[0, 0, 224, 223.9999], [0, 0, 448, 447.9998]], np.float32)
+  np.testing.assert_array_equal(assign_levels(near, 2, 5), [4, 5])
   # Non-square: sqrt(448 * 112) = 224.
   np.testing.assert_array_equal(assign_levels(np.array([[0, 0, 448, 112]], np.float32), 2, 5), [4])
 

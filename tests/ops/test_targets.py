@@ -210,14 +210,16 @@ def test_rpn_matches_numpy_reference(rng, batch_size):
   anchors = np.concatenate([
       gt_boxes[6:7],  # IoU 1 with a padding entry: must not be positive
       random_boxes(rng, 300, canvas=100.0, min_size=4.0),
-      _jitter(rng, gt_boxes[:5], 60),  # near the objects: positives and ignored
+      _jitter(rng, gt_boxes[:4], 60),  # near objects 0..3: positives and ignored
       _shrink(_jitter(rng, gt_boxes[5:6], 10)),  # inside the crowd region
   ])
-  labels, matched, _ = _np_labels(anchors, gt_boxes, gt_valid, gt_is_crowd, (0.3, 0.7),
-                                  low_quality=True)
+  labels, matched, best = _np_labels(anchors, gt_boxes, gt_valid, gt_is_crowd, (0.3, 0.7),
+                                     low_quality=True)
   num_pos, num_neg = (labels == 1).sum(), (labels == 0).sum()
   assert num_pos > 8 and num_neg > 256 and (labels == -1).sum() > 10
   assert labels[0] != 1
+  # Object 4 has no anchor near it: its best one is positive only as its best.
+  assert np.any((labels == 1) & (best < 0.7))
 
   out = _rpn_targets(anchors, gt_boxes, gt_valid, gt_is_crowd, jax.random.key(1),
                      batch_size_per_image=batch_size)
@@ -433,6 +435,9 @@ def test_roi_shape_errors():
     call(gt_classes=gt_classes[:2])
   with pytest.raises(ValueError, match="gt_valid"):
     call(gt_valid=gt_valid[:, None])
+  with pytest.raises(ValueError, match="gt_boxes"):  # G = 0: pad instead
+    call(gt_boxes=gt_boxes[:0], gt_classes=gt_classes[:0], gt_valid=gt_valid[:0],
+         gt_is_crowd=gt_is_crowd[:0])
 
 
 # ----------------------------------------------------------------------------
@@ -645,7 +650,7 @@ def test_keypoint_matches_numpy_detectron2(rng):
 
 @pytest.mark.parity
 def test_keypoint_matches_torchvision(rng, torch, torchvision):
-  """Index and valid equal torchvision's keypoints_to_heatmap (the same function as detectron2's)."""
+  """Index and valid equal torchvision's keypoints_to_heatmap (the same as detectron2's)."""
   from torchvision.models.detection.roi_heads import keypoints_to_heatmap
 
   rois = random_boxes(rng, 40, min_size=2.0)
