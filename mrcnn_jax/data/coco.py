@@ -116,7 +116,8 @@ def _open_image(path: str) -> Tuple[Optional[Image.Image], bytes, Optional[str]]
   try:
     image = Image.open(io.BytesIO(raw))
     image.load()
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+          Image.DecompressionBombError) as e:
     return None, raw, f"corrupt image ({type(e).__name__}: {e})"
   return image, raw, None
 
@@ -142,22 +143,19 @@ def _encode_image(image: Image.Image, raw: bytes, width: int, height: int):
   size matches the rotated image; when it matches the stored pixels instead,
   the annotations were made on those, so they are kept unrotated.
   """
-  fmt = image.format
-  rotated = ImageOps.exif_transpose(image)
+  orientation = image.getexif().get(0x0112, 1)
+  rotated = ImageOps.exif_transpose(image) if orientation != 1 else image
   note = None
   if (rotated.width, rotated.height) == (width, height):
-    use, exif_applied = rotated, rotated is not image and rotated.size != image.size or (
-        rotated is not image and image.getexif().get(0x0112, 1) != 1)
+    use = rotated
   elif (image.width, image.height) == (width, height):
-    use, exif_applied = image, False
-    if rotated.size != image.size:
-      note = "EXIF orientation ignored: the JSON size matches the stored pixels"
+    use = image
+    note = "EXIF orientation ignored: the JSON size matches the stored pixels"
   else:
     return None, None, None, (f"image is {image.width}x{image.height} but the JSON says "
                               f"{width}x{height}")
-  keep_bytes = (not exif_applied and fmt in ("JPEG", "PNG") and image.mode in ("RGB", "L")
-                and image.getexif().get(0x0112, 1) == 1)
-  if keep_bytes:
+  # TF decodes JPEG/PNG in RGB or grayscale as they are and ignores EXIF.
+  if orientation == 1 and image.format in ("JPEG", "PNG") and image.mode in ("RGB", "L"):
     return raw, (use.height, use.width), note, None
   buf = io.BytesIO()
   _to_rgb(use).save(buf, format="PNG", compress_level=1)

@@ -1,0 +1,206 @@
+"""Pure TF example transforms: parse, decode, resize/flip/jitter, pad (dict -> dict).
+
+Every geometric step is one affine map from original image pixels to canvas
+pixels, ``x' = sx * x + tx`` (with ``sx < 0`` after a horizontal flip), applied
+alike to the image, boxes, masks and keypoints. Instance masks are stored as
+PNG crops of each box's integer pixel window; the M x M target of a (possibly
+clipped) box is read from that crop at the box's M x M cell centres, so no
+full-image mask is ever decoded.
+
+Coordinates are continuous (pixel centres at i + 0.5). COCO keypoints are
+integer pixel indices, so 0.5 is added when they are parsed (detectron2 does
+the same).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/id": tf.io.FixedLenFeature([], tf.int64),
+    "image/height": tf.io.FixedLenFeature([], tf.int64),
+    "image/width": tf.io.FixedLenFeature([], tf.int64),
+    "objects/bbox": tf.io.VarLenFeature(tf.float32),
+    "objects/class": tf.io.VarLenFeature(tf.int64),
+    "objects/is_crowd": tf.io.VarLenFeature(tf.int64),
+    "objects/area": tf.io.VarLenFeature(tf.float32),
+    "objects/keypoints": tf.io.VarLenFeature(tf.float32),
+    "objects/mask_png": tf.io.VarLenFeature(tf.string),
+    "objects/mask_window": tf.io.VarLenFeature(tf.int64),
+}
+
+
+def parse(serialized: tf.Tensor, num_keypoints: int) -> Dict[str, tf.Tensor]:
+  """A serialized record -> dict of dense tensors (N instances, image still encoded)."""
+  f = tf.io.parse_single_example(serialized, FEATURES)
+  dense = lambda k: tf.sparse.to_dense(f[k])
+  keypoints = tf.reshape(dense("objects/keypoints"), [-1, num_keypoints, 3])
+  # Integer pixel indices -> continuous coordinates, for labelled points only.
+  labelled = keypoints[..., 2:] > 0
+  keypoints = tf.concat([tf.where(labelled, keypoints[..., :2] + 0.5, 0.0), keypoints[..., 2:]],
+                        axis=-1)
+  return {
+      "encoded": f["image/encoded"],
+      "image_id": f["image/id"],
+      "original_size": tf.cast(tf.stack([f["image/height"], f["image/width"]]), tf.int32),
+      "boxes": tf.reshape(dense("objects/bbox"), [-1, 4]),
+      "classes": tf.cast(dense("objects/class"), tf.int32),
+      "is_crowd": tf.cast(dense("objects/is_crowd"), tf.bool),
+      "areas": dense("objects/area"),
+      "keypoints": keypoints,
+      "mask_png": dense("objects/mask_png"),
+      "mask_window": tf.cast(tf.reshape(dense("objects/mask_window"), [-1, 4]), tf.float32),
+  }
+
+
+def keep_largest(ex: Dict[str, tf.Tensor], max_instances: int) -> Dict[str, tf.Tensor]:
+  """Keeps the ``max_instances`` largest instances (by area); counts the rest in ``num_dropped``."""
+  n = tf.shape(ex["classes"])[0]
+  order = tf.argsort(ex["areas"], direction="DESCENDING", stable=True)[:max_instances]
+  order = tf.sort(order)  # keep the file's order among the survivors
+  out = dict(ex)
+  for k in ("boxes", "classes", "is_crowd", "areas", "keypoints", "mask_png", "mask_window"):
+    out[k] = tf.gather(ex[k], order)
+  out["num_dropped"] = tf.maximum(n - max_instances, 0)
+  return out
+
+
+def decode_image(ex: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  """Adds ``image`` [h, w, 3] uint8 (JPEG or PNG; grayscale expands to RGB)."""
+  image = tf.io.decode_image(ex["encoded"], channels=3, expand_animations=False)
+  out = dict(ex)
+  out["image"] = tf.ensure_shape(image, [None, None, 3])
+  return out
+
+
+def fit_scale(size: tf.Tensor, canvas: Tuple[int, int]) -> tf.Tensor:
+  """Largest scale that fits an image of ``size`` (h, w) inside the canvas, aspect kept."""
+  size = tf.cast(size, tf.float32)
+  return tf.minimum(canvas[0] / size[0], canvas[1] / size[1])
+
+
+def random_geometry(size: tf.Tensor, canvas: Tuple[int, int], seed: tf.Tensor,
+                    flip: bool, scale_range: Optional[Tuple[float, float]]):
+  """Draws (scale, crop offset (y, x), flip) for one training image; stateless in ``seed``.
+
+  ``scale_range`` (large-scale jitter, Ghiasi et al. 2021): the canvas-fit
+  scale times a factor uniform in the range, then a random crop of the canvas
+  where the image is larger.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  scale = fit_scale(size, canvas)
+  if scale_range is not None:
+    scale *= tf.random.stateless_uniform([], seeds[0], scale_range[0], scale_range[1])
+  scaled = tf.round(tf.cast(size, tf.float32) * scale)
+  room = tf.maximum(scaled - tf.constant(canvas, tf.float32), 0.0)
+  offset = tf.floor(room * tf.random.stateless_uniform([2], seeds[1]))
+  do_flip = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else tf.constant(False)
+  return scale, offset, do_flip
+
+
+def apply_geometry(ex: Dict[str, tf.Tensor], canvas: Tuple[int, int], scale: tf.Tensor,
+                   offset: tf.Tensor, flip: tf.Tensor, mask_size: int,
+                   keypoint_flip_map: Sequence[int]) -> Dict[str, tf.Tensor]:
+  """Resizes by ``scale``, crops at ``offset`` (y, x), flips; maps every target alike.
+
+  Returns the example with ``image`` [H, W, 3] float32 (0..255, zero padded),
+  ``image_size`` (h, w of the image inside the canvas), ``scale`` (sy, sx
+  from original to canvas pixels), and boxes, keypoints and ``masks``
+  [N, M, M] in canvas coordinates; ``valid`` marks instances still visible.
+  """
+  h0, w0 = tf.unstack(tf.cast(ex["original_size"], tf.float32))
+  new_hw = tf.maximum(tf.round(tf.stack([h0, w0]) * scale), 1.0)
+  sy, sx = new_hw[0] / h0, new_hw[1] / w0
+  oy, ox = offset[0], offset[1]
+  image = tf.image.resize(ex["image"], tf.cast(new_hw, tf.int32), "bilinear")
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  image = image[tf.cast(oy, tf.int32):tf.cast(oy, tf.int32) + canvas[0],
+                tf.cast(ox, tf.int32):tf.cast(ox, tf.int32) + canvas[1]]
+  visible_hw = tf.shape(image)[:2]
+  image = tf.pad(image, [[0, canvas[0] - visible_hw[0]], [0, canvas[1] - visible_hw[1]], [0, 0]])
+  image = tf.ensure_shape(image, [canvas[0], canvas[1], 3])
+  vis_h, vis_w = tf.cast(visible_hw[0], tf.float32), tf.cast(visible_hw[1], tf.float32)
+
+  # x' = ax * x + bx (ax < 0 when flipped), y' = sy * y - oy.
+  ax = tf.where(flip, -sx, sx)
+  bx = tf.where(flip, sx * w0, 0.0) - ox
+  to_x = lambda x: ax * x + bx
+  to_y = lambda y: sy * y - oy
+  b = ex["boxes"]
+  xa, xb = to_x(b[:, 0]), to_x(b[:, 2])
+  boxes = tf.stack([tf.minimum(xa, xb), to_y(b[:, 1]), tf.maximum(xa, xb), to_y(b[:, 3])], 1)
+  boxes = tf.stack([tf.clip_by_value(boxes[:, 0], 0.0, vis_w), tf.clip_by_value(boxes[:, 1], 0.0, vis_h),
+                    tf.clip_by_value(boxes[:, 2], 0.0, vis_w), tf.clip_by_value(boxes[:, 3], 0.0, vis_h)], 1)
+  valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+  # Back to original pixels: the part of each stored crop the clipped box covers.
+  from_x = lambda x: (x - bx) / ax
+  from_y = lambda y: (y + oy) / sy
+  ua, ub = from_x(boxes[:, 0]), from_x(boxes[:, 2])
+  source = tf.stack([from_y(boxes[:, 1]), tf.minimum(ua, ub), from_y(boxes[:, 3]),
+                     tf.maximum(ua, ub)], 1)  # (N, 4) y1 x1 y2 x2, original pixels
+  masks = _masks_from_crops(ex["mask_png"], ex["mask_window"], source, mask_size)
+  masks = tf.cond(flip, lambda: masks[:, :, ::-1], lambda: masks)
+
+  kp = ex["keypoints"]
+  if kp.shape[1]:
+    kx, ky = to_x(kp[..., 0]), to_y(kp[..., 1])
+    kp = tf.stack([kx, ky, kp[..., 2]], -1)
+    kp = tf.cond(flip, lambda: tf.gather(kp, list(keypoint_flip_map), axis=1), lambda: kp)
+    inside = (kp[..., 0] >= 0) & (kp[..., 0] < vis_w) & (kp[..., 1] >= 0) & (kp[..., 1] < vis_h)
+    kp = tf.where((inside & (kp[..., 2] > 0))[..., None], kp, 0.0)
+
+  out = dict(ex)
+  out.update(image=image, boxes=boxes, masks=masks, keypoints=kp,
+             valid=valid, image_size=visible_hw, scale=tf.stack([sy, sx]))
+  return out
+
+
+def _masks_from_crops(pngs: tf.Tensor, windows: tf.Tensor, source: tf.Tensor,
+                      size: int) -> tf.Tensor:
+  """``[N, size, size]`` float masks: each crop sampled at its box's cell centres."""
+  def one(args):
+    png, window, box = args
+    crop = tf.cast(tf.io.decode_png(png, channels=1), tf.float32) / 255.0  # (ch, cw, 1)
+    wx, wy, ww, wh = tf.unstack(window)
+    y1, x1, y2, x2 = tf.unstack(box)
+    # Cell centres of the box, as crop pixel indices (pixel centres at integers);
+    # crop_and_resize samples from y1n*(H-1) to y2n*(H-1) inclusive.
+    cy0 = y1 + 0.5 * (y2 - y1) / size - wy - 0.5
+    cy1 = y2 - 0.5 * (y2 - y1) / size - wy - 0.5
+    cx0 = x1 + 0.5 * (x2 - x1) / size - wx - 0.5
+    cx1 = x2 - 0.5 * (x2 - x1) / size - wx - 0.5
+    dh, dw = tf.maximum(wh - 1.0, 1.0), tf.maximum(ww - 1.0, 1.0)
+    boxes = tf.stack([cy0 / dh, cx0 / dw, cy1 / dh, cx1 / dw])[None]
+    return tf.image.crop_and_resize(crop[None], boxes, [0], [size, size],
+                                    extrapolation_value=0.0)[0, :, :, 0]
+  return tf.map_fn(one, (pngs, windows, source),
+                   fn_output_signature=tf.TensorSpec([size, size], tf.float32))
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
+              channel_order: str = "rgb") -> tf.Tensor:
+  """(image - mean) / std on 0..255 RGB input; ``channel_order="bgr"`` for detectron2 weights."""
+  if channel_order == "bgr":
+    image = image[..., ::-1]
+  elif channel_order != "rgb":
+    raise ValueError(f"channel_order: expected 'rgb' or 'bgr', got {channel_order!r}")
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def pad_instances(ex: Dict[str, tf.Tensor], max_instances: int) -> Dict[str, tf.Tensor]:
+  """Pads every per-instance array to ``max_instances`` with ``gt_valid`` False."""
+  def pad(x, value=0):
+    n = tf.shape(x)[0]
+    paddings = [[0, max_instances - n]] + [[0, 0]] * (len(x.shape) - 1)
+    y = tf.pad(x, paddings, constant_values=value)
+    return tf.ensure_shape(y, [max_instances] + x.shape[1:].as_list())
+  return {
+      "gt_boxes": pad(ex["boxes"]),
+      "gt_classes": pad(ex["classes"]),
+      "gt_valid": pad(ex["valid"], False),
+      "gt_is_crowd": pad(ex["is_crowd"], False),
+      "gt_masks": pad(ex["masks"]),
+      "gt_keypoints": pad(ex["keypoints"]),
+  }
