@@ -13,6 +13,7 @@ as the box head, which must then be a ``Res5Head``).
 Entry points (``model.apply(variables, ..., method=...)``):
   ``losses(images, image_info, gt, rng, train=True)`` -> (losses, diagnostics)
   ``detect(images, image_info)`` -> fixed-size detections
+  ``initialize(images)`` -> nothing; for ``model.init`` (cheapest to compile)
 """
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -132,6 +133,22 @@ class MaskRCNN(nn.Module):
       return logits, deltas, res5
     logits, deltas = self.box_head(pooled)
     return logits, deltas, None
+
+  # ------------------------------------------------------------------ init
+  def initialize(self, images: Array) -> None:
+    """Creates every variable with one cheap pass (no proposals, targets or NMS).
+
+    ``model.init(key, images, method="initialize")`` gives the same variables
+    as initialising through ``losses`` at a fraction of the compile time.
+    """
+    rpn_maps, _, *roi_features = self._features(images, train=False)
+    self.rpn_head(rpn_maps)
+    one_box = jnp.zeros((images.shape[0], 1, 4), jnp.float32)
+    _, _, res5 = self._box_head(roi_features, one_box, train=False)
+    if self.mask_head is not None:
+      self._mask_logits(roi_features, one_box, res5, 1)
+    if self.keypoint_head is not None:
+      self.keypoint_head(self._pool(roi_features, one_box, self.keypoint_pooler_resolution))
 
   # ------------------------------------------------------------------ training
   def losses(self, images: Array, image_info: Dict[str, Array], gt: Dict[str, Array],

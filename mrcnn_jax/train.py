@@ -1,0 +1,380 @@
+"""Training: sharded, resumable, with periodic evaluation.
+
+    python -m mrcnn_jax.train --config=configs/shapes.py --workdir=/tmp/shapes \\
+        [--config.total_steps=1000 ...] [--coordinator_address=host:port \\
+        --num_processes=N --process_id=I]
+
+``train_and_evaluate`` reads top to bottom: mesh, model, optimiser, state
+(initialised straight into its shardings), checkpoint restore, input from the
+restored step, the jitted step, the loop with logging, evaluation and saves.
+
+Guarantees:
+- The batches and the per-step PRNG key are pure functions of (seed, step),
+  and a checkpoint holds the whole state, so a run resumed at step k ends
+  with the same parameters as one that never stopped (bitwise on CPU).
+- SIGTERM / SIGINT: the current step finishes, a checkpoint is written, and
+  the process exits 0; rerunning the command resumes.
+- A step whose loss or gradients are not finite changes nothing but the
+  step counter and the skip counters; ``train.max_nonfinite`` skips in a row
+  stop the run with an error, keeping the last (good) checkpoint.
+- Logs: a progress bar with ETA, a metric line every ``train.log_every``
+  steps, TensorBoard summaries in WORKDIR/tensorboard and one JSON object per
+  log step in WORKDIR/metrics.jsonl.
+"""
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags, logging
+from flax import struct
+from ml_collections import config_flags
+
+from mrcnn_jax import checkpointing, optim, sharding
+from mrcnn_jax import evaluate as evaluate_lib
+from mrcnn_jax.data import input_pipeline
+from mrcnn_jax.modeling import build
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates attempted so far
+  params: Any
+  model_state: Any  # non-trained collections, e.g. {"batch_stats": ...}
+  opt_state: Any
+  nonfinite_run: jax.Array  # consecutive skipped (non-finite) steps
+  nonfinite_total: jax.Array
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, Any]:
+  """Zeros with the shapes and dtypes of one ``make_dataset`` batch."""
+  d, m = config.data, config.model
+  h, w = d.canvas_size
+  g, kp = d.max_instances, m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
+  z = lambda shape, dtype=np.float32: np.zeros((batch_size, *shape), dtype)
+  return {
+      "images": z((h, w, 3)),
+      "image_info": {"image_size": np.full((batch_size, 2), (h, w), np.int32),
+                     "original_size": np.full((batch_size, 2), (h, w), np.int32),
+                     "scale": np.ones((batch_size, 2), np.float32),
+                     "image_id": z((), np.int32), "valid": np.ones(batch_size, bool),
+                     "num_dropped": z((), np.int32)},
+      "gt_boxes": z((g, 4)), "gt_classes": z((g,), np.int32), "gt_valid": z((g,), bool),
+      "gt_is_crowd": z((g,), bool), "gt_masks": z((g, d.mask_size, d.mask_size)),
+      "gt_keypoints": z((g, kp, 3)),
+  }
+
+
+def _split_batch(batch):
+  gt = {k: v for k, v in batch.items() if k.startswith("gt_")}
+  return batch["images"], batch["image_info"], gt
+
+
+def create_state(model, tx, config, rng) -> TrainState:
+  """A fresh state (pure: run under ``jax.jit`` with output shardings)."""
+  images = jnp.zeros((1, *config.data.canvas_size, 3), jnp.float32)
+  variables = model.init(rng, images, method="initialize")
+  params = variables.pop("params")
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, model_state=dict(variables),
+                    opt_state=tx.init(params), nonfinite_run=zero, nonfinite_total=zero)
+
+
+def train_step(state: TrainState, batch, key, *, model, tx, schedule):
+  """One update; returns (new state, metrics). ``key`` is folded with the step."""
+  images, image_info, gt = _split_batch(batch)
+  step_key = jax.random.fold_in(key, state.step)
+
+  def loss_fn(params):
+    (losses, diag), updated = model.apply(
+        {"params": params, **state.model_state}, images, image_info, gt, step_key,
+        train=True, method="losses", mutable=list(state.model_state))
+    return losses["loss"], (losses, diag, updated)
+
+  (_, (losses, diag, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite step leaves parameters, optimiser and norm statistics untouched.
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      model_state=keep(dict(model_state), state.model_state),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+  metrics = {**losses, **diag, "grad_norm": grad_norm, "lr": schedule(state.step),
+             "finite": finite.astype(jnp.float32), "nonfinite_run": new_state.nonfinite_run}
+  return new_state, metrics
+
+
+class MetricLogger:
+  """Metric lines on the console, metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.writer = None
+    if enabled:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self.tf = tf
+      self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, metrics: Dict[str, float], prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    metrics = {prefix + k: float(v) for k, v in metrics.items()}
+    # COCOeval's "no such object" (NaN) becomes null: strict JSON has no NaN.
+    record = {k: (None if np.isnan(v) else v) for k, v in metrics.items()}
+    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+    self.jsonl.flush()
+    with self.writer.as_default(step=step):
+      for k, v in metrics.items():
+        self.tf.summary.scalar(k, v)
+    self.writer.flush()
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.writer.close()
+
+
+def _format(metrics: Dict[str, float]) -> str:
+  keys = [k for k in metrics if k.startswith("loss")] + [
+      k for k in ("lr", "grad_norm", "images_per_s") if k in metrics]
+  return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag checked between steps."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+    logging.warning("received %s: finishing the step, saving, exiting",
+                    signal.Signals(signum).name)
+
+  def requested(self) -> bool:
+    stop = self.signal is not None
+    if jax.process_count() > 1:  # every process must stop at the same step
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+    return stop
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def abstract_state(model, tx, config, mesh):
+  """The state's shapes with replicated shardings (what restore and init produce)."""
+  shapes = jax.eval_shape(functools.partial(create_state, model, tx, config),
+                          jax.random.PRNGKey(0))
+  rep = sharding.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Trains for ``config.total_steps`` (resuming from ``workdir``); returns the last eval."""
+  t = config.train
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  model = build.build_model(config)
+  state_shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(),
+                                                  config), jax.random.PRNGKey(0))
+  tx = optim.make_optimizer(config, state_shapes.params, build.frozen_parameters(config))
+  schedule = optim.learning_rate(config)
+  abstract = abstract_state(model, tx, config, mesh)
+  rep = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: rep, abstract)
+
+  checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
+                                            best_metric=t.get("best_metric") or None)
+  start = checkpointer.latest_step()
+  if start is not None:
+    state = checkpointer.restore(abstract, start)
+    logging.info("resumed from %s at step %d", workdir, start)
+  else:
+    init = jax.jit(functools.partial(create_state, model, tx, config),
+                   out_shardings=state_sharding)
+    state = init(jax.random.PRNGKey(config.seed))
+    if config.get("init_checkpoint"):
+      state = _load_initialisation(state, config, rep)
+    start = 0
+  nparams = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("model: %.2fM parameters; %d devices, %d processes", nparams / 1e6,
+               jax.device_count(), jax.process_count())
+
+  data = iter(input_pipeline.make_dataset(
+      config, "train", start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count()).as_numpy_iterator())
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+                    in_shardings=(state_sharding, sharding.batch_sharding(mesh), rep),
+                    out_shardings=(state_sharding, rep), donate_argnums=(0,))
+  key = jax.random.PRNGKey(config.seed)
+
+  logger = MetricLogger(workdir, is_main)
+  stop = _StopRequest()
+  total = config.total_steps
+  progress = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
+                       disable=not is_main or not t.get("progress", True),
+                       dynamic_ncols=True)
+  pending, previous_run = [], None
+  last_log, eval_metrics = time.time(), {}
+  try:
+    for step in range(start + 1, total + 1):
+      batch = sharding.global_batch(next(data), mesh)
+      state, metrics = step_fn(state, batch, key)
+      pending.append(metrics)
+      # Read the previous step's skip counter: one step behind keeps dispatch async.
+      if previous_run is not None and int(previous_run) >= t.max_nonfinite:
+        raise NonFiniteError(
+            f"{t.max_nonfinite} steps in a row had a non-finite loss or gradient "
+            f"(up to step {step - 1}); stopping. The last checkpoint "
+            f"(step {checkpointer.latest_step()}) holds the last good parameters.")
+      previous_run = metrics["nonfinite_run"]
+      progress.update(1)
+
+      if step % t.log_every == 0 or step == total:
+        host = jax.device_get(pending)
+        now = time.time()
+        line = {k: float(np.mean([m[k] for m in host])) for k in host[0]
+                if k != "nonfinite_run"}
+        line["images_per_s"] = len(host) * config.batch_size / max(now - last_log, 1e-9)
+        line["nonfinite_total"] = int(state.nonfinite_total)
+        pending, last_log = [], now
+        progress.set_postfix(loss=f"{line['loss']:.3f}")
+        if is_main:
+          progress.write(f"step {step}: {_format(line)}")
+        logger.write(step, line, "train/")
+
+      stopping = stop.requested()
+      if (step % t.checkpoint_every == 0 or step == total or stopping):
+        checkpointer.save(step, state, force=True)
+      if t.eval_every and (step % t.eval_every == 0 or step == total) and not stopping:
+        eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step)
+        checkpointer.save_best(step, state, eval_metrics)
+        last_log = time.time()  # evaluation time is not training throughput
+      if stopping:
+        logging.warning("stopped by signal at step %d; checkpoint saved", step)
+        break
+    if previous_run is not None and int(previous_run) >= t.max_nonfinite:
+      raise NonFiniteError(f"{t.max_nonfinite} steps in a row had a non-finite loss or "
+                           f"gradient at the end of the run; the last checkpoint is kept.")
+  finally:
+    progress.close()
+    checkpointer.close()
+    logger.close()
+    stop.restore()
+  return eval_metrics
+
+
+def _evaluate(model, state, config, mesh, workdir, logger, step):
+  variables = {"params": state.params, **state.model_state}
+  metrics = evaluate_lib.evaluate(model, variables, config, mesh,
+                                  max_steps=config.train.get("eval_steps") or None)
+  logger.write(step, metrics, "eval/")
+  if jax.process_index() == 0:
+    evaluate_lib.write_metrics(workdir, metrics, step)
+  return metrics
+
+
+def _load_initialisation(state: TrainState, config, sharding_) -> TrainState:
+  """Overwrites parameters (and norm statistics) from ``config.init_checkpoint``.
+
+  ``config.init_keep`` selects what is taken: "all", "backbone" (ResNet only),
+  or "no_predictors" (everything except class-count-dependent layers).
+  """
+  loaded = checkpointing.load_variables(config.init_checkpoint)
+  keep = config.get("init_keep", "all")
+  class_specific = ("cls_score", "bbox_pred", "predictor", "score_lowres")
+
+  def pick(path, current):
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    if keep == "backbone" and names[1:2] != ("backbone",):
+      return current
+    if keep == "no_predictors" and any(n in class_specific for n in names):
+      return current
+    node = loaded
+    for n in names:
+      if not isinstance(node, dict) or n not in node:
+        raise KeyError(f"{config.init_checkpoint}: no tensor {'/'.join(names)}")
+      node = node[n]
+    if node.shape != current.shape:
+      raise ValueError(f"{config.init_checkpoint}: {'/'.join(names)} has shape "
+                       f"{node.shape}, the model needs {current.shape}")
+    return jax.device_put(np.asarray(node, current.dtype), sharding_)
+
+  variables = {"params": state.params, **state.model_state}
+  variables = jax.tree_util.tree_map_with_path(pick, variables)
+  params = variables.pop("params")
+  logging.info("initialised from %s (%s)", config.init_checkpoint, keep)
+  return state.replace(params=params, model_state=variables)
+
+
+# ------------------------------------------------------------------ CLI
+def _define_flags():
+  """CLI flags, defined only when this module is the program."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                                lock_config=True),
+      "workdir": flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs."),
+      "coordinator_address": flags.DEFINE_string(
+          "coordinator_address", None, "host:port of process 0 (multi-host runs)."),
+      "num_processes": flags.DEFINE_integer("num_processes", None,
+                                            "Processes in a multi-host run."),
+      "process_id": flags.DEFINE_integer("process_id", None, "This process's index."),
+  }
+
+
+def main(argv, args):
+  del argv
+  config, workdir = args["config"].value, args["workdir"].value
+  if config is None or workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  checkpointing.quiet_orbax_logs()
+  sharding.initialize_distributed(args["coordinator_address"].value,
+                                  args["num_processes"].value, args["process_id"].value)
+  try:
+    train_and_evaluate(config, workdir)
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  return 0
+
+
+if __name__ == "__main__":
+  _args = _define_flags()
+  app.run(functools.partial(main, args=_args))
