@@ -163,7 +163,12 @@ def _masks_from_crops(pngs: tf.Tensor, windows: tf.Tensor, source: tf.Tensor,
   def one(args):
     png, window, box = args
     crop = tf.cast(tf.io.decode_png(png, channels=1), tf.float32) / 255.0  # (ch, cw, 1)
-    wx, wy, ww, wh = tf.unstack(window)
+    # The mask is 0 outside its window: a one-pixel zero border makes every
+    # cell centre (all lie inside the window) interpolate against it, where
+    # crop_and_resize would otherwise extrapolate 0 for centres within half a
+    # pixel of the window's edge and erase the mask's outer cells.
+    crop = tf.pad(crop, [[1, 1], [1, 1], [0, 0]])
+    wx, wy, ww, wh = tf.unstack(window + tf.constant([-1.0, -1.0, 2.0, 2.0]))
     y1, x1, y2, x2 = tf.unstack(box)
     # Cell centres of the box, as crop pixel indices (pixel centres at integers);
     # crop_and_resize samples from y1n*(H-1) to y2n*(H-1) inclusive.
