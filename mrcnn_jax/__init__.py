@@ -5,3 +5,11 @@ GPU or TPU. See ``mrcnn_jax.ops`` for the parameter-free detection ops.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # Lazy: ``import mrcnn_jax`` stays cheap; the Predictor pulls in TF and the model.
+  if name == "Predictor":
+    from mrcnn_jax.predict import Predictor  # pylint: disable=g-import-not-at-top
+    return Predictor
+  raise AttributeError(f"module 'mrcnn_jax' has no attribute {name!r}")

@@ -39,9 +39,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over all devices, named ``'data'``."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named ``'data'`` over ``devices`` (default: every device)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

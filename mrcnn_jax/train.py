@@ -252,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                        disable=not is_main or not t.get("progress", True),
                        dynamic_ncols=True)
   pending, previous_run = [], None
-  last_log, eval_metrics = time.time(), {}
+  last_log, eval_metrics, step = time.time(), {}, start
   try:
     for step in range(start + 1, total + 1):
       batch = sharding.global_batch(next(data), mesh)
@@ -293,6 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if previous_run is not None and int(previous_run) >= t.max_nonfinite:
       raise NonFiniteError(f"{t.max_nonfinite} steps in a row had a non-finite loss or "
                            f"gradient at the end of the run; the last checkpoint is kept.")
+    # One compiled program per run is the static-shape contract (DESIGN.md).
+    logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
+    logging.info("train step compiled %d time(s)", step_fn._cache_size())
   finally:
     progress.close()
     checkpointer.close()

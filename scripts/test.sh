@@ -12,35 +12,12 @@ cd "$(dirname "$0")/.."
 parity="${MRCNN_PARITY:-0}"
 if [[ "${1:-}" == "--parity" ]]; then parity=1; shift; fi
 
-python="${PYTHON:-}"
-if [[ -z "$python" ]]; then
-  for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null; then python="$candidate"; break; fi
-  done
-fi
-[[ -n "$python" ]] || { echo "test.sh: no python3.11 or python3 on PATH" >&2; exit 1; }
-
-if [[ ! -x .venv/bin/python ]]; then
-  echo "test.sh: creating .venv with $($python --version)"
-  "$python" -m venv .venv
-fi
-
-# Reinstall only when a requirements file changed since the last install.
 reqs=(requirements.txt requirements-test.txt)
 [[ "$parity" == 1 ]] && reqs+=(requirements-parity.txt)
-stamp=".venv/.mrcnn-installed-$(cat "${reqs[@]}" setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
-if [[ ! -f "$stamp" ]]; then
-  echo "test.sh: installing ${reqs[*]} and the package"
-  args=()
-  for r in "${reqs[@]}"; do args+=(-r "$r"); done
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check "${args[@]}"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
-  touch "$stamp"
-fi
+source scripts/venv.sh "${reqs[@]}"
 
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 set +e
-.venv/bin/python -m pytest "$@"
+"$PY" -m pytest "$@"
 status=$?
 set -e
 if [[ $status -eq 5 ]]; then

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling.deconv import Deconv
 from mrcnn_jax.ops.checks import check_shape
 
 msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -42,10 +43,9 @@ class KeypointHead(nn.Module):
     for i in range(self.num_convs):
       x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
                           kernel_init=msra_init, dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
-    # A 4x4 stride-2 deconv with PyTorch padding 1 pads the dilated input by
-    # k - 1 - 1 = 2 on each side: output exactly 2x.
-    x = nn.ConvTranspose(self.num_keypoints, (4, 4), (2, 2), padding=((2, 2), (2, 2)),
-                         kernel_init=msra_init, name="score_lowres")(x.astype(jnp.float32))
+    # 4x4 stride-2 deconv with PyTorch padding 1: output exactly 2x.
+    x = Deconv(self.num_keypoints, 4, 2, padding=1, kernel_init=msra_init,
+               name="score_lowres")(x.astype(jnp.float32))
     n, h, w, k = x.shape
     x = jax.image.resize(x, (n, 2 * h, 2 * w, k), "bilinear")
     return x.reshape(*lead, *x.shape[1:])

@@ -64,9 +64,11 @@ def test_deconv_matches_torch_conv_transpose(torch, kernel, pad):
   """Our deconvs equal torch ConvTranspose2d(k, stride 2, padding p) with the kernel flipped.
 
   This is the layout fact weight import relies on: torch's [in, out, kh, kw]
-  weight, spatially flipped and moved to [kh, kw, in, out].
+  weight, spatially flipped and moved to [kh, kw, in, out]. flax's own
+  ConvTranspose (same parameter layout) agrees too.
   """
   import flax.linen as nn
+  from mrcnn_jax.modeling.deconv import Deconv
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 6, 5, 3)).astype(np.float32)
   w = rng.normal(size=(3, 4, kernel, kernel)).astype(np.float32)
@@ -76,9 +78,27 @@ def test_deconv_matches_torch_conv_transpose(torch, kernel, pad):
   padding = "VALID" if kernel == 2 else ((2, 2), (2, 2))
   layer = nn.ConvTranspose(4, (kernel, kernel), (2, 2), padding=padding, use_bias=False)
   kern = jnp.asarray(w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
-  ours = layer.apply({"params": {"kernel": kern}}, jnp.asarray(x))
-  assert ours.shape == ref.shape == (1, 12, 10, 4)
+  flax_out = layer.apply({"params": {"kernel": kern}}, jnp.asarray(x))
+  ours = Deconv(4, kernel, 2, pad).apply({"params": {"kernel": kern, "bias": jnp.zeros(4)}},
+                                         jnp.asarray(x))
+  assert ours.shape == flax_out.shape == ref.shape == (1, 12, 10, 4)
   np.testing.assert_allclose(ours, ref, atol=1e-4)
+  np.testing.assert_allclose(flax_out, ref, atol=1e-4)
+
+
+def test_deconv_gradients_match_flax_conv_transpose():
+  """Same function as nn.ConvTranspose, so the same gradients (bf16 input cast included)."""
+  import flax.linen as nn
+  from mrcnn_jax.modeling.deconv import Deconv
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
+  v = nn.ConvTranspose(6, (4, 4), (2, 2), padding=((2, 2), (2, 2))).init(jax.random.PRNGKey(0), x)
+  loss = lambda layer: lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x)))
+  ref = jax.grad(loss(nn.ConvTranspose(6, (4, 4), (2, 2), padding=((2, 2), (2, 2)))),
+                 argnums=(0, 1))(v, x)
+  ours = jax.grad(loss(Deconv(6, 4, 2, padding=1)), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def _gaussian_maps(centres, m=56, sigma=2.0):

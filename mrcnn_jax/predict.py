@@ -1,0 +1,219 @@
+"""Prediction on image files or arrays: COCO results plus pictures.
+
+    python -m mrcnn_jax.predict --config=configs/shapes.py --checkpoint=workdirs/shapes \\
+        --input=IMAGE_OR_DIR --output=DIR [--score_threshold=0.5]
+
+writes DIR/predictions.json (COCO results format, plus each image's
+``file_name``) and DIR/<image name>.png with masks, boxes, class names,
+scores and keypoints drawn. The same as a Python API:
+
+    predictor = mrcnn_jax.Predictor(config, "workdirs/shapes")
+    out = predictor(image)  # any [H, W], [H, W, 1|3|4] uint8/uint16/float array
+
+Any size and mode works: the image goes through the same resize, pad and
+normalisation as evaluation (aspect kept, fitted into the canvas), and the
+results come back in its own pixels. Grayscale is repeated to RGB, 16-bit is
+scaled to 8-bit, alpha is dropped (as the dataset converter does); EXIF
+orientation of files is applied.
+"""
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mrcnn_jax import checkpointing
+from mrcnn_jax.data import coco as coco_data
+from mrcnn_jax.data import input_pipeline, transforms
+from mrcnn_jax.evaluation import coco as coco_eval
+from mrcnn_jax.evaluation import draw as draw_lib
+from mrcnn_jax.modeling import build
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def to_rgb_array(image: np.ndarray) -> np.ndarray:
+  """``[H, W]`` or ``[H, W, 1|3|4]`` of any numeric dtype -> ``[H, W, 3]`` uint8 RGB."""
+  a = np.asarray(image)
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+    raise ValueError(f"image: expected [H, W] or [H, W, 1|3|4], got shape {a.shape}")
+  if min(a.shape[:2]) < 1:
+    raise ValueError(f"image: empty, shape {a.shape}")
+  if a.dtype == np.uint8:
+    pass
+  elif a.dtype == np.uint16:
+    a = (a.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+  elif a.dtype == bool:
+    a = a.astype(np.uint8) * 255
+  elif np.issubdtype(a.dtype, np.floating):
+    a = np.nan_to_num(a.astype(np.float64))
+    a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+  elif np.issubdtype(a.dtype, np.integer):
+    a = np.clip(a, 0, 255).astype(np.uint8)
+  else:
+    raise ValueError(f"image: unsupported dtype {a.dtype}")
+  return np.asarray(coco_data.to_rgb(Image.fromarray(a)))
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as ``[H, W, 3]`` uint8 RGB, EXIF orientation applied."""
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      return np.asarray(coco_data.to_rgb(im))
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+class Predictor:
+  """``image -> dict`` with a trained model; compiled once for the config's canvas.
+
+  The dict holds, for detections scoring at least ``score_threshold``:
+  ``boxes [N, 4]`` (x1, y1, x2, y2 in the image's pixels), ``scores [N]``,
+  ``category_ids [N]`` (COCO ids), ``names``, and with the heads on
+  ``masks [N, H, W]`` bool and ``keypoints [N, Kp, 3]`` (x, y, score);
+  ``results`` is the same in COCO results format.
+  """
+
+  def __init__(self, config, checkpoint: str, score_threshold: float = 0.5,
+               meta: Optional[Dict[str, Any]] = None):
+    self.config = config
+    self.score_threshold = score_threshold
+    self.canvas = tuple(config.data.canvas_size)
+    self.meta = meta or input_pipeline.RecordFile(config.data.eval_dir).meta
+    self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
+    model = build.build_model(config)
+    self.variables = jax.device_put(checkpointing.load_variables(checkpoint))
+    self._detect = jax.jit(functools.partial(model.apply, method="detect"))
+
+  def preprocess(self, rgb: np.ndarray):
+    """``[H, W, 3]`` uint8 -> (normalised canvas [1, H', W', 3], image_info)."""
+    d = self.config.data
+    size = tf.constant(rgb.shape[:2], tf.int32)
+    scale = transforms.fit_scale(size, self.canvas)
+    image, image_size, scale_yx = transforms.place_image(
+        tf.constant(rgb), self.canvas, scale, tf.zeros([2]), tf.constant(False))
+    image = transforms.normalize(image, d.mean, d.std, d.get("channel_order", "rgb"))
+    info = {"image_size": image_size.numpy()[None].astype(np.int32),
+            "original_size": np.asarray(rgb.shape[:2], np.int32)[None],
+            "scale": np.stack([v.numpy() for v in scale_yx])[None].astype(np.float32)}
+    return image.numpy()[None], info
+
+  def __call__(self, image: np.ndarray, image_id: int = 0) -> Dict[str, Any]:
+    rgb = to_rgb_array(image)
+    images, info = self.preprocess(rgb)
+    dets = jax.device_get(self._detect(self.variables, images, info))
+    one = {k: v[0] for k, v in dets.items()}
+    results = coco_eval.image_results(one, info["scale"][0], info["original_size"][0],
+                                      image_id, self.meta["coco_ids"],
+                                      self.meta["keypoint_category_ids"],
+                                      score_threshold=self.score_threshold)
+    keep = np.flatnonzero(one["valid"] & (one["scores"] >= self.score_threshold))
+    sy, sx = info["scale"][0]
+    h, w = rgb.shape[:2]
+    out = {
+        "boxes": np.clip(one["boxes"][keep] / np.array([sx, sy, sx, sy]), 0, [w, h, w, h]),
+        "scores": one["scores"][keep],
+        "category_ids": np.asarray(self.meta["coco_ids"])[one["classes"][keep]],
+        "results": results,
+    }
+    out["names"] = [self.names[int(c)] for c in out["category_ids"]]
+    if "masks" in one:
+      masks = [r["segmentation"] for r in results]
+      out["masks"] = (np.stack([coco_eval.mask_utils.decode(m) for m in masks]).astype(bool)
+                      if masks else np.zeros((0, h, w), bool))
+    if "keypoints" in one:
+      kps = one["keypoints"][keep].astype(np.float64)
+      kps[..., 0] /= sx
+      kps[..., 1] /= sy
+      out["keypoints"] = kps
+    return out
+
+  def draw(self, image: np.ndarray, results: List[dict]) -> np.ndarray:
+    return draw_lib.draw(to_rgb_array(image), results, self.names,
+                         skeleton=self.meta.get("skeleton", ()),
+                         keypoint_category_ids=self.meta["keypoint_category_ids"])
+
+
+def _inputs(path: str) -> List[str]:
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise ValueError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+  if not os.path.exists(path):
+    raise ValueError(f"{path}: no such file or directory")
+  return [path]
+
+
+def predict_files(predictor: Predictor, paths: List[str], output: str) -> str:
+  """Runs ``predictor`` on each file; writes pictures and predictions.json; returns its path."""
+  os.makedirs(output, exist_ok=True)
+  everything, failed = [], 0
+  for image_id, path in enumerate(paths, start=1):
+    try:
+      rgb = read_image(path)
+    except ValueError as e:
+      print(f"skipped: {e}", file=sys.stderr)
+      failed += 1
+      continue
+    out = predictor(rgb, image_id=image_id)
+    name = os.path.splitext(os.path.basename(path))[0]
+    Image.fromarray(predictor.draw(rgb, out["results"])).save(
+        os.path.join(output, f"{name}.png"))
+    for r in out["results"]:
+      r["file_name"] = os.path.basename(path)
+    everything += out["results"]
+    print(f"{path}: {len(out['results'])} detections")
+  json_path = os.path.join(output, "predictions.json")
+  with open(json_path, "w") as f:
+    json.dump(everything, f)
+  print(f"{len(paths) - failed} images, {len(everything)} detections -> {output}"
+        + (f" ({failed} unreadable, skipped)" if failed else ""))
+  return json_path
+
+
+def _define_flags():
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                                lock_config=True),
+      "checkpoint": flags.DEFINE_string("checkpoint", None, "Checkpoint step dir, its "
+                                        "parent, or a training workdir (latest step)."),
+      "input": flags.DEFINE_string("input", None, "An image file or a directory of images."),
+      "output": flags.DEFINE_string("output", None, "Directory for pictures and JSON."),
+      "score_threshold": flags.DEFINE_float("score_threshold", 0.5,
+                                            "Keep detections scoring at least this."),
+  }
+
+
+def main(argv, args):
+  del argv
+  for name in ("config", "checkpoint", "input", "output"):
+    if args[name].value is None:
+      raise app.UsageError(f"--{name} is required")
+  checkpointing.quiet_orbax_logs()
+  try:
+    paths = _inputs(args["input"].value)
+    predictor = Predictor(args["config"].value, args["checkpoint"].value,
+                          args["score_threshold"].value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  predict_files(predictor, paths, args["output"].value)
+  return 0
+
+
+if __name__ == "__main__":
+  _args = _define_flags()
+  app.run(functools.partial(main, args=_args))

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The main job, end to end, offline: make the synthetic shapes dataset, train
+# Mask R-CNN (boxes, masks, keypoints) on it, evaluate with COCOeval, and draw
+# predictions for a few validation images.
+#
+#   scripts/demo.sh [--config.x=y ...]     (extra flags go to train/evaluate/predict)
+#
+# About 10 minutes on a 2-core CPU from a fresh clone. Reruns reuse the
+# dataset and resume (or skip) training. DATA and WORKDIR override where
+# things go (default data/shapes and workdirs/shapes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+source scripts/venv.sh requirements.txt
+
+data="${DATA:-data/shapes}"
+workdir="${WORKDIR:-workdirs/shapes}"
+config=configs/shapes.py
+flags=(--config.data.train_dir="$data/tf/train" --config.data.eval_dir="$data/tf/val" "$@")
+
+if [[ ! -f "$data/annotations/instances_val.json" ]]; then
+  echo "== generating the synthetic dataset in $data"
+  "$PY" -m mrcnn_jax.data.synthetic --output "$data" --train 2000 --val 200 --size 128 --seed 0
+fi
+for split in train val; do
+  if [[ ! -f "$data/tf/$split/index.json" ]]; then
+    echo "== converting $split to TFRecords"
+    "$PY" -m mrcnn_jax.data.coco --images "$data/$split" \
+      --annotations "$data/annotations/instances_$split.json" --output "$data/tf/$split" --shards 4
+  fi
+done
+
+echo "== training (progress bar, metric lines; TensorBoard: $workdir/tensorboard)"
+"$PY" -m mrcnn_jax.train --config="$config" --workdir="$workdir" "${flags[@]}"
+
+echo "== evaluating on the validation split"
+"$PY" -m mrcnn_jax.evaluate --config="$config" --workdir="$workdir" "${flags[@]}" \
+  > "$workdir/eval.log" 2>&1 || { cat "$workdir/eval.log"; exit 1; }
+grep -A 12 "COCOeval" "$workdir/eval.log" | grep -v "^I[0-9]" || true
+
+echo "== predicting on a few validation images"
+inputs="$workdir/predict_inputs"
+rm -rf "$inputs" && mkdir -p "$inputs"
+for f in $(ls "$data/val" | head -n 8); do cp "$data/val/$f" "$inputs/"; done
+"$PY" -m mrcnn_jax.predict --config="$config" --checkpoint="$workdir" --input="$inputs" \
+  --output="$workdir/pictures" "${flags[@]}" > "$workdir/predict.log" 2>&1 \
+  || { cat "$workdir/predict.log"; exit 1; }
+
+"$PY" - "$workdir/eval_metrics.json" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+print("\n== results (COCO AP on the synthetic validation split)")
+for kind in ("bbox", "segm", "keypoints"):
+  row = "  ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in
+                  (f"{kind}/AP", f"{kind}/AP50", f"{kind}/AP75") if m.get(k) is not None)
+  print(f"  {kind:9s} {row}")
+PYEOF
+echo "pictures:    $workdir/pictures/*.png"
+echo "predictions: $workdir/pictures/predictions.json"
+echo "metrics:     $workdir/eval_metrics.json, $workdir/metrics.jsonl"
+echo "total time:  $(( $(date +%s) - start )) s"

@@ -1,0 +1,32 @@
+# Sourced by scripts/*.sh: creates or reuses .venv and installs the given
+# requirement files (plus the package, editable) when any of them changed.
+#
+#   source scripts/venv.sh requirements.txt [more requirement files...]
+#
+# Leaves $PY set to the virtualenv's python.
+
+_python="${PYTHON:-}"
+if [[ -z "$_python" ]]; then
+  for _candidate in python3.11 python3; do
+    if command -v "$_candidate" >/dev/null; then _python="$_candidate"; break; fi
+  done
+fi
+[[ -n "$_python" ]] || { echo "$(basename "$0"): no python3.11 or python3 on PATH" >&2; exit 1; }
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "$(basename "$0"): creating .venv with $($_python --version)"
+  "$_python" -m venv .venv
+fi
+
+# Reinstall only when a requirements file changed since the last install.
+_stamp=".venv/.mrcnn-installed-$(cat "$@" setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
+if [[ ! -f "$_stamp" ]]; then
+  echo "$(basename "$0"): installing $* and the package"
+  _args=()
+  for _r in "$@"; do _args+=(-r "$_r"); done
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "${_args[@]}"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+  touch "$_stamp"
+fi
+PY=.venv/bin/python
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

@@ -1,0 +1,319 @@
+"""The main job through its real code paths: train, resume, signals, guards, CLIs, sharding.
+
+One tiny synthetic dataset and one uninterrupted reference run are shared by
+the module. Runs that need a fresh process (signals, simulated devices,
+multi-process) use the CLIs in subprocesses, as a user would.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes
+from mrcnn_jax import checkpointing, train
+from mrcnn_jax.data import coco, synthetic
+from mrcnn_jax.modeling import build
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """Converted (train, val) dirs of a 24 / 6 image synthetic dataset."""
+  root = tmp_path_factory.mktemp("job")
+  synthetic.main(["--output", str(root / "raw"), "--train", "24", "--val", "6",
+                  "--size", "64", "--seed", "5", "--workers", "1"])
+  for split in ("train", "val"):
+    coco.convert(str(root / "raw" / split),
+                 str(root / "raw" / "annotations" / f"instances_{split}.json"),
+                 str(root / split), num_shards=2, workers=1)
+  return root
+
+
+def overrides(dataset):
+  """Command-line overrides turning configs/shapes.py:tiny into a seconds-long run."""
+  return {"data.train_dir": str(dataset / "train"), "data.eval_dir": str(dataset / "val"),
+          "data.canvas_size": (64, 64), "batch_size": 8, "eval_batch_size": 8,
+          "total_steps": STEPS, "train.log_every": 2, "train.checkpoint_every": 4,
+          "train.eval_every": 0, "train.progress": False}
+
+
+def test_config(dataset, **more):
+  config = shapes.get_config("tiny")
+  for key, value in {**overrides(dataset), **more}.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def cli_flags(dataset, **more):
+  def fmt(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+  return [f"--config.{k}={fmt(v)}" for k, v in {**overrides(dataset), **more}.items()]
+
+
+def run_cli(module, args, timeout=600, env=None, **popen):
+  cmd = [sys.executable, "-m", f"mrcnn_jax.{module}", *args]
+  full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+  return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def final_params(workdir):
+  return checkpointing.load_variables(os.path.join(workdir, "checkpoints"))
+
+
+def assert_trees_equal(a, b):
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory):
+  """An uninterrupted in-process run of STEPS steps: (workdir, its metrics lines)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train.train_and_evaluate(test_config(dataset), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  return workdir, lines
+
+
+def test_run_logs_checkpoints_and_compiles_once(reference_run):
+  workdir, lines = reference_run
+  steps = [r["step"] for r in lines if "train/loss" in r]
+  assert steps == list(range(2, STEPS + 1, 2))
+  for r in lines:
+    if "train/loss" in r:
+      assert np.isfinite(r["train/loss"]) and r["train/images_per_s"] > 0
+      assert {"train/loss_mask", "train/loss_keypoint", "train/lr", "train/grad_norm"} <= set(r)
+  assert lines[-1]["train/step_compilations"] == 1
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == STEPS
+
+
+def test_sigterm_saves_and_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
+  """SIGTERM mid-run: exit 0 with a checkpoint at the stop step; the resumed run ends
+  with exactly the reference run's parameters."""
+  workdir = str(tmp_path / "interrupted")
+  args = ["--config=configs/shapes.py:tiny", f"--workdir={workdir}", *cli_flags(dataset)]
+  proc = run_cli("train", args)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 400
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and proc.poll() is None:
+    assert time.time() < deadline, "no metric line in time"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  stopped_at = checkpointing.Checkpointer(workdir).latest_step()
+  assert 2 <= stopped_at < STEPS, out
+
+  proc = run_cli("train", args)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert_trees_equal(final_params(workdir), final_params(reference_run[0]))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
+  """NaN images: every update skipped (parameters stay at their initial values), and
+  after max_nonfinite in a row the run stops with a clear error, keeping its checkpoint."""
+  from mrcnn_jax.data import input_pipeline
+  real = input_pipeline.make_dataset
+
+  def poisoned(*args, **kwargs):
+    return real(*args, **kwargs).map(lambda b: {**b, "images": b["images"] * float("nan")})
+  monkeypatch.setattr(input_pipeline, "make_dataset", poisoned)
+  config = test_config(dataset, **{"train.max_nonfinite": 3, "train.checkpoint_every": 1})
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteError, match="3 steps in a row"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpointing.Checkpointer(workdir).latest_step() >= 1
+  saved = checkpointing.load_variables(workdir)
+  model = build.build_model(config)
+  fresh = jax.jit(lambda k: model.init(k, np.zeros((1, 64, 64, 3), np.float32),
+                                       method="initialize"))(jax.random.PRNGKey(config.seed))
+  assert_trees_equal(saved["params"], fresh["params"])
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+  """A save that dies half-way leaves the last complete checkpoint restorable."""
+  import orbax.checkpoint as ocp
+  state = {"w": np.arange(6.0).reshape(2, 3), "step": np.int32(1)}
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(1, state, force=True)
+  ckpt.close()
+
+  real_save = ocp.StandardCheckpointHandler.async_save
+
+  def dying_save(self, directory, *args, **kwargs):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "partial"), "w") as f:
+      f.write("half a checkpoint")
+    raise OSError("disk died mid-save")
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", dying_save)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(OSError, match="disk died"):
+    ckpt.save(2, {"w": np.zeros((2, 3)), "step": np.int32(2)}, force=True)
+    ckpt.wait()
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", real_save)
+
+  again = checkpointing.Checkpointer(str(tmp_path))
+  assert again.latest_step() == 1
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                          state)
+  restored = again.restore(abstract)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  again.save(2, {"w": np.ones((2, 3)), "step": np.int32(2)}, force=True)  # and go on
+  again.close()
+  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 2
+
+
+def test_evaluate_and_predict_clis(dataset, reference_run, tmp_path):
+  """evaluate writes eval_metrics.json; predict writes COCO-format JSON and pictures,
+  for images of odd sizes and modes."""
+  from PIL import Image
+  workdir = reference_run[0]
+  flags = cli_flags(dataset)
+  proc = run_cli("evaluate", ["--config=configs/shapes.py:tiny", f"--workdir={workdir}", *flags])
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  metrics = json.load(open(os.path.join(workdir, "eval_metrics.json")))
+  assert metrics["step"] == STEPS
+  for key in ("bbox/AP", "bbox/AP50", "segm/AP", "keypoints/AP"):
+    assert key in metrics and (metrics[key] is None or 0 <= metrics[key] <= 1), key
+  assert "Average Precision" in out
+
+  images = tmp_path / "images"
+  images.mkdir()
+  val = sorted((dataset / "raw" / "val").iterdir())
+  Image.open(val[0]).save(images / "rgb.jpg")
+  Image.open(val[1]).convert("L").resize((50, 90)).save(images / "gray.png")
+  Image.open(val[2]).convert("RGBA").resize((130, 40)).save(images / "rgba.png")
+  (images / "broken.jpg").write_bytes(b"not an image")
+  output = tmp_path / "predictions"
+  proc = run_cli("predict", ["--config=configs/shapes.py:tiny", f"--checkpoint={workdir}",
+                             f"--input={images}", f"--output={output}",
+                             "--score_threshold=0.0", *flags])
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert "broken.jpg" in out and "skipped" in out
+  results = json.load(open(output / "predictions.json"))
+  assert {r["file_name"] for r in results} <= {"rgb.jpg", "gray.png", "rgba.png"}
+  sizes = {"rgb.jpg": (64, 64), "gray.png": (90, 50), "rgba.png": (40, 130)}
+  for r in results:
+    h, w = sizes[r["file_name"]]
+    x, y, bw, bh = r["bbox"]
+    assert 0 <= x <= x + bw <= w + 1e-3 and 0 <= y <= y + bh <= h + 1e-3
+    assert r["segmentation"]["size"] == [h, w]
+  for name, (h, w) in sizes.items():
+    picture = Image.open(output / (os.path.splitext(name)[0] + ".png"))
+    assert picture.size == (w, h) and picture.mode == "RGB"
+
+
+def test_predictor_api_on_arrays(dataset, reference_run):
+  from mrcnn_jax import Predictor
+  config = test_config(dataset)
+  predictor = Predictor(config, reference_run[0], score_threshold=0.0)
+  rng = np.random.default_rng(0)
+  for image in (rng.integers(0, 255, (37, 81, 3), np.uint8),
+                rng.integers(0, 65535, (70, 20), np.uint16),
+                rng.random((64, 64, 4), np.float32)):
+    out = predictor(image)
+    n = len(out["scores"])
+    h, w = image.shape[:2]
+    assert out["boxes"].shape == (n, 4) and out["masks"].shape == (n, h, w)
+    assert out["keypoints"].shape == (n, 3, 3) and len(out["results"]) == n
+    assert np.all(out["boxes"] >= 0) and np.all(out["boxes"][:, 2] <= w)
+  with pytest.raises(ValueError, match="expected"):
+    predictor(np.zeros((4, 4, 2), np.uint8))
+
+
+SHARDING_CHECK = textwrap.dedent("""
+    import functools, sys, jax, numpy as np, optax
+    sys.path.insert(0, {root!r})
+    from mrcnn_jax import optim, sharding, train
+    from mrcnn_jax.data import input_pipeline
+    from mrcnn_jax.modeling import build
+    from tests.test_train import test_config
+    import pathlib
+    config = test_config(pathlib.Path({dataset!r}))
+    assert jax.device_count() == 8
+    model = build.build_model(config)
+    shapes = jax.eval_shape(functools.partial(train.create_state, model, optax.identity(),
+                                              config), jax.random.PRNGKey(0))
+    tx = optim.make_optimizer(config, shapes.params)
+    data = input_pipeline.make_dataset(config, "train").as_numpy_iterator()
+    batches = [next(data) for _ in range(3)]
+    outs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = sharding.make_mesh(devices)
+      rep = sharding.replicated(mesh)
+      state = jax.jit(functools.partial(train.create_state, model, tx, config),
+                      out_shardings=rep)(jax.random.PRNGKey(0))
+      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                       schedule=optim.learning_rate(config)),
+                     in_shardings=(rep, sharding.batch_sharding(mesh), rep),
+                     out_shardings=(rep, rep))
+      losses = []
+      for b in batches:
+        state, m = step(state, sharding.global_batch(b, mesh), jax.random.PRNGKey(0))
+        losses.append(float(m["loss"]))
+      outs.append((losses, jax.device_get(state.params)))
+    (l1, p1), (l8, p8) = outs
+    np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    print("OK", l1, l8)
+""")
+
+
+def test_eight_devices_match_one(dataset):
+  """Data-parallel over 8 simulated CPU devices: same losses and parameters as 1 device."""
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  proc = subprocess.run([sys.executable, "-c", SHARDING_CHECK.format(root=ROOT,
+                                                                     dataset=str(dataset))],
+                        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint(dataset, tmp_path):
+  """jax.distributed over localhost (gloo): two processes train 2 steps, one checkpoint."""
+  workdir = str(tmp_path / "multi")
+  port = _free_port()
+  flags = cli_flags(dataset, total_steps=2, **{"train.checkpoint_every": 2})
+  procs = [run_cli("train", ["--config=configs/shapes.py:tiny", f"--workdir={workdir}",
+                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                             f"--process_id={i}", *flags]) for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  assert "process 0 of 2" in outs[0] or "2 processes" in outs[0], outs[0]
+  assert checkpointing.Checkpointer(workdir).latest_step() == 2
+  params = final_params(workdir)["params"]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
