@@ -124,7 +124,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
                                    stateful=False)
     ex = transforms.parse(tf.ensure_shape(serialized, []), records.num_keypoints)
     ex = transforms.keep_largest(ex, d.max_instances)
-    ex = transforms.decode_image(ex)
+    ex = transforms.decode_image(ex, d.get("channel_order", "rgb"))
     if is_train:
       seed = tf.stack([tf.constant(config.seed, tf.int64), position])
       scale_range = tuple(d.scale_range) if d.get("scale_range") else None
@@ -135,7 +135,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       offset, flip = tf.zeros([2]), tf.constant(False)
     ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map)
     out = transforms.pad_instances(ex, d.max_instances)
-    out["images"] = transforms.normalize(ex["image"], d.mean, d.std, d.get("channel_order", "rgb"))
+    out["images"] = transforms.normalize(ex["image"], d.mean, d.std)  # channels ordered at decode
     out["image_info"] = {
         "image_size": ex["image_size"], "original_size": ex["original_size"],
         "scale": ex["scale"], "image_id": tf.cast(ex["image_id"], tf.int32),

