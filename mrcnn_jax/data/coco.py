@@ -122,7 +122,7 @@ def _open_image(path: str) -> Tuple[Optional[Image.Image], bytes, Optional[str]]
   return image, raw, None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
   """Any PIL mode to 8-bit RGB (16-bit scaled, palette expanded, alpha dropped)."""
   if image.mode in ("I;16", "I;16B", "I;16L", "I"):
     arr = np.asarray(image, np.float64)
@@ -158,7 +158,7 @@ def _encode_image(image: Image.Image, raw: bytes, width: int, height: int):
   if orientation == 1 and image.format in ("JPEG", "PNG") and image.mode in ("RGB", "L"):
     return raw, (use.height, use.width), note, None
   buf = io.BytesIO()
-  _to_rgb(use).save(buf, format="PNG", compress_level=1)
+  to_rgb(use).save(buf, format="PNG", compress_level=1)
   return buf.getvalue(), (use.height, use.width), note, None
 
 

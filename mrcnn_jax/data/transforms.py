@@ -109,6 +109,29 @@ def random_geometry(size: tf.Tensor, canvas: Tuple[int, int], seed: tf.Tensor,
   return scale, offset, do_flip
 
 
+def place_image(image: tf.Tensor, canvas: Tuple[int, int], scale: tf.Tensor,
+                offset: tf.Tensor, flip: tf.Tensor):
+  """Resizes ``image`` [h, w, 3] by ``scale``, flips, crops at ``offset`` (y, x), pads.
+
+  The one place pixels are resampled, for training, evaluation and
+  prediction alike. Returns (image [H, W, 3] float32 0..255 zero-padded to the
+  canvas, (h, w) of the image inside the canvas, (sy, sx) the exact scale
+  after rounding the resized size to whole pixels).
+  """
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  new_hw = tf.maximum(tf.round(hw * scale), 1.0)
+  sy, sx = new_hw[0] / hw[0], new_hw[1] / hw[1]
+  oy, ox = tf.cast(offset[0], tf.int32), tf.cast(offset[1], tf.int32)
+  # Float input: the same bits as resizing the uint8 image (the kernel reads
+  # pixels as float either way), but TF's float path is ~1.5x faster.
+  image = tf.image.resize(tf.cast(image, tf.float32), tf.cast(new_hw, tf.int32), "bilinear")
+  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+  image = image[oy:oy + canvas[0], ox:ox + canvas[1]]
+  visible_hw = tf.shape(image)[:2]
+  image = tf.pad(image, [[0, canvas[0] - visible_hw[0]], [0, canvas[1] - visible_hw[1]], [0, 0]])
+  return tf.ensure_shape(image, [canvas[0], canvas[1], 3]), visible_hw, (sy, sx)
+
+
 def apply_geometry(ex: Dict[str, tf.Tensor], canvas: Tuple[int, int], scale: tf.Tensor,
                    offset: tf.Tensor, flip: tf.Tensor, mask_size: int,
                    keypoint_flip_map: Sequence[int]) -> Dict[str, tf.Tensor]:
@@ -120,18 +143,8 @@ def apply_geometry(ex: Dict[str, tf.Tensor], canvas: Tuple[int, int], scale: tf.
   [N, M, M] in canvas coordinates; ``valid`` marks instances still visible.
   """
   h0, w0 = tf.unstack(tf.cast(ex["original_size"], tf.float32))
-  new_hw = tf.maximum(tf.round(tf.stack([h0, w0]) * scale), 1.0)
-  sy, sx = new_hw[0] / h0, new_hw[1] / w0
+  image, visible_hw, (sy, sx) = place_image(ex["image"], canvas, scale, offset, flip)
   oy, ox = offset[0], offset[1]
-  # Float input: the same bits as resizing the uint8 image (the kernel reads
-  # pixels as float either way), but TF's float path is ~1.5x faster.
-  image = tf.image.resize(tf.cast(ex["image"], tf.float32), tf.cast(new_hw, tf.int32), "bilinear")
-  image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-  image = image[tf.cast(oy, tf.int32):tf.cast(oy, tf.int32) + canvas[0],
-                tf.cast(ox, tf.int32):tf.cast(ox, tf.int32) + canvas[1]]
-  visible_hw = tf.shape(image)[:2]
-  image = tf.pad(image, [[0, canvas[0] - visible_hw[0]], [0, canvas[1] - visible_hw[1]], [0, 0]])
-  image = tf.ensure_shape(image, [canvas[0], canvas[1], 3])
   vis_h, vis_w = tf.cast(visible_hw[0], tf.float32), tf.cast(visible_hw[1], tf.float32)
 
   # x' = ax * x + bx (ax < 0 when flipped), y' = sy * y - oy.
