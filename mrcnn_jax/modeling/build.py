@@ -55,6 +55,7 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
           "batch_size_per_image": 512, "positive_fraction": 0.25, "iou_threshold": 0.5,
           "num_mask_rois": 128,  # = 512 * 0.25: every foreground RoI
           "crowd_ioa_threshold": 0.7, "sampling_ratio": 2, "aligned": True,
+          "canonical_box_size": 224.0,  # FPN eq. 1; scale with the image size
       },
       "box_head": {
           "pooler_resolution": 14 if c4 else 7, "fc_dims": (1024, 1024),
@@ -126,6 +127,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       mask_pooler_resolution=m.mask_head.pooler_resolution,
       keypoint_pooler_resolution=m.keypoint_head.pooler_resolution,
       sampling_ratio=m.roi.sampling_ratio, aligned=m.roi.aligned,
+      canonical_box_size=m.roi.canonical_box_size,
       rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,

@@ -69,6 +69,10 @@ class MaskRCNN(nn.Module):
   keypoint_pooler_resolution: int = 14
   sampling_ratio: int = 2
   aligned: bool = True
+  # FPN level of a RoI: 4 + log2(sqrt(area) / canonical_box_size) (FPN paper,
+  # eq. 1: 224, ImageNet's size, for ~800-pixel images). Scale it with the
+  # image size so small canvases still read large objects from coarse levels.
+  canonical_box_size: float = 224.0
   # Losses: "smooth_l1" with beta 0 is detectron2's L1.
   rpn_loss_type: str = "smooth_l1"
   rpn_smooth_l1_beta: float = 0.0
@@ -121,8 +125,9 @@ class MaskRCNN(nn.Module):
       one = lambda f, b: roi_ops.roi_align(f, b, resolution, 1.0 / strides[0],
                                            self.sampling_ratio, self.aligned)
       return jax.vmap(one)(maps[0], boxes)
-    many = lambda fs, b: roi_ops.multilevel_roi_align(fs, b, strides, resolution,
-                                                      self.sampling_ratio, self.aligned)
+    many = lambda fs, b: roi_ops.multilevel_roi_align(
+        fs, b, strides, resolution, self.sampling_ratio, self.aligned,
+        canonical_box_size=self.canonical_box_size)
     return jax.vmap(many)(maps, boxes)
 
   def _box_head(self, roi_features, boxes, train):
