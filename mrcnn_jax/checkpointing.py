@@ -103,8 +103,16 @@ def resolve(path: str) -> str:
 def load_variables(path: str) -> Dict[str, Any]:
   """``{"params": ..., **model_state}`` (host numpy arrays) from a checkpoint at ``path``."""
   step_dir = resolve(path)
+  item = os.path.join(step_dir, "default")
+  # Restore onto this process's first device whatever mesh wrote it (a
+  # multi-host run's checkpoint is read back on one machine).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
-    raw = checkpointer.restore(os.path.join(step_dir, "default"))
+    metadata = checkpointer.metadata(item)
+    tree = getattr(metadata, "item_metadata", metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          tree)
+    raw = jax.device_get(checkpointer.restore(item, target))
   raw = raw if isinstance(raw, dict) else raw.__dict__
   if "params" not in raw:
     raise ValueError(f"checkpoint {step_dir}: holds {sorted(raw)}, no 'params'")
