@@ -1,0 +1,53 @@
+"""Mask R-CNN R50-FPN, the 1x schedule on COCO 2017 (detectron2's recipe).
+
+    # once: download train2017/, val2017/ and annotations/ from cocodataset.org, then
+    python -m mrcnn_jax.data.coco --images data/coco/train2017 \\
+        --annotations data/coco/annotations/instances_train2017.json --output data/coco/tf/train2017
+    python -m mrcnn_jax.data.coco --images data/coco/val2017 \\
+        --annotations data/coco/annotations/instances_val2017.json --output data/coco/tf/val2017
+    python -m mrcnn_jax.train --config=configs/coco_mask_rcnn_r50_fpn_1x.py --workdir=workdirs/mrcnn_r50_1x
+
+Batch 16, SGD lr 0.02 (scaled linearly for other batch sizes), 1000 warm-up
+steps, decay by 10x at 60k and 80k of 90k steps, frozen BN with the stem and
+res2 frozen. Start from ImageNet weights with ``--config.init_checkpoint=``
+(a backbone converted by ``mrcnn_jax.convert``) and ``--config.init_keep=backbone``;
+from scratch, use ``--config.model.backbone.norm=gn`` and a longer schedule.
+Images are fitted (aspect kept) into a 1024x1024 canvas rather than
+detectron2's 800/1333 resize, so that every batch has one static shape.
+"""
+
+import ml_collections
+
+from mrcnn_jax.modeling import build
+from mrcnn_jax.optim import optim_config
+
+CANVAS = 1024
+MAX_INSTANCES = 100
+
+
+def get_config(arg=None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.total_steps = 90000
+  config.data = ml_collections.ConfigDict({
+      "train_dir": "data/coco/tf/train2017", "eval_dir": "data/coco/tf/val2017",
+      "eval_annotations": "",  # default: the JSON the eval split was converted from
+      "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
+      "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),  # torchvision
+      "channel_order": "rgb", "flip": True, "scale_range": None,
+      "filter_empty": True, "threads": 0, "prefetch": 2,
+  })
+  config.model = build.model_config(num_classes=80)  # R50-FPN, frozen BN, freeze_at 2
+  config.optim = optim_config()  # SGD 0.02 @ 16, warm-up 1000, steps 60k/80k
+  config.train = ml_collections.ConfigDict({
+      "log_every": 100, "checkpoint_every": 5000, "keep_checkpoints": 3,
+      "eval_every": 10000, "eval_steps": 0, "best_metric": "segm/AP",
+      "max_nonfinite": 20, "progress": True,
+  })
+  config.eval = ml_collections.ConfigDict({"oks_sigmas": ()})
+  config.init_checkpoint = ""
+  config.init_keep = "backbone"
+  return config
