@@ -10,6 +10,14 @@ import os
 import numpy as np
 import pytest
 
+try:
+  # torch must be imported before TensorFlow: the other order segfaults while
+  # torchvision imports triton (torch 2.14.1 / tensorflow-cpu 2.21.0).
+  import torch  # noqa: F401  pylint: disable=unused-import
+  import torchvision  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass
+
 
 def _import_torchvision():
   try:
