@@ -10,6 +10,7 @@ scores and keypoints drawn. The same as a Python API:
     predictor = mrcnn_jax.Predictor(config, "workdirs/shapes")
     out = predictor(image)  # any [H, W], [H, W, 1|3|4] uint8/uint16/float array
 
+Class names come from the training workdir's meta.json (or the eval split).
 Any size and mode works: the image goes through the same resize, pad and
 normalisation as evaluation (aspect kept, fitted into the canvas), and the
 results come back in its own pixels. Grayscale is repeated to RGB, 16-bit is
@@ -90,7 +91,7 @@ class Predictor:
     self.config = config
     self.score_threshold = score_threshold
     self.canvas = tuple(config.data.canvas_size)
-    self.meta = meta or input_pipeline.RecordFile(config.data.eval_dir).meta
+    self.meta = meta or _find_meta(config, checkpoint)
     self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
     model = build.build_model(config)
     self.variables = jax.device_put(checkpointing.load_variables(checkpoint))
@@ -143,6 +144,18 @@ class Predictor:
     return draw_lib.draw(to_rgb_array(image), results, self.names,
                          skeleton=self.meta.get("skeleton", ()),
                          keypoint_category_ids=self.meta["keypoint_category_ids"])
+
+
+def _find_meta(config, checkpoint: str) -> Dict[str, Any]:
+  """Class names and keypoint metadata: the training workdir's meta.json, else the eval split's."""
+  path = os.path.abspath(checkpoint)
+  for _ in range(4):  # step dir -> checkpoints/ -> workdir
+    candidate = os.path.join(path, "meta.json")
+    if os.path.isfile(candidate):
+      with open(candidate) as f:
+        return json.load(f)
+    path = os.path.dirname(path)
+  return input_pipeline.RecordFile(config.data.eval_dir).meta
 
 
 def _inputs(path: str) -> List[str]:

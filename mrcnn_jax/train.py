@@ -208,6 +208,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
+    # Class names and keypoint metadata travel with the checkpoints (predict reads them).
+    with open(os.path.join(workdir, "meta.json"), "w") as f:
+      json.dump(input_pipeline.RecordFile(config.data.train_dir).meta, f, indent=1)
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)

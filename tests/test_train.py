@@ -108,6 +108,7 @@ def test_run_logs_checkpoints_and_compiles_once(reference_run):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == STEPS
+  assert json.load(open(os.path.join(workdir, "meta.json")))["names"][0] == "rectangle"
 
 
 def test_sigterm_saves_and_resume_is_bitwise_exact(dataset, reference_run, tmp_path):
