@@ -120,7 +120,11 @@ def main(argv, args):
     return 2
   model = build.build_model(config)
   variables = checkpointing.load_variables(step_dir)
-  metrics = evaluate(model, variables, config, sharding.make_mesh())
+  try:
+    metrics = evaluate(model, variables, config, sharding.make_mesh())
+  except FileNotFoundError as e:  # eval split or its annotations missing
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   os.makedirs(workdir, exist_ok=True)
   step = os.path.basename(step_dir)
   out = write_metrics(workdir, metrics, int(step) if step.isdigit() else None)

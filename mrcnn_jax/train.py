@@ -378,6 +378,9 @@ def main(argv, args):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
+  except FileNotFoundError as e:  # e.g. a data directory that was never converted
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

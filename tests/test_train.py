@@ -321,3 +321,11 @@ def test_two_processes_train_and_checkpoint(dataset, tmp_path):
   assert checkpointing.Checkpointer(workdir).latest_step() == 2
   params = final_params(workdir)["params"]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_train_cli_names_a_missing_dataset(tmp_path):
+  proc = run_cli("train", ["--config=configs/shapes.py:tiny", f"--workdir={tmp_path}",
+                           f"--config.data.train_dir={tmp_path / 'nowhere'}"])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out
+  assert "nowhere" in out and "not a converted split" in out and "Traceback" not in out
