@@ -107,7 +107,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, schedule):
 
   (_, (losses, diag, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

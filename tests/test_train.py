@@ -49,7 +49,7 @@ def overrides(dataset):
           "train.eval_every": 0, "train.progress": False}
 
 
-def test_config(dataset, **more):
+def make_config(dataset, **more):
   config = shapes.get_config("tiny")
   for key, value in {**overrides(dataset), **more}.items():
     node = config
@@ -90,7 +90,7 @@ def assert_trees_equal(a, b):
 def reference_run(dataset, tmp_path_factory):
   """An uninterrupted in-process run of STEPS steps: (workdir, its metrics lines)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  train.train_and_evaluate(test_config(dataset), workdir)
+  train.train_and_evaluate(make_config(dataset), workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
   return workdir, lines
@@ -143,7 +143,7 @@ def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
   def poisoned(*args, **kwargs):
     return real(*args, **kwargs).map(lambda b: {**b, "images": b["images"] * float("nan")})
   monkeypatch.setattr(input_pipeline, "make_dataset", poisoned)
-  config = test_config(dataset, **{"train.max_nonfinite": 3, "train.checkpoint_every": 1})
+  config = make_config(dataset, **{"train.max_nonfinite": 3, "train.checkpoint_every": 1})
   workdir = str(tmp_path / "nan")
   with pytest.raises(train.NonFiniteError, match="3 steps in a row"):
     train.train_and_evaluate(config, workdir)
@@ -233,7 +233,7 @@ def test_evaluate_and_predict_clis(dataset, reference_run, tmp_path):
 
 def test_predictor_api_on_arrays(dataset, reference_run):
   from mrcnn_jax import Predictor
-  config = test_config(dataset)
+  config = make_config(dataset)
   predictor = Predictor(config, reference_run[0], score_threshold=0.0)
   rng = np.random.default_rng(0)
   for image in (rng.integers(0, 255, (37, 81, 3), np.uint8),
@@ -255,11 +255,11 @@ SHARDING_CHECK = textwrap.dedent("""
     from mrcnn_jax import optim, sharding, train
     from mrcnn_jax.data import input_pipeline
     from mrcnn_jax.modeling import build
-    from tests.test_train import test_config
+    from tests.test_train import make_config
     import pathlib
     # SGD, the standard recipe: Adam's normalised steps would turn float noise in
     # near-zero gradients into full-size update differences.
-    config = test_config(pathlib.Path({dataset!r}), **{{"optim.name": "sgd", "optim.lr": 0.02}})
+    config = make_config(pathlib.Path({dataset!r}), **{{"optim.name": "sgd", "optim.lr": 0.02}})
     assert jax.device_count() == 8
     model = build.build_model(config)
     shapes = jax.eval_shape(functools.partial(train.create_state, model, optax.identity(),
