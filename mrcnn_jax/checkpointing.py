@@ -9,8 +9,8 @@ the next start).
 
 A checkpoint holds the whole train state (a pytree whose fields include
 ``params`` and ``model_state``); evaluation and prediction read just those two
-(``load_variables``), so they also accept checkpoints written by
-``mrcnn_jax.convert``, which hold only them.
+(``load_variables``), so any checkpoint holding a ``params`` field (and
+optionally ``model_state``) will do.
 """
 
 import os
@@ -117,13 +117,3 @@ def load_variables(path: str) -> Dict[str, Any]:
   if "params" not in raw:
     raise ValueError(f"checkpoint {step_dir}: holds {sorted(raw)}, no 'params'")
   return {"params": raw["params"], **(raw.get("model_state") or {})}
-
-
-def save_variables(directory: str, variables: Dict[str, Any], step: int = 0) -> str:
-  """Writes ``variables`` (params + model state) as a checkpoint ``load_variables`` reads."""
-  state = {"params": variables["params"],
-           "model_state": {k: v for k, v in variables.items() if k != "params"}}
-  with _manager(directory) as manager:
-    manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=True)
-    manager.wait_until_finished()
-  return os.path.join(os.path.abspath(directory), str(step))

@@ -115,29 +115,28 @@ class Predictor:
     images, info = self.preprocess(rgb)
     dets = jax.device_get(self._detect(self.variables, images, info))
     one = {k: v[0] for k, v in dets.items()}
+    sy, sx = info["scale"][0]
     results = coco_eval.image_results(one, info["scale"][0], info["original_size"][0],
                                       image_id, self.meta["coco_ids"],
                                       self.meta["keypoint_category_ids"],
                                       score_threshold=self.score_threshold)
-    keep = np.flatnonzero(one["valid"] & (one["scores"] >= self.score_threshold))
-    sy, sx = info["scale"][0]
+    # Boxes, classes and masks are read back from the COCO results, so their
+    # mapping to original pixels lives in one place (evaluation.coco.image_results).
     h, w = rgb.shape[:2]
+    xywh = np.asarray([r["bbox"] for r in results], np.float64).reshape(-1, 4)
     out = {
-        "boxes": np.clip(one["boxes"][keep] / np.array([sx, sy, sx, sy]), 0, [w, h, w, h]),
-        "scores": one["scores"][keep],
-        "category_ids": np.asarray(self.meta["coco_ids"])[one["classes"][keep]],
+        "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+        "scores": np.asarray([r["score"] for r in results], np.float32),
+        "category_ids": np.asarray([r["category_id"] for r in results], np.int64),
         "results": results,
     }
     out["names"] = [self.names[int(c)] for c in out["category_ids"]]
     if "masks" in one:
-      masks = [r["segmentation"] for r in results]
-      out["masks"] = (np.stack([coco_eval.mask_utils.decode(m) for m in masks]).astype(bool)
-                      if masks else np.zeros((0, h, w), bool))
-    if "keypoints" in one:
-      kps = one["keypoints"][keep].astype(np.float64)
-      kps[..., 0] /= sx
-      kps[..., 1] /= sy
-      out["keypoints"] = kps
+      out["masks"] = (np.stack([coco_eval.mask_utils.decode(r["segmentation"]) for r in results])
+                      .astype(bool) if results else np.zeros((0, h, w), bool))
+    if "keypoints" in one:  # continuous coordinates, every class (results keep COCO's)
+      keep = np.flatnonzero(one["valid"] & (one["scores"] >= self.score_threshold))
+      out["keypoints"] = one["keypoints"][keep].astype(np.float64) / np.array([sx, sy, 1.0])
     return out
 
   def draw(self, image: np.ndarray, results: List[dict]) -> np.ndarray:

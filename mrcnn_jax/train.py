@@ -192,14 +192,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def abstract_state(model, tx, config, mesh):
-  """The state's shapes with replicated shardings (what restore and init produce)."""
-  shapes = jax.eval_shape(functools.partial(create_state, model, tx, config),
-                          jax.random.PRNGKey(0))
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains for ``config.total_steps`` (resuming from ``workdir``); returns the last eval."""
   t = config.train
@@ -215,12 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   model = build.build_model(config)
-  state_shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(),
-                                                  config), jax.random.PRNGKey(0))
-  tx = optim.make_optimizer(config, state_shapes.params, build.frozen_parameters(config))
+  # Trace the model once for shapes; the optimiser state's shapes follow from the params'.
+  shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(), config),
+                          jax.random.PRNGKey(0))
+  tx = optim.make_optimizer(config, shapes.params, build.frozen_parameters(config))
   schedule = optim.learning_rate(config)
-  abstract = abstract_state(model, tx, config, mesh)
+  shapes = shapes.replace(opt_state=jax.eval_shape(tx.init, shapes.params))
   rep = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   state_sharding = jax.tree.map(lambda _: rep, abstract)
 
   checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,

@@ -53,3 +53,15 @@ def random_boxes(rng, n, canvas=100.0, min_size=1.0, max_size=40.0):
   xy = rng.uniform(0, canvas, size=(n, 2))
   wh = rng.uniform(min_size, max_size, size=(n, 2))
   return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+
+
+def make_shapes_dataset(root, train: int, val: int, size: int, seed: int, shards: int):
+  """Writes a synthetic COCO dataset under ``root/raw`` and converts it to ``root/tf/<split>``."""
+  from mrcnn_jax.data import coco, synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.main(["--output", str(root / "raw"), "--train", str(train), "--val", str(val),
+                  "--size", str(size), "--seed", str(seed), "--workers", "1"])
+  for split in ("train", "val"):
+    coco.convert(str(root / "raw" / split),
+                 str(root / "raw" / "annotations" / f"instances_{split}.json"),
+                 str(root / "tf" / split), num_shards=shards, workers=1)
+  return root / "raw", root / "tf"

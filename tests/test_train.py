@@ -20,7 +20,6 @@ import pytest
 
 from configs import shapes
 from mrcnn_jax import checkpointing, train
-from mrcnn_jax.data import coco, synthetic
 from mrcnn_jax.modeling import build
 
 pytestmark = pytest.mark.slow
@@ -30,20 +29,19 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-  """Converted (train, val) dirs of a 24 / 6 image synthetic dataset."""
+  """Root of a 24 / 6 image synthetic dataset: raw/ (COCO) and tf/{train,val} (converted)."""
+  # Imported here: the 8-device subprocess imports this module after TensorFlow, and
+  # tests.conftest imports torch, which must never come after TensorFlow.
+  from tests.conftest import make_shapes_dataset  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("job")
-  synthetic.main(["--output", str(root / "raw"), "--train", "24", "--val", "6",
-                  "--size", "64", "--seed", "5", "--workers", "1"])
-  for split in ("train", "val"):
-    coco.convert(str(root / "raw" / split),
-                 str(root / "raw" / "annotations" / f"instances_{split}.json"),
-                 str(root / split), num_shards=2, workers=1)
+  make_shapes_dataset(root, train=24, val=6, size=64, seed=5, shards=2)
   return root
 
 
 def overrides(dataset):
   """Command-line overrides turning configs/shapes.py:tiny into a seconds-long run."""
-  return {"data.train_dir": str(dataset / "train"), "data.eval_dir": str(dataset / "val"),
+  return {"data.train_dir": str(dataset / "tf" / "train"),
+          "data.eval_dir": str(dataset / "tf" / "val"),
           "data.canvas_size": (64, 64), "batch_size": 8, "eval_batch_size": 8,
           "total_steps": STEPS, "train.log_every": 2, "train.checkpoint_every": 4,
           "train.eval_every": 0, "train.progress": False}

@@ -3,20 +3,14 @@
 import ml_collections
 import pytest
 
-from mrcnn_jax.data import coco, synthetic
+from tests.conftest import make_shapes_dataset
 
 
 @pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory):
   """(raw COCO dir, converted dir) of a 16-train / 8-val synthetic dataset."""
-  root = tmp_path_factory.mktemp("shapes")
-  synthetic.main(["--output", str(root / "raw"), "--train", "16", "--val", "8",
-                  "--size", "96", "--seed", "3", "--workers", "1"])
-  for split in ("train", "val"):
-    coco.convert(str(root / "raw" / split), str(root / "raw" / "annotations" /
-                                                 f"instances_{split}.json"),
-                 str(root / "tf" / split), num_shards=3, workers=1)
-  return root / "raw", root / "tf"
+  return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), train=16, val=8, size=96,
+                             seed=3, shards=3)
 
 
 def data_config(tf_dir, **data_overrides):
