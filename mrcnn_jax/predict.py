@@ -101,7 +101,7 @@ class Predictor:
     """``[H, W, 3]`` uint8 -> (normalised canvas [1, H', W', 3], image_info)."""
     d = self.config.data
     size = tf.constant(rgb.shape[:2], tf.int32)
-    scale = transforms.fit_scale(size, self.canvas)
+    scale = transforms.fit_scale(size, self.canvas, d.get("min_size", 0), d.get("max_size", 0))
     image, image_size, scale_yx = transforms.place_image(
         tf.constant(rgb), self.canvas, scale, tf.zeros([2]), tf.constant(False))
     image = transforms.normalize(image, d.mean, d.std, d.get("channel_order", "rgb"))

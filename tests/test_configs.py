@@ -10,7 +10,8 @@ import pytest
 from mrcnn_jax import optim, train
 from mrcnn_jax.modeling import build
 
-CONFIGS = ["shapes", "coco_mask_rcnn_r50_fpn_1x", "coco_keypoint_rcnn_r50_fpn_1x"]
+CONFIGS = ["shapes", "coco_mask_rcnn_r50_fpn_1x", "coco_keypoint_rcnn_r50_fpn_1x",
+           "torchvision_mask_rcnn", "detectron2_mask_rcnn"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -129,9 +129,11 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       seed = tf.stack([tf.constant(config.seed, tf.int64), position])
       scale_range = tuple(d.scale_range) if d.get("scale_range") else None
       scale, offset, flip = transforms.random_geometry(
-          ex["original_size"], canvas, seed, d.get("flip", True), scale_range)
+          ex["original_size"], canvas, seed, d.get("flip", True), scale_range,
+          d.get("min_size", 0), d.get("max_size", 0))
     else:
-      scale = transforms.fit_scale(ex["original_size"], canvas)
+      scale = transforms.fit_scale(ex["original_size"], canvas, d.get("min_size", 0),
+                                   d.get("max_size", 0))
       offset, flip = tf.zeros([2]), tf.constant(False)
     ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map)
     out = transforms.pad_instances(ex, d.max_instances)

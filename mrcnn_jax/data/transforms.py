@@ -84,22 +84,36 @@ def decode_image(ex: Dict[str, tf.Tensor], channel_order: str = "rgb") -> Dict[s
   return out
 
 
-def fit_scale(size: tf.Tensor, canvas: Tuple[int, int]) -> tf.Tensor:
-  """Largest scale that fits an image of ``size`` (h, w) inside the canvas, aspect kept."""
+def fit_scale(size: tf.Tensor, canvas: Tuple[int, int], min_size: float = 0,
+              max_size: float = 0) -> tf.Tensor:
+  """The scale for an image of ``size`` (h, w), aspect kept.
+
+  By default the largest that fits the canvas. With ``min_size`` > 0 it is
+  detectron2's ResizeShortestEdge / torchvision's GeneralizedRCNNTransform
+  rule instead: shorter side to ``min_size`` unless the longer side would
+  pass ``max_size`` (0: no limit), and never beyond the canvas (make the
+  canvas at least ``max_size`` square, e.g. 1344 for 800/1333).
+  """
   size = tf.cast(size, tf.float32)
-  return tf.minimum(canvas[0] / size[0], canvas[1] / size[1])
+  scale = tf.minimum(canvas[0] / size[0], canvas[1] / size[1])
+  if min_size > 0:
+    scale = tf.minimum(scale, min_size / tf.reduce_min(size))
+    if max_size > 0:
+      scale = tf.minimum(scale, max_size / tf.reduce_max(size))
+  return scale
 
 
 def random_geometry(size: tf.Tensor, canvas: Tuple[int, int], seed: tf.Tensor,
-                    flip: bool, scale_range: Optional[Tuple[float, float]]):
+                    flip: bool, scale_range: Optional[Tuple[float, float]],
+                    min_size: float = 0, max_size: float = 0):
   """Draws (scale, crop offset (y, x), flip) for one training image; stateless in ``seed``.
 
-  ``scale_range`` (large-scale jitter, Ghiasi et al. 2021): the canvas-fit
-  scale times a factor uniform in the range, then a random crop of the canvas
-  where the image is larger.
+  ``scale_range`` (large-scale jitter, Ghiasi et al. 2021): the base scale
+  (``fit_scale`` with ``min_size``/``max_size``) times a factor uniform in the
+  range, then a random crop of the canvas where the image is larger.
   """
   seeds = tf.random.experimental.stateless_split(seed, 4)
-  scale = fit_scale(size, canvas)
+  scale = fit_scale(size, canvas, min_size, max_size)
   if scale_range is not None:
     scale *= tf.random.stateless_uniform([], seeds[0], scale_range[0], scale_range[1])
   scaled = tf.round(tf.cast(size, tf.float32) * scale)
