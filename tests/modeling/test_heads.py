@@ -107,8 +107,8 @@ def _gaussian_maps(centres, m=56, sigma=2.0):
                   axis=-1).astype(np.float32)
 
 
-def test_heatmap_decoding_finds_subcell_peaks():
-  """A peak at map coordinate (u, v) decodes to x1 + (u + 0.5) * w / m, finer than a cell."""
+def test_heatmap_decoding_finds_peaks_to_a_pixel():
+  """A peak at map coordinate (u, v) decodes to x1 + (u + 0.5) * w / m, to the RoI pixel."""
   centres = [(10.3, 20.6), (1.6, 54.0), (40.75, 3.4)]
   maps = _gaussian_maps(centres)[None]
   box = np.array([[100.0, 50.0, 212.0, 162.0]], np.float32)  # 112 px: 2 px per cell
@@ -117,10 +117,50 @@ def test_heatmap_decoding_finds_subcell_peaks():
   for k, (u, v) in enumerate(centres):
     want_x = 100 + (u + 0.5) * 2
     want_y = 50 + (v + 0.5) * 2
-    # Bicubic interpolation of a sampled Gaussian peaks within ~0.1 cell of it.
-    assert abs(float(kps[0, k, 0]) - want_x) < 0.4, (k, kps[0, k])
-    assert abs(float(kps[0, k, 1]) - want_y) < 0.4, (k, kps[0, k])
+    # Whole RoI pixels (as detectron2): the nearest centre is <= 0.5 px away,
+    # and bicubic interpolation of a sampled Gaussian peaks within ~0.1 cell.
+    assert abs(float(kps[0, k, 0]) - want_x) < 0.75, (k, kps[0, k])
+    assert abs(float(kps[0, k, 1]) - want_y) < 0.75, (k, kps[0, k])
   assert np.all((kps[..., 2] > 0) & (kps[..., 2] <= 1))
+
+
+def _detectron2_decode(torch, maps, boxes):
+  """detectron2's heatmaps_to_keypoints, transcribed with torch's bicubic interpolate."""
+  F = torch.nn.functional
+  d, _, _, k = maps.shape
+  out = np.zeros((d, k, 3))
+  for i in range(d):
+    w, h = boxes[i, 2] - boxes[i, 0], boxes[i, 3] - boxes[i, 1]
+    wc, hc = int(np.ceil(w)), int(np.ceil(h))
+    t = torch.tensor(maps[i]).permute(2, 0, 1)[None]
+    roi_map = F.interpolate(t, size=(hc, wc), mode="bicubic", align_corners=False)[0]
+    max_score = roi_map.reshape(k, -1).max(1).values
+    norm = torch.exp(t[0] - max_score[:, None, None]).sum((1, 2))
+    pos = roi_map.reshape(k, -1).argmax(1)
+    xi, yi = (pos % wc).numpy(), (pos // wc).numpy()
+    out[i, :, 0] = (xi + 0.5) * w / wc + boxes[i, 0]
+    out[i, :, 1] = (yi + 0.5) * h / hc + boxes[i, 1]
+    out[i, :, 2] = 1.0 / norm.numpy()
+  return out
+
+
+def test_heatmap_decoding_finds_the_global_peak_of_rough_maps(torch, rng):
+  """Random smooth maps with several near-equal peaks (as an untrained head gives).
+
+  The highest cell is not always under the interpolant's highest point;
+  refining several local maxima finds the peak detectron2 finds.
+  """
+  d, m, k = 16, 56, 17
+  noise = rng.normal(size=(d, m + 4, m + 4, k)).astype(np.float32)
+  kernel = np.outer(*[np.array([1, 4, 6, 4, 1], np.float32) / 16] * 2)
+  maps = 3 * sum(kernel[a, b] * noise[:, a:a + m, b:b + m] for a in range(5) for b in range(5))
+  x1y1 = rng.uniform(0, 50, size=(d, 2))
+  wh = rng.uniform(20, 200, size=(d, 2))
+  boxes = np.concatenate([x1y1, x1y1 + wh], 1).astype(np.float32)
+  ours = np.asarray(keypoint_head.heatmaps_to_keypoints(jnp.asarray(maps), jnp.asarray(boxes)))
+  ref = _detectron2_decode(torch, maps, boxes)
+  far = np.max(np.abs(ours[..., :2] - ref[..., :2]), axis=-1) > 1.01
+  assert far.mean() <= 0.01, (far.mean(), np.argwhere(far)[:5])
 
 
 def test_heatmap_decoding_matches_detectron2_reference(torch, rng):
