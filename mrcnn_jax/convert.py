@@ -522,10 +522,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ConversionError, FileNotFoundError, FileExistsError) as e:
     print(f"convert: {e}", file=sys.stderr)
     return 2
-  model = summary["model"]
+  archs = TORCHVISION_ARCHS if args.source == "torchvision" else DETECTRON2_ARCHS
+  if not archs[args.arch].detector:
+    print(f"wrote {summary['checkpoint']} (an ImageNet {args.arch}); start a detector from it "
+          f"with --config.init_checkpoint={args.output} --config.init_keep=backbone")
+    return 0
+  variant = next((v for v in ("keypoint", "faster") if v in args.arch), "")
   print(f"wrote {summary['checkpoint']} ({args.source} {args.arch}: "
-        f"{model['num_classes']} classes); run it with --config={summary['config']}"
-        + (":keypoint" if "keypoint" in args.arch else ""))
+        f"{summary['model']['num_classes']} classes); use it with "
+        f"--config={summary['config']}{':' + variant if variant else ''} "
+        f"--checkpoint={args.output}")
   return 0
 
 
