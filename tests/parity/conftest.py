@@ -116,9 +116,9 @@ def our_config(keypoint: bool):
   return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-  """``arch -> (torchvision model, checkpoint dir)``, built and converted once per module."""
+  """``arch -> (torchvision model, checkpoint dir, .pth)``, built and converted once per session."""
   from tests.conftest import _import_torchvision
   torch, torchvision = _import_torchvision()
   from mrcnn_jax import convert
