@@ -13,11 +13,17 @@ and ``--config.a.b=v`` overrides, as for the train CLI; then ``--batch_size``
 (sampled RoIs per image; the mask RoIs follow as rois * positive_fraction)
 and ``--mask_rois`` replace it where given. Flags may be spelt with - or _.
 
-Inputs are random: normal images and ``--gt_instances`` (20) ground-truth
-boxes per image (sides 6-40% of the canvas, random classes) with an ellipse
-mask each, enough for both implementations to fill their foreground quota
-(512 * 25% = 128 RoIs per image), since torchvision's mask head runs only on
-foreground RoIs while ours runs a fixed ``num_mask_rois`` slots.
+Inputs are random: normal images and ``--gt_instances`` ground-truth boxes
+per image (sides 6-40% of the canvas, random classes) with an ellipse mask
+each. Both sides must do the same work, and torchvision's mask head runs only
+on the sampled foreground RoIs while ours runs a fixed ``num_mask_rois``
+slots, so by default every image gets as many instances as its foreground
+quota (rois * positive_fraction: 512 * 25% = 128), raising
+``data.max_instances`` where needed: ground-truth boxes are candidates too,
+so each side then samples exactly its full quota of foreground RoIs. (With
+random weights the proposals almost never overlap an object: measured at
+R50-FPN 512, 20 instances gave 21 foreground RoIs per image on both sides.)
+Inference runs on the initial weights of both sides (see DIFFERENCES).
 
 JSON keys (also printed as a table on stderr):
   settings       config, overrides, shapes, device, versions, load average.
@@ -93,7 +99,8 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (defaul
 flags.DEFINE_integer("rois", None, "Sampled RoIs per image (default: config's).")
 flags.DEFINE_integer("mask_rois", None, "RoIs per image for the mask head "
                      "(default: config's, or rois * positive_fraction with --rois).")
-flags.DEFINE_integer("gt_instances", 20, "Ground-truth instances per benchmark image.")
+flags.DEFINE_integer("gt_instances", None, "Ground-truth instances per benchmark image "
+                     "(default: the foreground quota, rois * positive_fraction).")
 flags.DEFINE_integer("steps", 5, "Timed train steps.")
 flags.DEFINE_integer("warmup", 1, "Untimed train steps after compiling.")
 flags.DEFINE_integer("infer_batch", 4, "Batch size of the inference throughput figure.")
@@ -211,6 +218,7 @@ def nominal_peak(dtype: str) -> Optional[float]:
 
 # ------------------------------------------------------------------ config and inputs
 def configure(config, batch_size: int, canvas: int, dtype=None, rois=None, mask_rois=None):
+  """A copy of ``config`` with the benchmark's settings (max_instances fits gt_count)."""
   config = copy.deepcopy(config)
   config.batch_size = batch_size
   config.data.canvas_size = (canvas, canvas)
@@ -222,7 +230,14 @@ def configure(config, batch_size: int, canvas: int, dtype=None, rois=None, mask_
     roi.num_mask_rois = int(round(rois * roi.positive_fraction))
   if mask_rois:
     roi.num_mask_rois = mask_rois
+  config.data.max_instances = max(config.data.max_instances, gt_count(config))
   return config
+
+
+def gt_count(config) -> int:
+  """Ground-truth instances per image: --gt_instances, else the foreground quota."""
+  roi = config.model.roi
+  return FLAGS.gt_instances or int(round(roi.batch_size_per_image * roi.positive_fraction))
 
 
 def ellipse(size: int) -> np.ndarray:
@@ -237,6 +252,8 @@ def make_batch(config, batch_size: int, instances: int, seed: int) -> Dict:
   batch = train.dummy_batch(config, batch_size)
   h, w = config.data.canvas_size
   n = min(instances, config.data.max_instances)
+  if n < instances:
+    raise ValueError(f"{instances} instances do not fit max_instances={n}")
   batch["images"] = rng.normal(size=batch["images"].shape).astype(np.float32)
   batch["image_info"]["image_id"] = np.arange(batch_size, dtype=np.int32)
   extent = np.array([w, h], np.float32)
@@ -295,12 +312,13 @@ class Ours:
     return time.perf_counter() - start, jax.device_get(metrics)
 
   def inference_variables(self):
-    """Variables with +10 on foreground class 0's logit bias (see the differences list)."""
+    """The initial variables (a copy: the state is donated) with +10 on foreground
+    class 0's logit bias (see DIFFERENCES)."""
     def bias(path, x):
       names = [getattr(k, "key", str(k)) for k in path]
-      return x.at[0].add(10.0) if names[-2:] == ["cls_score", "bias"] else x
-    params = jax.tree_util.tree_map_with_path(bias, self.state.params)
-    return {"params": params, **self.state.model_state}
+      return x.at[0].add(10.0) if names[-2:] == ["cls_score", "bias"] else jnp.copy(x)
+    return jax.tree_util.tree_map_with_path(
+        bias, {"params": self.state.params, **self.state.model_state})
 
   def compile_detect(self, variables, batch):
     compiled, times = compile_timed(self.detect_fn, variables, batch)
@@ -315,7 +333,7 @@ class Ours:
 def measure_train_point(config, mesh, steps: int) -> Dict:
   """Compile + one warm-up + ``steps`` timed steps of ``config`` (the sweep's unit)."""
   ours = Ours(config, mesh)
-  batch = ours.put(make_batch(config, config.batch_size, FLAGS.gt_instances, 0))
+  batch = ours.put(make_batch(config, config.batch_size, gt_count(config), 0))
   info = ours.compile_train(batch)
   ours.train_step(batch)
   times = [ours.train_step(batch)[0] for _ in range(steps)]
@@ -417,7 +435,8 @@ def run(config, overrides: List[str]) -> Dict:
       "mask_rois_per_image": config.model.roi.num_mask_rois,
       "rpn_pre_post_nms_train": [config.model.rpn.pre_nms_topk_train,
                                  config.model.rpn.post_nms_topk_train],
-      "gt_instances": FLAGS.gt_instances, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+      "gt_instances": gt_count(config), "max_instances": config.data.max_instances,
+      "steps": FLAGS.steps, "warmup": FLAGS.warmup,
       "infer_batch": FLAGS.infer_batch, "backend": backend,
       "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
@@ -434,7 +453,8 @@ def run(config, overrides: List[str]) -> Dict:
 
   # Our train step: compile, warm up.
   ours = Ours(config, mesh)
-  host = [make_batch(config, b, FLAGS.gt_instances, seed) for seed in range(2)]
+  host = [make_batch(config, b, gt_count(config), seed) for seed in range(2)]
+  variables = ours.inference_variables()  # before the first (donating) step
   batches = [ours.put(x) for x in host]
   log("compiling the train step")
   train_info = ours.compile_train(batches[0])
@@ -453,6 +473,7 @@ def run(config, overrides: List[str]) -> Dict:
     log("building torchvision's MaskRCNN")
     tmodel, topt = tvb.build(config, config.data.canvas_size[0],
                              float(optim.learning_rate(config)(0)))
+    tv_initial = copy.deepcopy(tmodel.state_dict())
     trainer = tvb.Trainer(tmodel, topt)
     tv_batches = [tvb.inputs(x, config) for x in host]
     for i in range(FLAGS.warmup):
@@ -476,6 +497,8 @@ def run(config, overrides: List[str]) -> Dict:
       msg += f", torchvision {tv['train_times'][-1]:.2f} s"
     log(msg)
   step = spread(times)
+  if tv is not None:  # the hook also fires at inference: read it now
+    tv["mask_rois_per_image"] = float(np.mean(trainer.mask_rois)) / b
   flops = train_info.pop("flops")
   buffers = train_info.pop("xla_buffers")
   achieved = flops / step["median"] / 1e9
@@ -486,16 +509,17 @@ def run(config, overrides: List[str]) -> Dict:
       "achieved_gflops": achieved, "utilisation": achieved / peak["used_gflops"],
       "utilisation_vs_measured_peak": achieved / peak["measured_gflops"][dtype],
       "fg_rois_per_image": float(np.mean([m["num_fg_rois"] for m in metrics])),
+      "diagnostics": {k: float(np.mean([m[k] for m in metrics])) for k in
+                      ("fg_fraction", "proposal_recall", "num_proposals") if k in metrics[0]},
       "losses": {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]
                  if k.startswith("loss")}}
 
   # Inference: batch 1 latency and batch N throughput, alternating with torchvision's.
-  variables = ours.inference_variables()
-  infer_host = {n: make_batch(config, n, FLAGS.gt_instances, 10 + n)
+  infer_host = {n: make_batch(config, n, gt_count(config), 10 + n)
                 for n in (1, FLAGS.infer_batch)}
   infer = {}
   if tv is not None:
-    tvb.prepare_inference(tmodel)
+    tvb.prepare_inference(tmodel, tv_initial)
   for n, batch_np in infer_host.items():
     batch = ours.put({"images": batch_np["images"], "image_info": batch_np["image_info"]})
     log(f"compiling detect at batch {n}")
@@ -541,7 +565,7 @@ def run(config, overrides: List[str]) -> Dict:
         "achieved_gflops": tv_flops / tv_step["median"] / 1e9,
         "utilisation_vs_measured_peak": tv_flops / tv_step["median"] / 1e9 /
                                         peak["measured_gflops"]["float32"],
-        "mask_rois_per_image": float(np.mean(trainer.mask_rois)) / b,
+        "mask_rois_per_image": tv["mask_rois_per_image"],
         "losses": {k: float(np.mean([x[k] for x in tv["losses"]])) for k in tv["losses"][0]},
         "inference_latency_s_batch_1": tv_lat,
         f"inference_images_per_s_batch_{FLAGS.infer_batch}": tv_big,
@@ -613,7 +637,8 @@ def table(r: Dict) -> str:
   tv = r.get("torchvision")
   lines = [f"{s['backbone']} {s['config']} | batch {s['batch_size']}, {s['canvas'][0]}x"
            f"{s['canvas'][1]}, {s['dtype']}, {s['rois_per_image']} RoIs/img "
-           f"({s['mask_rois_per_image']} mask) | {s['backend']} {s['device_kind']}, "
+           f"({s['mask_rois_per_image']} mask), {s['gt_instances']} gt/img | {s['backend']} "
+           f"{s['device_kind']}, "
            f"{s['cpu_count']} CPUs, load {s['load_average_1m_before']:.1f} -> "
            f"{s['load_average_1m_after']:.1f}",
            f"peak ({r['peak']['used']}): {r['peak']['used_gflops']:.0f} GFLOP/s", ""]
@@ -629,6 +654,8 @@ def table(r: Dict) -> str:
     row("train step IQR (s)", f"{t['step_s']['iqr']:.3f}", f"{tv['train_step_s']['iqr']:.3f}")
     row("train images/s", f"{t['images_per_s']:.2f}", f"{tv['images_per_s']:.2f}",
         t["images_per_s"] / tv["images_per_s"])
+    row("foreground RoIs/image", f"{t['fg_rois_per_image']:.1f}",
+        f"{tv['mask_rois_per_image']:.1f}", t["fg_rois_per_image"] / tv["mask_rois_per_image"])
     row("GFLOP/step (theirs: mm+conv)", f"{t['gflop_per_step']:.0f}",
         f"{tv['gflop_per_step_matmul_conv']:.0f}", q["gflop_per_step"])
     row("achieved GFLOP/s", f"{t['achieved_gflops']:.1f}", f"{tv['achieved_gflops']:.1f}",
@@ -641,6 +668,7 @@ def table(r: Dict) -> str:
     row("train step median (s)", f"{t['step_s']['median']:.3f}")
     row("train step IQR (s)", f"{t['step_s']['iqr']:.3f}")
     row("train images/s", f"{t['images_per_s']:.2f}")
+    row("foreground RoIs/image", f"{t['fg_rois_per_image']:.1f}")
     row("GFLOP/step", f"{t['gflop_per_step']:.0f}")
     row("achieved GFLOP/s", f"{t['achieved_gflops']:.1f}")
     row("infer latency b1 (s)", f"{inf['latency_s_batch_1']['median']:.3f}")

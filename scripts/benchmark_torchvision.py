@@ -42,9 +42,14 @@ DIFFERENCES = [
     "mask head: torchvision runs it on the sampled foreground RoIs only (a variable count, "
     "see torchvision.mask_rois_per_image); ours always runs num_mask_rois slots per image, "
     "foreground first, padding masked out of the loss",
-    "inference: with random weights every score is ~1/(K+1) < 0.05, so no detection would "
-    "survive; both sides get +10 on one foreground class's logit bias so that each fills its "
-    "100 detections and runs the mask head on them",
+    "inference: runs on each side's initial random weights (a few training steps on "
+    "random weights with frozen BN can leave no valid box); with random weights every score "
+    "is ~1/(K+1) < 0.05, so both sides get +10 on one foreground class's logit bias so that "
+    "each fills its detections and runs the mask head on them",
+    "ground truth: as many instances per image as the foreground quota (128), so that each "
+    "side samples its full quota of foreground RoIs (random-weight proposals rarely overlap "
+    "an object); torchvision's mask target cost grows with the instance count (it converts "
+    "every full-image mask to float before RoIAlign), ours does not",
     "inference output: torchvision pastes the 100 masks into the image (transform.postprocess) "
     "inside the call; ours returns 28x28 masks per box (pasting is host-side, "
     "mrcnn_jax.evaluation)",
@@ -174,7 +179,7 @@ class Trainer:
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     self.opt.step()
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}
 
   def flops(self, images, targets) -> float:
     """FLOPs of one step (forward + backward), matmuls and convolutions only."""
@@ -183,8 +188,9 @@ class Trainer:
     return float(counter.get_total_flops())
 
 
-def prepare_inference(model):
-  """Eval mode, and +10 on class 1's logit bias so every image fills its detections."""
+def prepare_inference(model, initial_state):
+  """The initial weights, eval mode, +10 on class 1's logit bias (fills the detections)."""
+  model.load_state_dict(initial_state)
   model.eval()
   with torch.no_grad():
     model.roi_heads.box_predictor.cls_score.bias[1] += 10.0
