@@ -17,7 +17,9 @@ import pytest
 
 H, W = 256, 320  # multiples of 32: torchvision neither resizes nor pads them
 NUM_CLASSES = 5  # foreground; torchvision's num_classes is this + 1
-NUM_PROPOSALS = 200  # proposals / boxes fed to the heads in the stage tests
+NUM_PROPOSALS = 200  # proposals fed to the box head in the stage tests
+NUM_HEAD_BOXES = 48  # of those, boxes fed to the mask / keypoint heads (their convs are costly)
+KEYPOINT_DETECTIONS = 50  # detections per image of the keypoint model (its head is 8 x 512 convs)
 
 
 def _randomise_frozen_bn(torch, model, generator):
@@ -63,7 +65,8 @@ def build_torchvision(torch, torchvision, arch: str, seed: int = 0):
   torch.manual_seed(seed)
   kwargs = dict(weights=None, weights_backbone=None, min_size=H, max_size=W)
   if arch == "keypointrcnn_resnet50_fpn":
-    model = detection.keypointrcnn_resnet50_fpn(num_classes=2, **kwargs)
+    model = detection.keypointrcnn_resnet50_fpn(num_classes=2,
+                                                box_detections_per_img=KEYPOINT_DETECTIONS, **kwargs)
   else:
     model = getattr(detection, arch)(num_classes=NUM_CLASSES + 1, **kwargs)
   model.eval()
@@ -97,11 +100,12 @@ def stages_torchvision(torch, model, images):
     out = {"inputs": inputs.tensors, "fpn": list(feats.values()), "objectness": objectness,
            "deltas": deltas, "proposals": proposals, "logits": logits,
            "box_deltas": box_deltas}
+    boxes = [p[:NUM_HEAD_BOXES] for p in proposals]
     if heads.has_mask():
-      pooled = heads.mask_roi_pool(feats, proposals, inputs.image_sizes)
+      pooled = heads.mask_roi_pool(feats, boxes, inputs.image_sizes)
       out["masks"] = heads.mask_predictor(heads.mask_head(pooled))
     if heads.has_keypoint():
-      pooled = heads.keypoint_roi_pool(feats, proposals, inputs.image_sizes)
+      pooled = heads.keypoint_roi_pool(feats, boxes, inputs.image_sizes)
       out["heatmaps"] = heads.keypoint_predictor(heads.keypoint_head(pooled))
   return out
 
@@ -111,7 +115,9 @@ def our_config(keypoint: bool):
   from configs import torchvision_mask_rcnn
   config = torchvision_mask_rcnn.get_config("keypoint" if keypoint else None)
   config.data.update(canvas_size=(H, W), min_size=H, max_size=W)
-  if not keypoint:
+  if keypoint:
+    config.model.test.detections_per_image = KEYPOINT_DETECTIONS
+  else:
     config.model.num_classes = NUM_CLASSES
   return config
 
