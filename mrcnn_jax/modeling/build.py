@@ -64,7 +64,8 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "mask_head": {"enabled": True, "num_convs": 0 if c4 else 4, "conv_dim": 256,
                     "pooler_resolution": 14},
       "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
-                        "conv_dim": 512, "pooler_resolution": 14},
+                        "conv_dim": 512, "pooler_resolution": 14,
+                        "loss_weight": 1.0},  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
       "test": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 100,
                "max_candidates": 4000},
   })
@@ -130,6 +131,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       canonical_box_size=m.roi.canonical_box_size,
       rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
+      keypoint_loss_weight=m.keypoint_head.loss_weight,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
       detections_per_image=m.test.detections_per_image,
       max_candidates=m.test.max_candidates)

@@ -18,6 +18,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+def msra_fill() -> nn.initializers.Initializer:
+  """detectron2's ``c2_msra_fill`` (``kaiming_normal_(mode="fan_out")``) for a Deconv kernel.
+
+  PyTorch stores a ConvTranspose2d weight as ``[in, out, k, k]`` and counts
+  its first axis as the fan-out, so detectron2's deconvs get
+  ``std = sqrt(2 / (in * k * k))``. Plain ``variance_scaling(2, "fan_out")``
+  on our ``[k, k, in, out]`` kernel would count ``out * k * k`` instead: the
+  same where in == out (the mask head), but for the keypoint head's
+  ``score_lowres`` (512 -> 17 channels) it gives weights sqrt(512 / 17) = 5.5x
+  too large, heatmap logits that start far from uniform and a keypoint loss
+  whose gradient swamps every other loss in the shared backbone.
+  """
+  return nn.initializers.variance_scaling(2.0, "fan_out", "normal", in_axis=-1, out_axis=-2)
+
+
 class Deconv(nn.Module):
   """``[N, H, W, C] -> [N, s*H + k - s - 2p, s*W + k - s - 2p, features]``.
 

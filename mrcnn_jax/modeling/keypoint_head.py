@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.deconv import Deconv
+from mrcnn_jax.modeling.deconv import Deconv, msra_fill
 from mrcnn_jax.ops.checks import check_shape
 
 msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -49,7 +49,7 @@ class KeypointHead(nn.Module):
       x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
                           kernel_init=msra_init, dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
     # 4x4 stride-2 deconv with PyTorch padding 1: output exactly 2x.
-    x = Deconv(self.num_keypoints, 4, 2, padding=1, kernel_init=msra_init,
+    x = Deconv(self.num_keypoints, 4, 2, padding=1, kernel_init=msra_fill(),
                name="score_lowres")(x.astype(jnp.float32))
     n, h, w, k = x.shape
     x = jax.image.resize(x, (n, 2 * h, 2 * w, k), "bilinear")

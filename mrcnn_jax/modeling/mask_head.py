@@ -10,7 +10,7 @@ features this is the C4 design's mask head.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.deconv import Deconv
+from mrcnn_jax.modeling.deconv import Deconv, msra_fill
 
 # detectron2's c2_msra_fill: He init over fan_out.
 msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -30,7 +30,7 @@ class MaskHead(nn.Module):
     for i in range(self.num_convs):
       x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
                           kernel_init=msra_init, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
-    x = nn.relu(Deconv(self.conv_dim, 2, 2, kernel_init=msra_init, dtype=self.dtype,
+    x = nn.relu(Deconv(self.conv_dim, 2, 2, kernel_init=msra_fill(), dtype=self.dtype,
                        name="deconv")(x))
     # The predictor runs in float32 (DESIGN.md); normal(0.001) as detectron2.
     x = nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.001),

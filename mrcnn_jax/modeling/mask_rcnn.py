@@ -78,6 +78,12 @@ class MaskRCNN(nn.Module):
   rpn_smooth_l1_beta: float = 0.0
   box_loss_type: str = "smooth_l1"
   box_smooth_l1_beta: float = 0.0
+  # Multiplies loss_keypoint (detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT). The
+  # keypoint loss is a sum of m*m-way cross-entropies per visible keypoint,
+  # so its gradient in the shared backbone can be orders of magnitude above
+  # the other losses' (measured on the shapes config: ~25x the box
+  # classifier's after 400 steps); lower it where it swamps them.
+  keypoint_loss_weight: float = 1.0
   # Inference.
   score_threshold: float = 0.05
   nms_threshold: float = 0.5
@@ -223,7 +229,7 @@ class MaskRCNN(nn.Module):
       kps = jnp.take_along_axis(gt["gt_keypoints"], matched[:, :, None, None], axis=1)
       kp_t = jax.vmap(lambda r, k: target_ops.keypoint_targets(r, k, heatmaps.shape[2]))(
           fg_boxes, kps)
-      out["loss_keypoint"] = loss_lib.keypoint_loss(
+      out["loss_keypoint"] = self.keypoint_loss_weight * loss_lib.keypoint_loss(
           heatmaps, kp_t["index"], kp_t["valid"] & fg_valid[:, :, None])
 
     out["loss"] = loss_lib.total(out)

@@ -101,6 +101,29 @@ def test_deconv_gradients_match_flax_conv_transpose():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["keypoint", "mask_c4"])
+def test_deconv_init_scale_is_detectron2s(torch, head):
+  """Deconv kernels start at detectron2's scale: kaiming_normal_(fan_out) on torch's layout.
+
+  torch counts a ConvTranspose2d weight [in, out, k, k]'s fan-out as in * k * k.
+  Counting our [k, k, in, out] kernel's out * k * k instead made the keypoint
+  head's score_lowres (in >> out) start sqrt(in / out) times too large, and
+  its loss's gradient swamped the other losses' in the shared backbone.
+  """
+  if head == "keypoint":
+    module = keypoint_head.KeypointHead(num_keypoints=3, num_convs=1, conv_dim=64)
+    x, name = jnp.ones((1, 14, 14, 8)), "score_lowres"
+  else:  # C4: the mask head's deconv reads res5 directly (in != out)
+    module = mask_head.MaskHead(num_classes=3, num_convs=0, conv_dim=16)
+    x, name = jnp.ones((1, 7, 7, 256)), "deconv"
+  kernel = np.asarray(module.init(jax.random.PRNGKey(0), x)["params"][name]["kernel"])
+  k, _, cin, cout = kernel.shape
+  ref = torch.empty(cin, cout, k, k)  # ConvTranspose2d's weight layout
+  torch.nn.init.kaiming_normal_(ref, mode="fan_out", nonlinearity="relu")
+  np.testing.assert_allclose(kernel.std(), ref.std().item(), rtol=0.1)
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (cin * k * k)), rtol=0.05)
+
+
 def _gaussian_maps(centres, m=56, sigma=2.0):
   yy, xx = np.mgrid[0:m, 0:m]
   return np.stack([-((xx - u) ** 2 + (yy - v) ** 2) / (2 * sigma ** 2) for u, v in centres],
