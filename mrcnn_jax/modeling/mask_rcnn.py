@@ -126,15 +126,10 @@ class MaskRCNN(nn.Module):
 
   def _pool(self, roi_features, boxes: Array, resolution: int) -> Array:
     """RoIAlign of ``boxes [B, R, 4]`` -> ``[B, R, S, S, C]``."""
-    maps, strides = roi_features
-    if len(maps) == 1:
-      one = lambda f, b: roi_ops.roi_align(f, b, resolution, 1.0 / strides[0],
-                                           self.sampling_ratio, self.aligned)
-      return jax.vmap(one)(maps[0], boxes)
-    many = lambda fs, b: roi_ops.multilevel_roi_align(
-        fs, b, strides, resolution, self.sampling_ratio, self.aligned,
+    maps, strides = roi_features  # one map (C4) or the FPN levels
+    return roi_ops.multilevel_roi_align_batch(
+        maps, boxes, strides, resolution, self.sampling_ratio, self.aligned,
         canonical_box_size=self.canonical_box_size)
-    return jax.vmap(many)(maps, boxes)
 
   def _box_head(self, roi_features, boxes, train):
     """Returns (logits, deltas, res5 features or None)."""

@@ -15,13 +15,23 @@ shape.
 Implementation: every map the RoIs may read is flattened into one table
 ``[sum(H_i * W_i), C]``; each RoI carries the offset, size and scale of its map,
 and the four bilinear corners of every sample are read with one gather each.
-This serves a single map, FPN levels (each RoI reads only its own level) and
-per-instance ground-truth masks (each RoI reads its matched instance's mask).
+This serves a single map, FPN levels (each RoI reads only its own level), a
+whole batch (each RoI reads its own image's maps) and per-instance
+ground-truth masks (each RoI reads its matched instance's mask).
+
+On CPU the RoIs are pooled in chunks (``lax.map``) sized so that one chunk's
+gathered samples stay in cache (about 1.5 MiB): XLA:CPU materialises each
+gather's ``[R, Sh*g, Sw*g, C]`` result, and at once for all RoIs that
+traffic, not the arithmetic, set the cost. Measured on this 2-core CPU,
+forward + backward: R18-FPN at 128 px (8 images x 128 RoIs, C=64) 178 ms
+-> 42 ms; R50-FPN at 512 px (2 x 512 RoIs, C=256) 765 ms -> 276 ms. On
+GPU/TPU one gather serves all RoIs.
 """
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
+import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import boxes as box_ops
@@ -33,6 +43,10 @@ CANONICAL_LEVEL = 4
 CANONICAL_BOX_SIZE = 224
 
 Size = Union[int, Tuple[int, int]]
+
+# Bytes of gathered samples per chunk of RoIs on CPU (see the module docstring):
+# the measured optimum for C = 64 (32 RoIs of 7x7x2x2 samples) and C = 256 (8).
+CPU_CHUNK_BYTES = 1_600_000
 
 
 def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: Size,
@@ -98,40 +112,73 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
   Returns:
     ``[R, Sh, Sw, C]``.
   """
+  check_shape("boxes", boxes, ("R", 4))
+  for i, f in enumerate(features):
+    check_shape(f"features[{i}]", f, (None, None, None))
+  return multilevel_roi_align_batch(
+      [f[None] for f in features], boxes[None], strides, output_size, sampling_ratio,
+      aligned, canonical_level, canonical_box_size)[0]
+
+
+def multilevel_roi_align_batch(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
+                               strides: Sequence[int], output_size: Size,
+                               sampling_ratio: int = 2, aligned: bool = True,
+                               canonical_level: int = CANONICAL_LEVEL,
+                               canonical_box_size: float = CANONICAL_BOX_SIZE) -> jnp.ndarray:
+  """``multilevel_roi_align`` for a batch: every image's levels in one table.
+
+  Args:
+    features: one ``[B, Hl, Wl, C]`` map per level, finest first (a single
+      level serves a single-map design such as C4).
+    boxes: ``[B, R, 4]`` xyxy in image pixels; image b's RoIs read image b.
+    strides, output_size, sampling_ratio, aligned, canonical_level,
+    canonical_box_size: as for ``multilevel_roi_align``.
+
+  Returns:
+    ``[B, R, Sh, Sw, C]``.
+  """
   if len(features) != len(strides):
     raise ValueError(f"strides: expected one per feature level ({len(features)}), "
                      f"got {len(strides)}")
-  check_shape("boxes", boxes, ("R", 4))
+  dims = check_shape("boxes", boxes, ("B", "R", 4))
   channels = features[0].shape[-1]
   for i, f in enumerate(features):
-    check_shape(f"features[{i}]", f, (None, None, channels))
+    check_shape(f"features[{i}]", f, ("B", None, None, channels), dims)
   levels = [int(round(math.log2(s))) for s in strides]
   if [2 ** k for k in levels] != list(strides) or levels != list(range(levels[0], levels[-1] + 1)):
     raise ValueError(f"strides: expected consecutive powers of two, got {list(strides)}")
 
-  heights = [f.shape[0] for f in features]
-  widths = [f.shape[1] for f in features]
+  b, r = boxes.shape[:2]
+  heights = [f.shape[1] for f in features]
+  widths = [f.shape[2] for f in features]
   offsets = [0]
   for h, w in zip(heights, widths):
     offsets.append(offsets[-1] + h * w)
-  table = jnp.concatenate([f.reshape(-1, channels) for f in features], axis=0)
+  per_image = offsets[-1]
+  # [B * sum(Hl * Wl), C]: image-major, then level, then row-major pixels.
+  table = jnp.concatenate([f.reshape(b, -1, channels) for f in features], axis=1)
+  table = table.reshape(b * per_image, channels)
 
-  level = assign_levels(boxes, levels[0], levels[-1], canonical_level, canonical_box_size)
-  i = level - levels[0]
+  boxes = boxes.reshape(b * r, 4)
+  i = assign_levels(boxes, levels[0], levels[-1], canonical_level, canonical_box_size)
+  i = i - levels[0]
   as_array = lambda v, dtype: jnp.asarray(v, dtype)[i]
-  return roi_align_packed(
+  image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
+  out = roi_align_packed(
       table, boxes,
-      map_offset=as_array(offsets[:-1], jnp.int32),
+      map_offset=image * per_image + as_array(offsets[:-1], jnp.int32),
       map_height=as_array(heights, jnp.int32),
       map_width=as_array(widths, jnp.int32),
       spatial_scale=as_array([1.0 / s for s in strides], jnp.float32),
       output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
+  return out.reshape(b, r, *out.shape[1:])
 
 
 def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.ndarray,
                      map_height: jnp.ndarray, map_width: jnp.ndarray,
                      spatial_scale: jnp.ndarray, output_size: Size,
-                     sampling_ratio: int = 2, aligned: bool = True) -> jnp.ndarray:
+                     sampling_ratio: int = 2, aligned: bool = True,
+                     rois_per_chunk: Optional[int] = None) -> jnp.ndarray:
   """RoIAlign over several maps packed in one table; each RoI names its map.
 
   Args:
@@ -141,6 +188,9 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
     map_height, map_width: ``[R]`` int, that map's size.
     spatial_scale: ``[R]`` float, that map's pixels per box unit.
     output_size, sampling_ratio, aligned: as for ``roi_align``.
+    rois_per_chunk: RoIs pooled per ``lax.map`` step; 0 pools all at once;
+      None (default) chunks to ``CPU_CHUNK_BYTES`` on CPU and pools all at
+      once elsewhere (see the module docstring). The result is the same.
 
   Returns:
     ``[R, Sh, Sw, C]`` in the dtype of ``table``.
@@ -154,8 +204,27 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
     raise ValueError(f"sampling_ratio: expected a fixed count > 0 (static shapes), "
                      f"got {sampling_ratio}")
   sh, sw = (output_size, output_size) if isinstance(output_size, int) else output_size
+  g = sampling_ratio
   r, c = boxes.shape[0], table.shape[1]
+  if rois_per_chunk is None:
+    sample_bytes = sh * g * sw * g * c * 4
+    rois_per_chunk = (max(1, CPU_CHUNK_BYTES // sample_bytes)
+                      if jax.default_backend() == "cpu" else 0)
+  per_roi = (boxes, map_offset, map_height, map_width, spatial_scale)
+  pool = lambda args: _pool(table, *args, sh, sw, g, aligned)
+  if rois_per_chunk <= 0 or r <= rois_per_chunk:
+    return pool(per_roi)
+  chunks = -(-r // rois_per_chunk)
+  pad = chunks * rois_per_chunk - r  # padding repeats the last RoI; dropped below
+  per_roi = [jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), mode="edge").reshape(
+      chunks, rois_per_chunk, *v.shape[1:]) for v in per_roi]
+  out = jax.lax.map(pool, per_roi)
+  return out.reshape(chunks * rois_per_chunk, sh, sw, c)[:r]
 
+
+def _pool(table, boxes, map_offset, map_height, map_width, spatial_scale, sh, sw, g, aligned):
+  """``roi_align_packed``'s arithmetic for one chunk of RoIs."""
+  r, c = boxes.shape[0], table.shape[1]
   offset = 0.5 if aligned else 0.0
   scaled = boxes.astype(jnp.float32) * spatial_scale[:, None] - offset  # (R, 4)
   roi_w = scaled[:, 2] - scaled[:, 0]
@@ -163,8 +232,8 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
   if not aligned:
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
 
-  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(scaled[:, 1], roi_h, sh, sampling_ratio, map_height)
-  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(scaled[:, 0], roi_w, sw, sampling_ratio, map_width)
+  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(scaled[:, 1], roi_h, sh, g, map_height)
+  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(scaled[:, 0], roi_w, sw, g, map_width)
 
   base = map_offset[:, None, None]
   stride = map_width[:, None, None]
@@ -174,7 +243,6 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
       idx = base + yi[:, :, None] * stride + xi[:, None, :]  # (R, Sh*g, Sw*g)
       weight = wy[:, :, None] * wx[:, None, :]
       out = out + table[idx].astype(jnp.float32) * weight[..., None]
-  g = sampling_ratio
   out = out.reshape(r, sh, g, sw, g, c).mean(axis=(2, 4))  # (R, Sh, Sw, C)
   return out.astype(table.dtype)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from mrcnn_jax.ops.roi_align import (assign_levels, multilevel_roi_align, roi_align,
-                                     roi_align_packed)
+from mrcnn_jax.ops.roi_align import (assign_levels, multilevel_roi_align,
+                                     multilevel_roi_align_batch, roi_align, roi_align_packed)
 from tests.conftest import random_boxes
 
 
@@ -274,6 +274,46 @@ def test_packed_maps_read_their_own_map(rng):
   np.testing.assert_allclose(got[0], roi_align(a, boxes[:1], 2, 1.0)[0], atol=1e-6)
   np.testing.assert_allclose(got[1], roi_align(b, boxes[1:2], 2, 1.0)[0], atol=1e-6)
   np.testing.assert_allclose(got[2], roi_align(a, boxes[2:], 2, 0.5)[0], atol=1e-6)
+
+
+def test_batch_reads_each_images_own_maps(rng):
+  """The batched pooler equals the per-image one on every image (one table for the batch)."""
+  strides = (4, 8, 16, 32)
+  images = [_pyramid(rng, 64, 3, strides) for _ in range(3)]
+  boxes = np.stack([_pyramid_boxes(rng, 11, 64) for _ in range(3)])
+  batched = [np.stack(level) for level in zip(*images)]
+  got = multilevel_roi_align_batch(batched, boxes, strides, (3, 2), 2, True)
+  assert got.shape == (3, 11, 3, 2, 3)
+  for b in range(3):
+    np.testing.assert_allclose(got[b], multilevel_roi_align(images[b], boxes[b], strides, (3, 2)),
+                               atol=1e-6, rtol=0, err_msg=f"image {b}")
+  single = multilevel_roi_align_batch([batched[1]], boxes, (8,), 2)  # a single map, as C4
+  np.testing.assert_allclose(single[2], roi_align(images[2][1], boxes[2], 2, 1 / 8), atol=1e-6)
+
+
+@pytest.mark.parametrize("rois_per_chunk", [1, 4, 5, 64])
+def test_chunked_pooling_is_the_same(rng, rois_per_chunk):
+  """Chunking the RoIs (lax.map, as on CPU) changes neither the output nor its gradient,
+  including a last chunk padded with repeats (17 RoIs in chunks of 4 and 5)."""
+  features = rng.normal(size=_MAP_SIZE + (3,)).astype(np.float32)
+  boxes = np.concatenate([_grid_boxes(rng, 0.5), _grid_boxes(rng, 0.5)[:2]])
+  assert len(boxes) == 17
+  r = len(boxes)
+  args = dict(map_offset=np.zeros(r, np.int32), map_height=np.full(r, 12, np.int32),
+              map_width=np.full(r, 10, np.int32), spatial_scale=np.full(r, 0.5, np.float32),
+              output_size=(3, 2), sampling_ratio=2)
+  table = jnp.asarray(features.reshape(-1, 3))
+  cotangent = jnp.asarray(rng.normal(size=(r, 3, 2, 3)), jnp.float32)
+
+  def loss(t, chunk):
+    return jnp.sum(roi_align_packed(t, boxes, rois_per_chunk=chunk, **args) * cotangent)
+
+  expected = roi_align_packed(table, boxes, rois_per_chunk=0, **args)
+  got = roi_align_packed(table, boxes, rois_per_chunk=rois_per_chunk, **args)
+  np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(got, roi_align(features, boxes, (3, 2), 0.5), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(jax.grad(loss)(table, rois_per_chunk), jax.grad(loss)(table, 0),
+                             atol=1e-5, rtol=0)
 
 
 def test_bfloat16_features(rng):
