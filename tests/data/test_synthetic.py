@@ -98,3 +98,36 @@ def test_generation_is_deterministic(tmp_path):
   names = sorted(os.listdir(tmp_path / "a" / "train"))
   for n in names:
     assert (tmp_path / "a" / "train" / n).read_bytes() == (tmp_path / "b" / "train" / n).read_bytes()
+
+
+def test_min_object_size_grows_only_the_small_objects():
+  """--min_object_size: same scenes (random stream unchanged), no object drawn smaller."""
+  cats = {c["name"]: c for c in synthetic.CATEGORIES}
+  sizes = {}
+  for min_size in (0.0, 20.0):
+    drawn = []
+    real = synthetic._shape_polygon  # pylint: disable=protected-access
+    def spy(name, cx, cy, size, angle, rng, drawn=drawn, real=real):
+      drawn.append((name, size))
+      return real(name, cx, cy, size, angle, rng)
+    synthetic._shape_polygon = spy  # pylint: disable=protected-access
+    try:
+      images = [synthetic.make_image(np.random.default_rng([3, i]), 64, i, cats,
+                                     min_object_size=min_size)[0] for i in range(30)]
+    finally:
+      synthetic._shape_polygon = real  # pylint: disable=protected-access
+    sizes[min_size] = (drawn, [im.shape for im in images])
+  (plain, plain_shapes), (grown, grown_shapes) = sizes[0.0], sizes[20.0]
+  assert plain_shapes == grown_shapes
+  assert [a[0] for a in plain] == [b[0] for b in grown]  # same shapes in the same order
+  for (name, a), (_, b) in zip(plain, grown):
+    # Objects reach 20 px; only a crowd's small blobs (ellipses <= 8% of 64 px) keep their size.
+    assert b >= 20.0 - 1e-9 or (name == "ellipse" and b == a and a <= 0.08 * 64), (name, a, b)
+  assert any(a < 20.0 <= b for (_, a), (_, b) in zip(plain, grown))
+
+
+def test_min_object_size_is_checked(tmp_path, capsys):
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit):
+    synthetic.main(["--output", str(tmp_path), "--size", "64", "--min_object_size", "65"])
+  assert "--min_object_size" in capsys.readouterr().err
