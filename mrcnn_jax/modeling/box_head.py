@@ -1,7 +1,9 @@
 """Box head (Fast R-CNN): pooled RoI features -> class logits and box deltas.
 
 FPN design (Lin et al. 2017, sec. 4.2): two 1024-d FC layers on the flattened
-7x7 RoIAlign output ("2fc"), then the predictor. Flattening is NHWC, (y, x, c)
+7x7 RoIAlign output ("2fc"), then the predictor. ``num_convs`` 3x3 convs
+before the FCs give detectron2's FastRCNNConvFCHead ("4conv1fc" with
+``num_convs=4, fc_dims=(1024,)``). Flattening is NHWC, (y, x, c)
 order; torchvision flattens (c, y, x), so imported fc6 weights are reordered.
 Classes follow detectron2: logits for K foreground classes then background,
 and K class-specific box deltas.
@@ -14,6 +16,8 @@ import jax.numpy as jnp
 
 # detectron2's c2_xavier_fill: kaiming_uniform(a=1), i.e. uniform, fan_in, scale 1.
 fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+# detectron2's c2_msra_fill for the head's convs: He normal over fan_out.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class BoxPredictor(nn.Module):
@@ -38,12 +42,20 @@ class BoxHead(nn.Module):
   num_classes: int = 80
   fc_dims: Sequence[int] = (1024, 1024)  # "2fc" head
   class_agnostic: bool = False
+  num_convs: int = 0  # 3x3 convs (with ReLU) before the FCs
+  conv_dim: int = 256
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, pooled: jnp.ndarray):
     lead = pooled.shape[:-3]
-    x = pooled.reshape(*lead, -1).astype(self.dtype)
+    x = pooled.astype(self.dtype)
+    if self.num_convs:
+      x = x.reshape(-1, *pooled.shape[-3:])
+      for i in range(self.num_convs):
+        x = nn.relu(nn.Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
+                            kernel_init=conv_init, dtype=self.dtype, name=f"conv{i + 1}")(x))
+    x = x.reshape(*lead, -1)
     for i, dim in enumerate(self.fc_dims):
       x = nn.relu(nn.Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))
     return BoxPredictor(self.num_classes, self.class_agnostic, name="predictor")(x)

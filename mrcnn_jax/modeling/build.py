@@ -59,6 +59,7 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       },
       "box_head": {
           "pooler_resolution": 14 if c4 else 7, "fc_dims": (1024, 1024),
+          "num_convs": 0, "conv_dim": 256,  # convs before the FCs (FPN design only)
           "class_agnostic": False, "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
       },
       "mask_head": {"enabled": True, "num_convs": 0 if c4 else 4, "conv_dim": 256,
@@ -94,7 +95,9 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
     fpn = None
   else:
     box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(m.box_head.fc_dims),
-                       class_agnostic=m.box_head.class_agnostic, dtype=dtype, name="box_head")
+                       class_agnostic=m.box_head.class_agnostic,
+                       num_convs=m.box_head.get("num_convs", 0),
+                       conv_dim=m.box_head.get("conv_dim", 256), dtype=dtype, name="box_head")
     fpn = FPN(channels=m.fpn_channels, dtype=dtype, name="fpn")
   mask_head = keypoint_head = None
   if m.mask_head.enabled:

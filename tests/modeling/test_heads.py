@@ -24,6 +24,23 @@ def test_box_head_shapes_and_float32_predictors():
   assert agnostic.shape == (3, 1, 4)
 
 
+def test_box_head_convs_run_on_each_roi_before_the_fcs():
+  """num_convs: 3x3 convs per RoI (no mixing across RoIs), then flatten into the FCs."""
+  head = box_head.BoxHead(num_classes=2, fc_dims=(16,), num_convs=2, conv_dim=8)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 7, 7, 4))
+  (logits, deltas), variables = _init_apply(head, x)
+  params = variables["params"]
+  assert params["conv1"]["kernel"].shape == (3, 3, 4, 8)
+  assert params["conv2"]["kernel"].shape == (3, 3, 8, 8)
+  assert params["fc6"]["kernel"].shape == (7 * 7 * 8, 16)
+  assert logits.shape == (2, 3, 3) and deltas.shape == (2, 3, 2, 4)
+  # Changing one RoI changes only that RoI's outputs.
+  other, _ = head.apply(variables, x.at[1, 2].set(0.0))
+  np.testing.assert_array_equal(other[0], logits[0])
+  np.testing.assert_array_equal(other[1, :2], logits[1, :2])
+  assert not np.allclose(other[1, 2], logits[1, 2])
+
+
 def test_mask_and_keypoint_head_shapes():
   masks, _ = _init_apply(mask_head.MaskHead(num_classes=4, conv_dim=8),
                          jnp.ones((2, 5, 14, 14, 8)))
