@@ -5,9 +5,9 @@
 #
 #   scripts/demo.sh [--config.x=y ...]     (extra flags go to train/evaluate/predict)
 #
-# About 10 minutes on a 2-core CPU from a fresh clone. Reruns reuse the
-# dataset and resume (or skip) training. DATA and WORKDIR override where
-# things go (default data/shapes and workdirs/shapes).
+# About 13 minutes on a 2-core CPU, plus the venv install on a fresh clone.
+# Reruns reuse the dataset and resume (or skip) training. DATA and WORKDIR
+# override where things go (default data/shapes and workdirs/shapes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
