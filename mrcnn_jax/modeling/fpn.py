@@ -11,6 +11,8 @@ from typing import Dict
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
+
 # detectron2 and torchvision initialise FPN convs with kaiming_uniform(a=1).
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
@@ -33,10 +35,10 @@ class FPN(nn.Module):
     levels = sorted(int(k[1:]) for k in features)
     out, top = {}, None
     for k in reversed(levels):
-      lateral = nn.Conv(self.channels, (1, 1), kernel_init=fpn_init, dtype=self.dtype,
+      lateral = Conv(self.channels, (1, 1), kernel_init=fpn_init, dtype=self.dtype,
                         name=f"lateral{k}")(features[f"c{k}"])
       top = lateral if top is None else lateral + upsample_nearest(top, lateral.shape[1:3])
-      out[f"p{k}"] = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
+      out[f"p{k}"] = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
                              kernel_init=fpn_init, dtype=self.dtype, name=f"output{k}")(top)
     if self.top_block:
       out[f"p{levels[-1] + 1}"] = out[f"p{levels[-1]}"][:, ::2, ::2]

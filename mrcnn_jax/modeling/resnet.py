@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.modeling.norm import make_norm
 
 # depth -> (block kind, blocks per stage res2..res5)
@@ -51,7 +52,7 @@ def stage_channels(depth, width: int = 64) -> Tuple[int, ...]:
 def conv(features, kernel, stride=1, use_bias=False, dtype=jnp.float32, name=None):
   """A conv with torchvision's symmetric ``kernel // 2`` padding (not XLA's SAME)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+  return Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name)
 
 

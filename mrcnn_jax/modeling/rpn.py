@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.ops import proposals as proposal_ops
 
 # torchvision and detectron2: normal(std=0.01) weights, zero biases.
@@ -26,11 +27,11 @@ class RPNHead(nn.Module):
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray]) -> Tuple[List, List]:
     channels = features[0].shape[-1]
-    shared = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=rpn_init,
+    shared = Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=rpn_init,
                      dtype=self.dtype, name="conv")
-    cls = nn.Conv(self.num_anchors, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
+    cls = Conv(self.num_anchors, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
                   name="objectness")
-    reg = nn.Conv(self.num_anchors * 4, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
+    reg = Conv(self.num_anchors * 4, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
                   name="deltas")
     objectness, deltas = [], []
     for x in features:

@@ -1,0 +1,85 @@
+"""``Conv``: flax's ``nn.Conv`` with a fast weight gradient on CPU.
+
+XLA:CPU computes a convolution's weight gradient (the "backward filter"
+convolution, contracting over batch and positions) at a fraction of its
+forward speed. Measured on the 2-core CPU for a 3x3 256->256 conv over 256
+RoIs of 14x14: forward 137 GFLOP/s, input gradient 135, weight gradient 32.
+Written as one matmul per kernel tap (the inputs shifted by the tap, times
+the output gradient, summed over batch and positions) the same weight
+gradient runs at 161 GFLOP/s.
+
+``conv_general_dilated`` is ``lax.conv_general_dilated`` with that weight
+gradient (``jax.custom_vjp``; the input gradient stays XLA's) for the plain
+NHWC/HWIO convolutions the models use (any stride and padding, no dilation,
+no groups), on the CPU backend only: GPU and TPU compute both gradients with
+their own fast kernels, so there and for any other convolution it is
+``lax.conv_general_dilated`` itself. Parameters are those of ``nn.Conv``.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+  """``lax.conv_general_dilated``; on CPU plain 2-D convs get the fast weight gradient."""
+  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not kwargs
+           and feature_group_count == 1
+           and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+           and dimension_numbers is not None
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if plain and isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  if not plain or any(p < 0 for pair in padding for p in pair):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kwargs)
+  return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
+
+
+def _plain_conv(x, w, strides, padding, precision):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, precision):
+  return _plain_conv(x, w, strides, padding, precision)
+
+
+def _conv_fwd(x, w, strides, padding, precision):
+  return _plain_conv(x, w, strides, padding, precision), (x, w)
+
+
+def _conv_bwd(strides, padding, precision, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda v: _plain_conv(v, w, strides, padding, precision), x)
+  dx, = input_vjp(dy)
+  kh, kw, c, o = w.shape
+  n, ho, wo = dy.shape[:3]
+  (top, bottom), (left, right) = padding
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  sh, sw = strides
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      # The inputs tap (i, j) multiplies, at every output position: [N, Ho, Wo, C].
+      shifted = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                          (1, sh, sw, 1))
+      taps.append(jnp.einsum("nhwc,nhwo->co", shifted, dy, precision=precision,
+                             preferred_element_type=jnp.float32))
+  dw = jnp.stack(taps).reshape(kh, kw, c, o).astype(w.dtype)
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

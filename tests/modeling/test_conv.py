@@ -1,0 +1,81 @@
+"""modeling/conv.py: the CPU weight gradient equals XLA's, and Conv is nn.Conv otherwise."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mrcnn_jax.modeling import conv
+
+
+def _lax(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    (3, (1, 1), ((1, 1), (1, 1))),   # the heads' and FPN's 3x3
+    (1, (1, 1), "SAME"),             # laterals, predictors
+    (1, (2, 2), ((0, 0), (0, 0))),   # ResNet's strided 1x1 shortcut
+    (3, (2, 2), ((1, 1), (1, 1))),   # ResNet's strided 3x3
+    (7, (2, 2), ((3, 3), (3, 3))),   # the stem
+    (3, (1, 2), ((0, 2), (1, 0))),   # uneven strides and padding
+    (2, (1, 1), "VALID"),
+])
+def test_value_and_gradients_equal_xla(rng, kernel, strides, padding):
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  pads = (padding if not isinstance(padding, str)
+          else lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding))
+  got = conv.conv_general_dilated(x, w, strides, padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = _lax(x, w, strides, pads)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) * cot)
+  ours = jax.grad(loss(lambda x, w: conv.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))), (0, 1))(x, w)
+  theirs = jax.grad(loss(lambda x, w: _lax(x, w, strides, pads)), (0, 1))(x, w)
+  for name, a, b in zip(("input", "weight"), ours, theirs):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_weight_gradient_by_hand():
+  """1x1 conv, one pixel: dL/dw[c, o] = x[c] * dy[o]."""
+  x = jnp.array([[[[2.0, -1.0]]]])
+  w = jnp.zeros((1, 1, 2, 3))
+  dy = jnp.array([1.0, 0.5, -2.0])
+  g = jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) * dy))(w)
+  np.testing.assert_allclose(g[0, 0], [[2.0, 1.0, -4.0], [-1.0, -0.5, 2.0]])
+
+
+def test_bfloat16_gradient_dtype(rng):
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 4)), jnp.bfloat16)
+  f = lambda x, w: jnp.sum(conv.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                           .astype(jnp.float32))
+  gx, gw = jax.grad(f, (0, 1))(x, w)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  ref = jax.grad(lambda w: jnp.sum(_lax(x.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)))))(
+      w.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(gw, np.float32), ref, rtol=3e-2, atol=3e-1)
+
+
+def test_conv_module_is_nn_conv_with_the_same_parameters(rng):
+  """Same parameter tree as nn.Conv (checkpoints and converters are unaffected);
+  dilated convolutions fall back to lax and still match."""
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  for kwargs in ({"strides": (2, 2)}, {"kernel_dilation": (2, 2)}):
+    ours, theirs = conv.Conv(4, (3, 3), **kwargs), nn.Conv(4, (3, 3), **kwargs)
+    params = theirs.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(ours.init(jax.random.PRNGKey(0), x)) == \
+        jax.tree_util.tree_structure(params)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=1e-5)
+    g1 = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(params)
+    g2 = jax.grad(lambda p: jnp.sum(theirs.apply(p, x) ** 2))(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                           g1, g2)
