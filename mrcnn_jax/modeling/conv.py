@@ -13,10 +13,14 @@ gradient (``jax.custom_vjp``; the input gradient stays XLA's) for the plain
 NHWC/HWIO convolutions the models use (any stride and padding, no dilation,
 no groups), on the CPU backend only: GPU and TPU compute both gradients with
 their own fast kernels, so there and for any other convolution it is
-``lax.conv_general_dilated`` itself. Parameters are those of ``nn.Conv``.
+``lax.conv_general_dilated`` itself. Convolutions under ``MIN_MACS``
+multiply-adds also stay lax's: there the extra ops cost more compile time
+than they save (the test suite's tiny models). Parameters are those of
+``nn.Conv``.
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+MIN_MACS = 10_000_000  # tiny convs (predictors on coarse levels, test models) stay lax's
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -38,6 +43,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if plain and isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  if plain:
+    out_positions = math.prod(
+        (size + lo + hi - k) // s + 1
+        for size, (lo, hi), k, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides))
+    plain = lhs.shape[0] * out_positions * math.prod(rhs.shape) >= MIN_MACS
   if not plain or any(p < 0 for pair in padding for p in pair):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,

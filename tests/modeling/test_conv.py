@@ -10,6 +10,12 @@ from jax import lax
 from mrcnn_jax.modeling import conv
 
 
+@pytest.fixture(autouse=True)
+def _always_fast_path(monkeypatch):
+  """These shapes are tiny: take the fast weight gradient whatever their size."""
+  monkeypatch.setattr(conv, "MIN_MACS", 0)
+
+
 def _lax(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -63,6 +69,23 @@ def test_bfloat16_gradient_dtype(rng):
   ref = jax.grad(lambda w: jnp.sum(_lax(x.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)))))(
       w.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(gw, np.float32), ref, rtol=3e-2, atol=3e-1)
+
+
+def test_small_convs_and_other_backends_use_lax(monkeypatch):
+  """Under MIN_MACS, or off CPU, the convolution and its gradient are lax's own."""
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  call = lambda: conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  jaxpr = lambda: str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(
+      conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                dimension_numbers=("NHWC", "HWIO", "NHWC")))))(w))
+  assert "dot_general" in jaxpr()  # the per-tap matmuls
+  monkeypatch.setattr(conv, "MIN_MACS", 1 + 16 * 3 * 3 * 2 * 2)
+  assert "dot_general" not in jaxpr()
+  monkeypatch.setattr(conv, "MIN_MACS", 0)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "dot_general" not in jaxpr()
+  np.testing.assert_allclose(call(), _lax(x, w, (1, 1), ((1, 1), (1, 1))))
 
 
 def test_conv_module_is_nn_conv_with_the_same_parameters(rng):
