@@ -24,7 +24,8 @@ padded with copies of record 0 flagged ``valid = False``.
 
 import json
 import os
-from typing import Iterator, Optional
+import threading
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -60,20 +61,28 @@ class RecordFile:
     return os.pread(self._fds[self.shard[i]], int(self.length[i]), int(self.offset[i]) + header)
 
 
-def _index_stream(num: int, seed: int, start: int, stride: int, width: int,
-                  first_offset: int) -> Iterator:
-  """Global positions of this process's examples with their epoch permutation slot."""
-  cache = {}
-  step = start
-  while True:
-    base = step * stride + first_offset
-    for p in range(base, base + width):
-      epoch, j = divmod(p, num)
-      if epoch not in cache:
-        cache.clear()
-        cache[epoch] = np.random.default_rng([seed, epoch]).permutation(num)
-      yield p, int(cache[epoch][j])
-    step += 1
+class _EpochOrder:
+  """Record of global training position ``p``: ``usable[perm_e[p mod n]]``, ``e = p // n``.
+
+  ``perm_e`` is seeded by (seed, e). Called from tf.data's map threads: the
+  cache keeps the last two epochs' permutations (the map runs a few examples
+  ahead, so it can straddle an epoch boundary) and is guarded by a lock.
+  """
+
+  def __init__(self, usable: np.ndarray, seed: int):
+    self.usable, self.seed = usable, seed
+    self._lock = threading.Lock()
+    self._cache = {}
+
+  def __call__(self, position) -> np.int64:
+    epoch, j = divmod(int(position), len(self.usable))
+    with self._lock:
+      perm = self._cache.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.usable))
+        self._cache = {e: v for e, v in self._cache.items() if e == epoch - 1}
+        self._cache[epoch] = perm
+    return np.int64(self.usable[perm[j]])
 
 
 def make_dataset(config, split: str, *, start_step: int = 0, process_index: int = 0,
@@ -100,24 +109,29 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   canvas = tuple(d.canvas_size)
   flip_map = records.meta["keypoint_flip_map"]
 
+  # This process's positions: in every global batch (step s), the slice
+  # [s * global_batch + process_index * local, ... + local). Pure tf.data
+  # arithmetic: a Python generator source (from_generator) measurably slowed
+  # the XLA train step running next to it (0.71 -> 0.86 s/step on 2 cores).
+  def position_of(i):
+    step, k = i // local, i % local
+    return step * global_batch + process_index * local + k
+
   if is_train:
     usable = np.arange(len(records))
     if d.get("filter_empty", True):
       usable = usable[records.num_instances > 0]
     if not len(usable):
       raise ValueError(f"{d.train_dir}: no training image has an annotation")
-    stream = lambda: ((p, usable[j]) for p, j in _index_stream(
-        len(usable), config.seed, start_step, global_batch, local, process_index * local))
+    order = _EpochOrder(usable, config.seed)
+    ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max).map(position_of)
+    ds = ds.map(lambda p: (p, tf.ensure_shape(
+        tf.numpy_function(order, [p], tf.int64, stateful=False), [])))
   else:
     n = len(records)
     padded = -(-n // global_batch) * global_batch
-    def stream():
-      for step in range(padded // global_batch):
-        base = step * global_batch + process_index * local
-        for p in range(base, base + local):
-          yield p, p if p < n else -1
-  ds = tf.data.Dataset.from_generator(
-      stream, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)))
+    ds = tf.data.Dataset.range(padded // process_count).map(position_of)
+    ds = ds.map(lambda p: (p, tf.where(p < n, p, tf.constant(-1, tf.int64))))
 
   def load(position, record):
     serialized = tf.numpy_function(lambda i: records.read(max(int(i), 0)), [record], tf.string,
