@@ -5,7 +5,7 @@
 #
 #   scripts/demo.sh [--config.x=y ...]     (extra flags go to train/evaluate/predict)
 #
-# About 14 minutes on a 2-core CPU, plus the venv install on a fresh clone.
+# About 13 minutes on a 2-core CPU from a fresh clone (venv install included).
 # Reruns reuse the dataset and resume (or skip) training. DATA and WORKDIR
 # override where things go (default data/shapes and workdirs/shapes).
 set -euo pipefail

@@ -14,12 +14,10 @@ from typing import Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, msra_init
 
 # detectron2's c2_xavier_fill: kaiming_uniform(a=1), i.e. uniform, fan_in, scale 1.
 fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-# detectron2's c2_msra_fill for the head's convs: He normal over fan_out.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class BoxPredictor(nn.Module):
@@ -56,7 +54,7 @@ class BoxHead(nn.Module):
       x = x.reshape(-1, *pooled.shape[-3:])
       for i in range(self.num_convs):
         x = nn.relu(Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
-                            kernel_init=conv_init, dtype=self.dtype, name=f"conv{i + 1}")(x))
+                         kernel_init=msra_init, dtype=self.dtype, name=f"conv{i + 1}")(x))
     x = x.reshape(*lead, -1)
     for i, dim in enumerate(self.fc_dims):
       x = nn.relu(nn.Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))

@@ -27,6 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# He normal over fan_out: torchvision's ResNet init and detectron2's c2_msra_fill
+# (box, mask and keypoint head convs). Transposed convs use deconv.msra_fill.
+msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_MACS = 10_000_000  # tiny convs (predictors on coarse levels, test models) stay lax's
 

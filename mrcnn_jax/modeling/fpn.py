@@ -36,10 +36,10 @@ class FPN(nn.Module):
     out, top = {}, None
     for k in reversed(levels):
       lateral = Conv(self.channels, (1, 1), kernel_init=fpn_init, dtype=self.dtype,
-                        name=f"lateral{k}")(features[f"c{k}"])
+                     name=f"lateral{k}")(features[f"c{k}"])
       top = lateral if top is None else lateral + upsample_nearest(top, lateral.shape[1:3])
       out[f"p{k}"] = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                             kernel_init=fpn_init, dtype=self.dtype, name=f"output{k}")(top)
+                          kernel_init=fpn_init, dtype=self.dtype, name=f"output{k}")(top)
     if self.top_block:
       out[f"p{levels[-1] + 1}"] = out[f"p{levels[-1]}"][:, ::2, ::2]
     return {k: out[k] for k in sorted(out)}

@@ -24,11 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, msra_init
 from mrcnn_jax.modeling.deconv import Deconv, msra_fill
 from mrcnn_jax.ops.checks import check_shape
-
-msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 NUM_PEAKS = 32  # local maxima searched around, per map
 HALF_WINDOW = 8  # pixels on each side of a peak, per axis
@@ -48,7 +46,7 @@ class KeypointHead(nn.Module):
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
     for i in range(self.num_convs):
       x = nn.relu(Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
-                          kernel_init=msra_init, dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
+                       kernel_init=msra_init, dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
     # 4x4 stride-2 deconv with PyTorch padding 1: output exactly 2x.
     x = Deconv(self.num_keypoints, 4, 2, padding=1, kernel_init=msra_fill(),
                name="score_lowres")(x.astype(jnp.float32))

@@ -10,11 +10,8 @@ features this is the C4 design's mask head.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, msra_init
 from mrcnn_jax.modeling.deconv import Deconv, msra_fill
-
-# detectron2's c2_msra_fill: He init over fan_out.
-msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class MaskHead(nn.Module):
@@ -30,10 +27,10 @@ class MaskHead(nn.Module):
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
     for i in range(self.num_convs):
       x = nn.relu(Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
-                          kernel_init=msra_init, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
+                       kernel_init=msra_init, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
     x = nn.relu(Deconv(self.conv_dim, 2, 2, kernel_init=msra_fill(), dtype=self.dtype,
                        name="deconv")(x))
     # The predictor runs in float32 (DESIGN.md); normal(0.001) as detectron2.
     x = Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.001),
-                name="predictor")(x.astype(jnp.float32))
+             name="predictor")(x.astype(jnp.float32))
     return x.reshape(*lead, *x.shape[1:])

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, msra_init
 from mrcnn_jax.modeling.norm import make_norm
 
 # depth -> (block kind, blocks per stage res2..res5)
@@ -29,9 +29,6 @@ ARCHS = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
-
-# torchvision initialises convs with He init over fan_out.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def arch(depth) -> Tuple[str, Tuple[int, ...]]:
@@ -53,7 +50,7 @@ def conv(features, kernel, stride=1, use_bias=False, dtype=jnp.float32, name=Non
   """A conv with torchvision's symmetric ``kernel // 2`` padding (not XLA's SAME)."""
   pad = kernel // 2
   return Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name)
+              use_bias=use_bias, kernel_init=msra_init, dtype=dtype, name=name)
 
 
 class Block(nn.Module):

@@ -28,11 +28,11 @@ class RPNHead(nn.Module):
   def __call__(self, features: Sequence[jnp.ndarray]) -> Tuple[List, List]:
     channels = features[0].shape[-1]
     shared = Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=rpn_init,
-                     dtype=self.dtype, name="conv")
+                  dtype=self.dtype, name="conv")
     cls = Conv(self.num_anchors, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
-                  name="objectness")
+               name="objectness")
     reg = Conv(self.num_anchors * 4, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
-                  name="deltas")
+               name="deltas")
     objectness, deltas = [], []
     for x in features:
       b = x.shape[0]
