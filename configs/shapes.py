@@ -16,9 +16,9 @@ quarter of COCO's, 64 channels in the FPN, narrow heads, and fewer
 proposals and RoIs. Every op and head is the same as in the COCO configs.
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
-At 850 steps (1.4 steps/s, 667 s for scripts/demo.sh with the venv
-installed) the demo reached bbox / segm / keypoints AP 0.319 / 0.334 /
-0.101; 1000 steps fill the 15-minute budget with a fresh venv.
+scripts/demo.sh from a fresh clone (venv install included), ~0.65 s/step:
+1000 steps, 816 s, bbox / segm / keypoints AP 0.342 / 0.354 / 0.120
+(850 steps: 0.319 / 0.334 / 0.101).
 
 What was measured on the 2-core CPU (AdamW, batch 8, 500 steps unless
 said; bbox / segm / keypoints AP on the validation split, min 16-px objects):
