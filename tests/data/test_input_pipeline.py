@@ -212,6 +212,24 @@ def test_resume_reproduces_batches_across_an_epoch_boundary(shapes_dataset):
   assert ids[usable:].tolist() != ids[:len(ids) - usable].tolist()
 
 
+def test_training_order_is_the_documented_function_of_seed_and_step(shapes_dataset):
+  """Process i's examples at step s are records usable[perm_e[p mod n]] for its positions p."""
+  _, tf_dir = shapes_dataset
+  cfg = data_config(tf_dir, canvas_size=(64, 64), mask_size=8)
+  records = RecordFile(str(tf_dir / "train"))
+  usable = np.flatnonzero(records.num_instances > 0)
+  n, global_batch, start, steps = len(usable), 6, 1, 4  # steps 1..4 cross into epoch 1
+  assert (start + steps) * global_batch > n
+  for process in range(2):
+    got = _concat(_batches(cfg, "train", steps, batch_size=global_batch, start_step=start,
+                           process_index=process, process_count=2))["image_info"]["image_id"]
+    positions = [s * global_batch + process * 3 + k
+                 for s in range(start, start + steps) for k in range(3)]
+    perm = lambda e: np.random.default_rng([cfg.seed, e]).permutation(n)
+    want = [records.image_id[usable[perm(p // n)[p % n]]] for p in positions]
+    assert got.tolist() == want
+
+
 # ------------------------------------------------------------------ transforms
 def _in_tf_data(fn, *args):
   """``fn(*args)`` traced inside a tf.data map, as numpy."""
