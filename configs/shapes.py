@@ -31,7 +31,9 @@ said; bbox / segm / keypoints AP on the validation split, min 16-px objects):
   3136-way heatmap softmax (loss ~5.5) dominates the shared backbone's
   gradient and box AP drops 13x (0.009 at 400 steps); 0.02-0.05 leave the
   other heads as they are without it.
-- no gain from: BatchNorm for GroupNorm (0.140), lr 4e-3 (0.107) or 1e-3
+- no gain from: box head FC of 256 after the convs (0.199 / 0.219 / 0.053
+  against the 128's 0.224 / 0.240 / 0.082), and, with the 2fc head:
+  BatchNorm for GroupNorm (0.140), lr 4e-3 (0.107) or 1e-3
   (0.134), 256 RoIs per image (0.143), FPN level assignment scaled to the
   canvas (canonical box 56: 0.137).
 """
