@@ -96,8 +96,8 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
   else:
     box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(m.box_head.fc_dims),
                        class_agnostic=m.box_head.class_agnostic,
-                       num_convs=m.box_head.get("num_convs", 0),
-                       conv_dim=m.box_head.get("conv_dim", 256), dtype=dtype, name="box_head")
+                       num_convs=m.box_head.num_convs, conv_dim=m.box_head.conv_dim,
+                       dtype=dtype, name="box_head")
     fpn = FPN(channels=m.fpn_channels, dtype=dtype, name="fpn")
   mask_head = keypoint_head = None
   if m.mask_head.enabled:

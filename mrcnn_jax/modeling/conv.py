@@ -39,24 +39,38 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
   """``lax.conv_general_dilated``; on CPU plain 2-D convs get the fast weight gradient."""
-  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not kwargs
-           and feature_group_count == 1
-           and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
-           and dimension_numbers is not None
-           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  if plain and isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  if plain:
-    out_positions = math.prod(
-        (size + lo + hi - k) // s + 1
-        for size, (lo, hi), k, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides))
-    plain = lhs.shape[0] * out_positions * math.prod(rhs.shape) >= MIN_MACS
-  if not plain or any(p < 0 for pair in padding for p in pair):
+  pads = None
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  if not kwargs and feature_group_count == 1 and not dilated:
+    pads = _plain_padding(lhs, rhs, window_strides, padding, dimension_numbers)
+  if pads is None:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kwargs)
-  return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
+  return _conv(lhs, rhs, tuple(window_strides), pads, precision)
+
+
+def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
+  """Explicit ((top, bottom), (left, right)) where the per-tap weight gradient applies.
+
+  It applies on the CPU backend to NHWC/HWIO 2-D convolutions with
+  non-negative padding and at least ``MIN_MACS`` multiply-adds; else None.
+  """
+  if (jax.default_backend() != "cpu" or lhs.ndim != 4 or dimension_numbers is None
+      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    return None
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  padding = tuple(tuple(p) for p in padding)
+  if any(p < 0 for pair in padding for p in pair):
+    return None
+  out_positions = math.prod(
+      (size + lo + hi - k) // s + 1
+      for size, (lo, hi), k, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], strides))
+  if lhs.shape[0] * out_positions * math.prod(rhs.shape) < MIN_MACS:
+    return None
+  return padding
 
 
 def _plain_conv(x, w, strides, padding, precision):
