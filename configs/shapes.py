@@ -76,7 +76,7 @@ def get_config(arg=None):
                    pre_nms_topk_test=300, post_nms_topk_test=100, batch_size_per_image=128)
   # 128 RoIs per image: fewer starve the classifier (measured: 64 RoIs gave
   # half the box AP of 256 after 400 steps), more cost RoIAlign gradient time.
-  model.roi.update(batch_size_per_image=128, num_mask_rois=8)
+  model.roi.update(batch_size_per_image=128, num_mask_rois=8, num_keypoint_rois=8)
   if tiny:
     model.box_head.fc_dims = (32, 32)
   else:  # detectron2's conv head, narrow: see the docstring

@@ -3,8 +3,9 @@
 FPN design (Lin et al. 2017, sec. 4.2): two 1024-d FC layers on the flattened
 7x7 RoIAlign output ("2fc"), then the predictor. ``num_convs`` 3x3 convs
 before the FCs give detectron2's FastRCNNConvFCHead ("4conv1fc" with
-``num_convs=4, fc_dims=(1024,)``). Flattening is NHWC, (y, x, c)
-order; torchvision flattens (c, y, x), so imported fc6 weights are reordered.
+``num_convs=4, fc_dims=(1024,)``; ``norm="gn"`` adds a GroupNorm after each
+conv, as detectron2's GN configs do). Flattening is NHWC, (y, x, c) order;
+torchvision flattens (c, y, x), so imported fc6 weights are reordered.
 Classes follow detectron2: logits for K foreground classes then background,
 and K class-specific box deltas.
 """
@@ -14,7 +15,7 @@ from typing import Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv, msra_init
+from mrcnn_jax.modeling.conv import conv_stack
 
 # detectron2's c2_xavier_fill: kaiming_uniform(a=1), i.e. uniform, fan_in, scale 1.
 fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -44,6 +45,7 @@ class BoxHead(nn.Module):
   class_agnostic: bool = False
   num_convs: int = 0  # 3x3 convs (with ReLU) before the FCs
   conv_dim: int = 256
+  norm: str = "none"  # after each conv: "none" or "gn" (conv.HEAD_NORMS)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -52,9 +54,7 @@ class BoxHead(nn.Module):
     x = pooled.astype(self.dtype)
     if self.num_convs:
       x = x.reshape(-1, *pooled.shape[-3:])
-      for i in range(self.num_convs):
-        x = nn.relu(Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
-                         kernel_init=msra_init, dtype=self.dtype, name=f"conv{i + 1}")(x))
+      x = conv_stack(x, self.num_convs, self.conv_dim, "conv{}", self.norm, self.dtype)
     x = x.reshape(*lead, -1)
     for i, dim in enumerate(self.fc_dims):
       x = nn.relu(nn.Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mrcnn_jax.modeling.box_head import BoxHead
+from mrcnn_jax.modeling.conv import HEAD_NORMS
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import KeypointHead
 from mrcnn_jax.modeling.mask_head import MaskHead
@@ -54,16 +55,18 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "roi": {
           "batch_size_per_image": 512, "positive_fraction": 0.25, "iou_threshold": 0.5,
           "num_mask_rois": 128,  # = 512 * 0.25: every foreground RoI
+          "num_keypoint_rois": 128,  # those with a visible keypoint first
           "crowd_ioa_threshold": 0.7, "sampling_ratio": 2, "aligned": True,
           "canonical_box_size": 224.0,  # FPN eq. 1; scale with the image size
       },
       "box_head": {
           "pooler_resolution": 14 if c4 else 7, "fc_dims": (1024, 1024),
           "num_convs": 0, "conv_dim": 256,  # convs before the FCs (FPN design only)
+          "norm": "none",  # after each of those convs: "none" or "gn"
           "class_agnostic": False, "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
       },
       "mask_head": {"enabled": True, "num_convs": 0 if c4 else 4, "conv_dim": 256,
-                    "pooler_resolution": 14},
+                    "norm": "none", "pooler_resolution": 14},
       "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
                         "conv_dim": 512, "pooler_resolution": 14,
                         "loss_weight": 1.0},  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
@@ -81,6 +84,9 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
     raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {m.dtype!r}")
   if m.backbone.norm not in NORMS:
     raise ValueError(f"model.backbone.norm: expected one of {NORMS}, got {m.backbone.norm!r}")
+  for head in ("box_head", "mask_head"):
+    if m[head].norm not in HEAD_NORMS:
+      raise ValueError(f"model.{head}.norm: expected one of {HEAD_NORMS}, got {m[head].norm!r}")
   dtype = DTYPES[m.dtype]
   bb = m.backbone
   c4 = m.design == "c4"
@@ -97,12 +103,14 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
     box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(m.box_head.fc_dims),
                        class_agnostic=m.box_head.class_agnostic,
                        num_convs=m.box_head.num_convs, conv_dim=m.box_head.conv_dim,
+                       norm=m.box_head.norm,
                        dtype=dtype, name="box_head")
     fpn = FPN(channels=m.fpn_channels, dtype=dtype, name="fpn")
   mask_head = keypoint_head = None
   if m.mask_head.enabled:
     mask_head = MaskHead(num_classes=m.num_classes, num_convs=m.mask_head.num_convs,
-                         conv_dim=m.mask_head.conv_dim, dtype=dtype, name="mask_head")
+                         conv_dim=m.mask_head.conv_dim, norm=m.mask_head.norm, dtype=dtype,
+                         name="mask_head")
   if m.keypoint_head.enabled:
     keypoint_head = KeypointHead(num_keypoints=m.keypoint_head.num_keypoints,
                                  num_convs=m.keypoint_head.num_convs,
@@ -125,7 +133,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       roi_batch_size_per_image=m.roi.batch_size_per_image,
       roi_positive_fraction=m.roi.positive_fraction,
       roi_iou_threshold=m.roi.iou_threshold,
-      num_mask_rois=m.roi.num_mask_rois,
+      num_mask_rois=m.roi.num_mask_rois, num_keypoint_rois=m.roi.num_keypoint_rois,
       crowd_ioa_threshold=m.roi.crowd_ioa_threshold,
       box_pooler_resolution=m.box_head.pooler_resolution,
       mask_pooler_resolution=m.mask_head.pooler_resolution,

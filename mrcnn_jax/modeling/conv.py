@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mrcnn_jax.modeling.norm import make_norm
+
 # He normal over fan_out: torchvision's ResNet init and detectron2's c2_msra_fill
 # (box, mask and keypoint head convs). Transposed convs use deconv.msra_fill.
 msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -111,3 +113,26 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+HEAD_NORMS = ("none", "gn")
+
+
+def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = "none",
+               dtype=jnp.float32) -> jnp.ndarray:
+  """The RoI heads' conv tower: ``num_convs`` x (3x3 conv of ``dim``, norm, ReLU).
+
+  Call it from a compact module's ``__call__``. Conv i is named
+  ``name.format(i + 1)``, its norm that name + ``"_norm"``. ``norm`` is
+  detectron2's ROI_BOX_HEAD.NORM / ROI_MASK_HEAD.NORM: "none" (convs with a
+  bias) or "gn" (GroupNorm, bias-free convs), which helps heads trained from
+  scratch.
+  """
+  if norm not in HEAD_NORMS:
+    raise ValueError(f"head norm: expected one of {HEAD_NORMS}, got {norm!r}")
+  for i in range(num_convs):
+    conv_name = name.format(i + 1)
+    x = Conv(dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=norm == "none",
+             kernel_init=msra_init, dtype=dtype, name=conv_name)(x)
+    x = nn.relu(make_norm(norm, dim, False, dtype, conv_name + "_norm")(x))
+  return x

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv, msra_init
+from mrcnn_jax.modeling.conv import conv_stack
 from mrcnn_jax.modeling.deconv import Deconv, msra_fill
 from mrcnn_jax.ops.checks import check_shape
 
@@ -44,9 +44,7 @@ class KeypointHead(nn.Module):
   def __call__(self, pooled: jnp.ndarray) -> jnp.ndarray:
     lead = pooled.shape[:-3]
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
-    for i in range(self.num_convs):
-      x = nn.relu(Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
-                       kernel_init=msra_init, dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
+    x = conv_stack(x, self.num_convs, self.conv_dim, "conv_fcn{}", dtype=self.dtype)
     # 4x4 stride-2 deconv with PyTorch padding 1: output exactly 2x.
     x = Deconv(self.num_keypoints, 4, 2, padding=1, kernel_init=msra_fill(),
                name="score_lowres")(x.astype(jnp.float32))

@@ -1,7 +1,8 @@
 """Mask head (Mask R-CNN, sec. 3, fig. 4 right): a small FCN per RoI.
 
 FPN design: four 3x3 convs of 256 on the 14x14 RoIAlign output, a 2x2
-stride-2 deconv to 28x28, and a 1x1 conv to one mask logit per class. The
+stride-2 deconv to 28x28, and a 1x1 conv to one mask logit per class
+(``norm="gn"``: a GroupNorm after each 3x3 conv, detectron2's GN configs). The
 loss (losses.py) reads only the ground-truth class's channel, so classes do
 not compete: a per-pixel sigmoid, not a softmax. With ``num_convs=0`` on res5
 features this is the C4 design's mask head.
@@ -10,7 +11,7 @@ features this is the C4 design's mask head.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv, msra_init
+from mrcnn_jax.modeling.conv import Conv, conv_stack
 from mrcnn_jax.modeling.deconv import Deconv, msra_fill
 
 
@@ -19,15 +20,14 @@ class MaskHead(nn.Module):
   num_classes: int = 80
   num_convs: int = 4
   conv_dim: int = 256
+  norm: str = "none"  # after each conv: "none" or "gn" (conv.HEAD_NORMS)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, pooled: jnp.ndarray) -> jnp.ndarray:
     lead = pooled.shape[:-3]
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
-    for i in range(self.num_convs):
-      x = nn.relu(Conv(self.conv_dim, (3, 3), padding=((1, 1), (1, 1)),
-                       kernel_init=msra_init, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
+    x = conv_stack(x, self.num_convs, self.conv_dim, "mask_fcn{}", self.norm, self.dtype)
     x = nn.relu(Deconv(self.conv_dim, 2, 2, kernel_init=msra_fill(), dtype=self.dtype,
                        name="deconv")(x))
     # The predictor runs in float32 (DESIGN.md); normal(0.001) as detectron2.

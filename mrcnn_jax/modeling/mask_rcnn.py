@@ -3,8 +3,10 @@
 Stage 1: backbone (+ FPN) features, the RPN, proposals. Stage 2: RoIAlign on
 the proposals and the box, mask and keypoint heads in parallel (Mask R-CNN,
 sec. 3). Every count is fixed: P proposals, R sampled RoIs (foreground first,
-see ops/sampling.py), the first ``num_mask_rois`` of them for the mask and
-keypoint heads, D detections, so one compiled program serves every batch.
+see ops/sampling.py), the first ``num_mask_rois`` of them for the mask head,
+``num_keypoint_rois`` for the keypoint head (those whose instance has a
+visible keypoint first), D detections, so one compiled program serves every
+batch.
 
 Two designs share every op: ``fpn`` set (RPN on P2..P6, RoIs read from
 P2..P5 by size) or ``fpn=None``, the C4 design (RPN and RoIAlign on C4, res5
@@ -61,7 +63,11 @@ class MaskRCNN(nn.Module):
   roi_batch_size_per_image: int = 512
   roi_positive_fraction: float = 0.25
   roi_iou_threshold: float = 0.5
-  num_mask_rois: int = 128  # foreground RoI slots for the mask/keypoint heads
+  num_mask_rois: int = 128  # foreground RoI slots for the mask head
+  # RoI slots for the keypoint head: foreground RoIs with a visible keypoint
+  # of their instance inside them first (detectron2 trains the keypoint head
+  # on exactly those), so classes without keypoints do not take the slots.
+  num_keypoint_rois: int = 128
   crowd_ioa_threshold: float = 0.7
   # RoIAlign.
   box_pooler_resolution: int = 7  # 14 for C4 (res5 halves it)
@@ -205,31 +211,38 @@ class MaskRCNN(nn.Module):
     out |= loss_lib.box_head_losses(logits, box_deltas, rois, self.box_loss_type,
                                     self.box_smooth_l1_beta)
 
-    # Mask and keypoint heads on the first num_mask_rois slots (foreground first).
-    m = min(self.num_mask_rois, self.roi_batch_size_per_image)
-    fg_boxes = rois["boxes"][:, :m]
-    fg_valid = rois["foreground"][:, :m]
-    matched = rois["matched_gt"][:, :m]
+    # The mask head on the first num_mask_rois slots (foreground first).
     if self.mask_head is not None:
+      m = min(self.num_mask_rois, self.roi_batch_size_per_image)
+      fg_boxes = rois["boxes"][:, :m]
       mask_logits = self._mask_logits(roi_features, fg_boxes, res5, m)  # (B, m, S, S, K)
       cls = jnp.minimum(rois["classes"][:, :m], self.num_classes - 1)
       mask_logits = jnp.take_along_axis(mask_logits, cls[:, :, None, None, None], axis=-1)[..., 0]
       mask_t = jax.vmap(lambda r, i, gb, gm: target_ops.mask_targets(
           r, i, gb, gm, mask_logits.shape[-1], self.sampling_ratio))(
-              fg_boxes, matched, gt_boxes, gt["gt_masks"])
-      out["loss_mask"] = loss_lib.mask_loss(mask_logits, mask_t, fg_valid)
+              fg_boxes, rois["matched_gt"][:, :m], gt_boxes, gt["gt_masks"])
+      out["loss_mask"] = loss_lib.mask_loss(mask_logits, mask_t, rois["foreground"][:, :m])
     if self.keypoint_head is not None:
-      heatmaps = self.keypoint_head(
-          self._pool(roi_features, fg_boxes, self.keypoint_pooler_resolution))
-      kps = jnp.take_along_axis(gt["gt_keypoints"], matched[:, :, None, None], axis=1)
-      kp_t = jax.vmap(lambda r, k: target_ops.keypoint_targets(r, k, heatmaps.shape[2]))(
-          fg_boxes, kps)
-      out["loss_keypoint"] = self.keypoint_loss_weight * loss_lib.keypoint_loss(
-          heatmaps, kp_t["index"], kp_t["valid"] & fg_valid[:, :, None])
+      out["loss_keypoint"] = self.keypoint_loss_weight * self._keypoint_loss(
+          roi_features, rois, gt["gt_keypoints"])
 
     out["loss"] = loss_lib.total(out)
     return out, self._diagnostics(rois, proposals, proposals_valid, gt_boxes,
                                   gt_valid & ~gt_crowd)
+
+  def _keypoint_loss(self, roi_features, rois, gt_keypoints):
+    """The keypoint loss on the ``num_keypoint_rois`` slots ``target_ops.keypoint_rois`` picks."""
+    n = min(self.num_keypoint_rois, self.roi_batch_size_per_image)
+    kps = jnp.take_along_axis(gt_keypoints, rois["matched_gt"][:, :, None, None], axis=1)
+    slots, counts = jax.vmap(lambda r, f, k: target_ops.keypoint_rois(r, f, k, n))(
+        rois["boxes"], rois["foreground"], kps)
+    boxes = jnp.take_along_axis(rois["boxes"], slots[:, :, None], axis=1)
+    kps = jnp.take_along_axis(kps, slots[:, :, None, None], axis=1)
+    heatmaps = self.keypoint_head(self._pool(roi_features, boxes,
+                                             self.keypoint_pooler_resolution))
+    kp_t = jax.vmap(lambda r, k: target_ops.keypoint_targets(r, k, heatmaps.shape[2]))(
+        boxes, kps)
+    return loss_lib.keypoint_loss(heatmaps, kp_t["index"], kp_t["valid"] & counts[:, :, None])
 
   def _mask_logits(self, roi_features, boxes, res5, m):
     if res5 is not None:  # C4: the mask head reads the box head's res5 output

@@ -216,3 +216,35 @@ def keypoint_targets(rois: jnp.ndarray, keypoints: jnp.ndarray,
            & jnp.isfinite(x) & jnp.isfinite(y))
   index = jnp.where(valid, y * m + x, 0).astype(jnp.int32)
   return {"index": index, "valid": valid}
+
+
+def keypoint_rois(rois: jnp.ndarray, foreground: jnp.ndarray, keypoints: jnp.ndarray,
+                  num_slots: int):
+  """The RoI slots that train the keypoint head, and which of them count.
+
+  detectron2's ``select_proposals_with_visible_keypoints``: a foreground RoI
+  counts when at least one visible keypoint of its matched instance lies
+  inside it (edges included); others would only add zero-weight terms to the
+  loss. The counting RoIs come first, in sampling order, then the rest, and
+  the first ``num_slots`` are taken, so the head always runs on a fixed
+  count and classes without keypoints do not crowd out those with them.
+
+  Args:
+    rois: ``[R, 4]``; foreground: ``[R]`` bool; keypoints: ``[R, K, 3]``
+      (x, y, v) of each RoI's matched instance.
+    num_slots: n <= R.
+
+  Returns:
+    (slots ``[n]`` int32 indices into R, counts ``[n]`` bool).
+  """
+  dims = check_shape("rois", rois, ("R", 4))
+  check_shape("foreground", foreground, ("R",), dims)
+  check_shape("keypoints", keypoints, ("R", None, 3), dims)
+  if not 0 < num_slots <= rois.shape[0]:
+    raise ValueError(f"num_slots: expected 1..{rois.shape[0]} (R), got {num_slots}")
+  x, y = keypoints[..., 0], keypoints[..., 1]
+  inside = ((keypoints[..., 2] > 0) & (x >= rois[:, 0:1]) & (x <= rois[:, 2:3])
+            & (y >= rois[:, 1:2]) & (y <= rois[:, 3:4]))
+  counts = foreground & jnp.any(inside, axis=-1)
+  slots = jnp.argsort(~counts, stable=True)[:num_slots].astype(jnp.int32)
+  return slots, counts[slots]

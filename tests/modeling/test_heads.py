@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax.modeling import box_head, keypoint_head, mask_head, res5_head, rpn
+from mrcnn_jax.modeling import box_head, build, keypoint_head, mask_head, res5_head, rpn
 
 
 def _init_apply(module, *args):
@@ -39,6 +39,42 @@ def test_box_head_convs_run_on_each_roi_before_the_fcs():
   np.testing.assert_array_equal(other[0], logits[0])
   np.testing.assert_array_equal(other[1, :2], logits[1, :2])
   assert not np.allclose(other[1, 2], logits[1, 2])
+
+
+@pytest.mark.parametrize("head", ["box", "mask"])
+def test_head_group_norm_after_each_conv(head):
+  """norm="gn" (detectron2's ROI_*_HEAD.NORM): bias-free convs, each followed by a
+  GroupNorm of 32 groups over that RoI alone (NumPy reference on the captured conv output)."""
+  if head == "box":
+    module, name = box_head.BoxHead(num_classes=2, fc_dims=(16,), num_convs=2, conv_dim=64,
+                                    norm="gn"), "conv{}"
+  else:
+    module, name = mask_head.MaskHead(num_classes=2, num_convs=2, conv_dim=64,
+                                      norm="gn"), "mask_fcn{}"
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 7, 7, 4))
+  variables = module.init(jax.random.PRNGKey(0), x)
+  params = variables["params"]
+  for i in (1, 2):
+    assert set(params[name.format(i)]) == {"kernel"}
+    assert set(params[name.format(i) + "_norm"]) == {"scale", "bias"}
+  scale = jax.random.uniform(jax.random.PRNGKey(2), (64,), minval=0.5, maxval=2.0)
+  params[name.format(1) + "_norm"] = {"scale": scale, "bias": -0.1 * scale}
+  _, state = module.apply({"params": params}, x, capture_intermediates=True)
+  conv = np.asarray(state["intermediates"][name.format(1)]["__call__"][0], np.float64)
+  normed = np.asarray(state["intermediates"][name.format(1) + "_norm"]["__call__"][0])
+  groups = conv.reshape(6, 7, 7, 32, 2)
+  mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+  var = groups.var(axis=(1, 2, 4), keepdims=True)
+  want = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(6, 7, 7, 64) * scale - 0.1 * scale
+  np.testing.assert_allclose(normed, want, rtol=1e-4, atol=1e-4)
+
+
+def test_head_norm_must_be_known():
+  """An unknown head norm is refused when the model is built, naming the config key."""
+  cfg = build.model_config(num_classes=2)
+  cfg.mask_head.norm = "bn"
+  with pytest.raises(ValueError, match="model.mask_head.norm"):
+    build.build_model(cfg)
 
 
 def test_mask_and_keypoint_head_shapes():

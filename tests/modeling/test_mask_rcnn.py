@@ -146,6 +146,22 @@ def test_keypoint_loss_weight_scales_only_the_keypoint_loss(tiny):
     np.testing.assert_allclose(float(losses[name]), want, rtol=1e-5, err_msg=name)
 
 
+def test_keypoint_slots_go_to_instances_with_keypoints(tiny):
+  """One keypoint slot, one image of three objects without keypoints and a triangle: for
+  every sampling seed the slot holds a triangle RoI (a positive loss), whichever RoI the
+  sampler put first."""
+  _, params, *_ = tiny
+  batch = make_batch(np.random.default_rng(3), [4], classes=[0, 1, 0, 2])
+  cfg = tiny_config()
+  cfg.roi.num_keypoint_rois = 1
+  model = build.build_model(cfg)
+  loss = jax.jit(lambda p, k: model.apply({"params": p}, *batch, k,
+                                          method="losses")[0]["loss_keypoint"])
+  for seed in range(6):
+    value = float(loss(params, jax.random.PRNGKey(seed)))
+    assert np.isfinite(value) and value > 1.0, (seed, value)
+
+
 @pytest.mark.slow
 def test_overfit_two_images(tiny):
   """300 Adam steps on 2 images: loss falls >= 80%, every object found (box, mask, keypoints)."""

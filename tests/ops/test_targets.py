@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax.ops.targets import keypoint_targets, mask_targets, roi_targets, rpn_targets
+from mrcnn_jax.ops.targets import (keypoint_rois, keypoint_targets, mask_targets, roi_targets,
+                                   rpn_targets)
 from tests.conftest import random_boxes
 
 BOX_HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -23,6 +24,7 @@ _roi_targets = jax.jit(roi_targets, static_argnames=(
 _mask_targets = jax.jit(mask_targets, static_argnames=("mask_size", "sampling_ratio",
                                                        "threshold"))
 _keypoint_targets = jax.jit(keypoint_targets, static_argnames=("heatmap_size",))
+_keypoint_rois = jax.jit(keypoint_rois, static_argnames=("num_slots",))
 
 
 # ----------------------------------------------------------------------------
@@ -685,3 +687,52 @@ def test_keypoint_shape_errors():
     keypoint_targets(rois, keypoints[:1])
   with pytest.raises(ValueError, match="keypoints"):
     keypoint_targets(rois, keypoints[..., :2])
+
+
+# ----------------------------------------------------------------------------
+# keypoint_rois
+
+
+def test_keypoint_rois_hand_case():
+  """Foreground RoIs with a visible keypoint inside (edges count) first, in order."""
+  rois = np.array([[0, 0, 10, 10]] * 6, np.float32)
+  foreground = np.array([True, True, False, True, True, True])
+  keypoints = np.array([
+      [[5, 5, 2], [0, 0, 0]],     # 0: inside, visible -> counts
+      [[11, 5, 2], [5, 5, 0]],    # 1: visible one outside, inside one not visible
+      [[5, 5, 2], [5, 5, 2]],     # 2: background
+      [[10, 10, 1], [20, 0, 2]],  # 3: on the bottom-right corner, v=1 -> counts
+      [[0, 0, 0], [0, 0, 0]],     # 4: instance without keypoints
+      [[3, 0, 2], [-1, 3, 2]],    # 5: on the top edge -> counts
+  ], np.float32)
+  slots, counts = keypoint_rois(rois, foreground, keypoints, num_slots=4)
+  np.testing.assert_array_equal(slots, [0, 3, 5, 1])
+  np.testing.assert_array_equal(counts, [True, True, True, False])
+  assert slots.dtype == jnp.int32 and counts.dtype == jnp.bool_
+
+
+def test_keypoint_rois_matches_numpy(rng):
+  """Random RoIs and keypoints: the slots equal a NumPy stable partition."""
+  rois = random_boxes(rng, 64, min_size=2.0)
+  keypoints = _random_keypoints(rng, rois, k=3)
+  foreground = rng.random(64) < 0.5
+  x, y, v = np.moveaxis(keypoints, -1, 0)
+  inside = (v > 0) & (x >= rois[:, :1]) & (x <= rois[:, 2:3]) & (y >= rois[:, 1:2]) & (
+      y <= rois[:, 3:4])
+  counts = foreground & inside.any(axis=1)
+  want = np.concatenate([np.flatnonzero(counts), np.flatnonzero(~counts)])[:40]
+  assert 5 < counts.sum() < 40
+  slots, got_counts = _keypoint_rois(rois, foreground, keypoints, num_slots=40)
+  np.testing.assert_array_equal(slots, want)
+  np.testing.assert_array_equal(got_counts, counts[want])
+
+
+def test_keypoint_rois_errors():
+  rois = np.zeros((4, 4), np.float32)
+  keypoints = np.zeros((4, 3, 3), np.float32)
+  with pytest.raises(ValueError, match="num_slots"):
+    keypoint_rois(rois, np.ones(4, bool), keypoints, num_slots=5)
+  with pytest.raises(ValueError, match="foreground"):
+    keypoint_rois(rois, np.ones(3, bool), keypoints, num_slots=2)
+  with pytest.raises(ValueError, match="keypoints"):
+    keypoint_rois(rois, np.ones(4, bool), keypoints[:3], num_slots=2)
