@@ -69,7 +69,8 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
                     "norm": "none", "pooler_resolution": 14},
       "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
                         "conv_dim": 512, "pooler_resolution": 14,
-                        "loss_weight": 1.0},  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
+                        "loss_weight": 1.0,  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
+                        "box_scale": 1.0},  # heatmaps over boxes scaled by this (see MaskRCNN)
       "test": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 100,
                "max_candidates": 4000},
   })
@@ -143,6 +144,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
       keypoint_loss_weight=m.keypoint_head.loss_weight,
+      keypoint_box_scale=m.keypoint_head.box_scale,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
       detections_per_image=m.test.detections_per_image,
       max_candidates=m.test.max_candidates)

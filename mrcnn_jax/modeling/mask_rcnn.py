@@ -90,6 +90,12 @@ class MaskRCNN(nn.Module):
   # the other losses' (measured on the shapes config: ~25x the box
   # classifier's after 400 steps); lower it where it swamps them.
   keypoint_loss_weight: float = 1.0
+  # The keypoint head pools and predicts over each box scaled by this factor
+  # about its centre (1.0: detectron2). A heatmap covers only its box, so
+  # keypoints on the object's outline (a polygon's corners, which lie on its
+  # box) need some margin: a box regressed a pixel too tight otherwise puts
+  # them out of reach, and in training they fall outside smaller RoIs.
+  keypoint_box_scale: float = 1.0
   # Inference.
   score_threshold: float = 0.05
   nms_threshold: float = 0.5
@@ -234,9 +240,10 @@ class MaskRCNN(nn.Module):
     """The keypoint loss on the ``num_keypoint_rois`` slots ``target_ops.keypoint_rois`` picks."""
     n = min(self.num_keypoint_rois, self.roi_batch_size_per_image)
     kps = jnp.take_along_axis(gt_keypoints, rois["matched_gt"][:, :, None, None], axis=1)
+    boxes = box_ops.scale(rois["boxes"], self.keypoint_box_scale)
     slots, counts = jax.vmap(lambda r, f, k: target_ops.keypoint_rois(r, f, k, n))(
-        rois["boxes"], rois["foreground"], kps)
-    boxes = jnp.take_along_axis(rois["boxes"], slots[:, :, None], axis=1)
+        boxes, rois["foreground"], kps)
+    boxes = jnp.take_along_axis(boxes, slots[:, :, None], axis=1)
     kps = jnp.take_along_axis(kps, slots[:, :, None, None], axis=1)
     heatmaps = self.keypoint_head(self._pool(roi_features, boxes,
                                              self.keypoint_pooler_resolution))
@@ -293,7 +300,8 @@ class MaskRCNN(nn.Module):
                                    axis=-1)[..., 0]
       out["masks"] = jax.nn.sigmoid(picked)
     if self.keypoint_head is not None:
-      heatmaps = self.keypoint_head(self._pool(roi_features, dets["boxes"],
+      boxes = box_ops.scale(dets["boxes"], self.keypoint_box_scale)
+      heatmaps = self.keypoint_head(self._pool(roi_features, boxes,
                                                self.keypoint_pooler_resolution))
-      out["keypoints"] = jax.vmap(kp_lib.heatmaps_to_keypoints)(heatmaps, dets["boxes"])
+      out["keypoints"] = jax.vmap(kp_lib.heatmaps_to_keypoints)(heatmaps, boxes)
     return out

@@ -118,6 +118,17 @@ def clip_to_image(boxes: jnp.ndarray, height, width) -> jnp.ndarray:
   return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
 
 
+def scale(boxes: jnp.ndarray, factor: float) -> jnp.ndarray:
+  """``boxes [..., 4]`` with width and height times ``factor`` (a Python number), about
+  their centres; ``factor == 1`` returns ``boxes`` itself, bit for bit."""
+  _check_last_axis("boxes", boxes)
+  if factor == 1:
+    return boxes
+  centre = 0.5 * (boxes[..., :2] + boxes[..., 2:])
+  half = 0.5 * factor * (boxes[..., 2:] - boxes[..., :2])
+  return jnp.concatenate([centre - half, centre + half], axis=-1)
+
+
 def xyxy_to_xywh(boxes: jnp.ndarray) -> jnp.ndarray:
   """``[x1, y1, x2, y2] -> [x, y, w, h]`` (COCO's box format), any leading shape."""
   _check_last_axis("boxes", boxes)

@@ -162,6 +162,30 @@ def test_keypoint_slots_go_to_instances_with_keypoints(tiny):
     assert np.isfinite(value) and value > 1.0, (seed, value)
 
 
+def test_keypoint_box_scale_widens_the_heatmaps(tiny):
+  """keypoint_head.box_scale: heatmaps span the detections' boxes scaled about their
+  centres, so keypoints may lie outside the box (not with the default 1)."""
+  _, params, _, _, detect, (images, info, _) = tiny
+  cfg = tiny_config()
+  cfg.keypoint_head.box_scale = 1.5
+  model = build.build_model(cfg)
+  wide = jax.jit(lambda p: model.apply({"params": p}, images, info, method="detect"))(params)
+  base = detect(params, images, info)
+  np.testing.assert_array_equal(wide["boxes"], base["boxes"])
+  for out, factor in ((base, 1.0), (wide, 1.5)):
+    boxes = np.asarray(box_ops.scale(out["boxes"], factor))[:, :, None]
+    kp = np.asarray(out["keypoints"])
+    valid = np.asarray(out["valid"])[:, :, None]
+    inside = ((kp[..., 0] >= boxes[..., 0]) & (kp[..., 0] <= boxes[..., 2])
+              & (kp[..., 1] >= boxes[..., 1]) & (kp[..., 1] <= boxes[..., 3]))
+    assert np.all(inside | ~valid), factor
+  small = np.asarray(base["boxes"])[:, :, None]
+  kp = np.asarray(wide["keypoints"])
+  outside = ((kp[..., 0] < small[..., 0]) | (kp[..., 0] > small[..., 2])
+             | (kp[..., 1] < small[..., 1]) | (kp[..., 1] > small[..., 3]))
+  assert np.any(outside & np.asarray(wide["valid"])[:, :, None])
+
+
 @pytest.mark.slow
 def test_overfit_two_images(tiny):
   """300 Adam steps on 2 images: loss falls >= 80%, every object found (box, mask, keypoints)."""

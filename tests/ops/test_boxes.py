@@ -151,6 +151,15 @@ def test_clip_to_image_hand_computed():
   np.testing.assert_array_equal(out, [[[0, 0, 100, 40], [10, 20, 30, 35]]])
 
 
+def test_scale_hand_computed():
+  """Width and height times the factor about the centre; factor 1 is the input itself."""
+  b = jnp.array([[[10, 20, 30, 60], [0, 0, 4, 2]]], jnp.float32)  # (1, 2, 4)
+  np.testing.assert_array_equal(box_ops.scale(b, 1.5),
+                                [[[5, 10, 35, 70], [-1, -0.5, 5, 2.5]]])
+  np.testing.assert_array_equal(box_ops.scale(b, 0.5), [[[15, 30, 25, 50], [1, 0.5, 3, 1.5]]])
+  assert box_ops.scale(b, 1.0) is b
+
+
 def test_xywh_conversions_hand_computed():
   """[x1,y1,x2,y2] <-> COCO [x,y,w,h] on a known box, any leading shape, round trip."""
   xyxy = jnp.array([[[1, 2, 4, 8]]], jnp.float32)
@@ -300,7 +309,7 @@ def test_coder_rejects_bad_shapes():
 
 @pytest.mark.parametrize("fn", [
     box_ops.area, box_ops.xyxy_to_xywh, box_ops.xywh_to_xyxy,
-    lambda b: box_ops.clip_to_image(b, 10, 10)])
+    lambda b: box_ops.clip_to_image(b, 10, 10), lambda b: box_ops.scale(b, 2.0)])
 def test_elementwise_ops_reject_bad_last_axis(fn):
   """A last axis other than 4 is an error, not a silently clamped index."""
   with pytest.raises(ValueError, match=r"^boxes: .*axis 1 is 3, not 4"):
