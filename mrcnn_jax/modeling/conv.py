@@ -15,8 +15,10 @@ no groups), on the CPU backend only: GPU and TPU compute both gradients with
 their own fast kernels, so there and for any other convolution it is
 ``lax.conv_general_dilated`` itself. Convolutions under ``MIN_MACS``
 multiply-adds also stay lax's: there the extra ops cost more compile time
-than they save (the test suite's tiny models). Parameters are those of
-``nn.Conv``.
+than they save (the test suite's tiny models). So do kernels larger than 1x1
+with fewer than ``MIN_CHANNELS`` input channels, whose weight gradient XLA
+computes faster than the per-tap matmuls (measured: see ``MIN_CHANNELS``).
+Parameters are those of ``nn.Conv``.
 """
 
 import functools
@@ -35,6 +37,13 @@ msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_MACS = 10_000_000  # tiny convs (predictors on coarse levels, test models) stay lax's
+# Kernels larger than 1x1 take the per-tap weight gradient only with at least
+# this many input channels. Measured on the 2-core CPU, fwd+bwd of one conv,
+# per-tap / XLA's time: 1x1 convs 0.72-0.77; 3x3 with 256-512 input channels
+# 0.61-1.15 (RoI heads and FPN at 256: 0.61-0.64); 3x3 with 32-128 mostly
+# 1.1-1.9 (ResNet's 64->64 at 128x128: 1.86; the shapes config's box head,
+# 64->64 on 1024 RoIs of 7x7: 1.12), a few small ones 0.67-0.93.
+MIN_CHANNELS = 256
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -56,7 +65,8 @@ def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
   """Explicit ((top, bottom), (left, right)) where the per-tap weight gradient applies.
 
   It applies on the CPU backend to NHWC/HWIO 2-D convolutions with
-  non-negative padding and at least ``MIN_MACS`` multiply-adds; else None.
+  non-negative padding, at least ``MIN_MACS`` multiply-adds and, for kernels
+  larger than 1x1, at least ``MIN_CHANNELS`` input channels; else None.
   """
   if (jax.default_backend() != "cpu" or lhs.ndim != 4 or dimension_numbers is None
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -66,6 +76,8 @@ def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple(tuple(p) for p in padding)
   if any(p < 0 for pair in padding for p in pair):
+    return None
+  if math.prod(rhs.shape[:2]) > 1 and rhs.shape[2] < MIN_CHANNELS:
     return None
   out_positions = math.prod(
       (size + lo + hi - k) // s + 1

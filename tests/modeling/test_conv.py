@@ -14,6 +14,7 @@ from mrcnn_jax.modeling import conv
 def _always_fast_path(monkeypatch):
   """These shapes are tiny: take the fast weight gradient whatever their size."""
   monkeypatch.setattr(conv, "MIN_MACS", 0)
+  monkeypatch.setattr(conv, "MIN_CHANNELS", 0)
 
 
 def _lax(x, w, strides, padding):
@@ -72,7 +73,8 @@ def test_bfloat16_gradient_dtype(rng):
 
 
 def test_small_convs_and_other_backends_use_lax(monkeypatch):
-  """Under MIN_MACS, or off CPU, the convolution and its gradient are lax's own."""
+  """Under MIN_MACS, kxk under MIN_CHANNELS, or off CPU: the convolution and its
+  gradient are lax's own."""
   x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
   call = lambda: conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -83,6 +85,12 @@ def test_small_convs_and_other_backends_use_lax(monkeypatch):
   monkeypatch.setattr(conv, "MIN_MACS", 1 + 16 * 3 * 3 * 2 * 2)
   assert "dot_general" not in jaxpr()
   monkeypatch.setattr(conv, "MIN_MACS", 0)
+  monkeypatch.setattr(conv, "MIN_CHANNELS", 3)  # a 3x3 kernel over 2 input channels
+  assert "dot_general" not in jaxpr()
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))  # 1x1: no channel minimum
+  assert "dot_general" in jaxpr()
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  monkeypatch.setattr(conv, "MIN_CHANNELS", 0)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert "dot_general" not in jaxpr()
   np.testing.assert_allclose(call(), _lax(x, w, (1, 1), ((1, 1), (1, 1))))
