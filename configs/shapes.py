@@ -23,13 +23,15 @@ What was measured on the 2-core CPU (AdamW, batch 8, 500 steps unless
 said; bbox / segm / keypoints AP on the validation split, min 16-px objects;
 keypoints AP at 500 steps is low and jumpy, 0.01-0.10 across the variants
 below, so the keypoint changes were also judged by their errors):
-- keypoint heatmaps over boxes 1.2x the detection's (keypoint_head.box_scale):
-  0.230 / 0.253 / 0.098 against 0.214 / 0.232 / 0.056; the median per-
-  keypoint OKS of matched triangles 0.55 -> 0.69. A triangle's corners lie
-  on its box, and 63% of them fell outside the detected box (by a pixel or
-  so) where a heatmap over the box cannot reach.
+- keypoint heatmaps over boxes scaled about their centres
+  (keypoint_head.box_scale): a triangle's corners lie on its box, and 63%
+  of them fell outside the detected box (by a pixel or so) where a heatmap
+  over the box cannot reach. 1.2 with 128 RoIs: 0.230 / 0.253 / 0.098
+  against 1.0's 0.214 / 0.232 / 0.056 (median per-keypoint OKS of matched
+  triangles 0.55 -> 0.69); with 64 RoIs, 1.2 / 1.4 / 1.6: 0.230 / 0.242 /
+  0.085, 0.248 / 0.258 / 0.134, 0.217 / 0.232 / 0.108 (OKS 0.62, 0.69, 0.65).
 - 64 RoIs per image with up to half foreground: see model.roi below.
-BOX_SCALE_LINE- box head "2conv1fc" (two 3x3 convs of 64, one FC of 128; detectron2's
+- box head "2conv1fc" (two 3x3 convs of 64, one FC of 128; detectron2's
   conv head) instead of "2fc": 0.224 / 0.240 / 0.082 against 0.146 / 0.172 /
   0.006, for 1.45x the step time. The biggest single gain found: the
   detector finds the shapes (class-agnostic box AP 0.45 at 1000 steps) but
@@ -42,7 +44,9 @@ BOX_SCALE_LINE- box head "2conv1fc" (two 3x3 convs of 64, one FC of 128; detectr
   against the 128's 0.224 / 0.240 / 0.082); against 0.214 / 0.232 / 0.056:
   GroupNorm in the box and mask heads (0.174 / 0.197 / 0.012),
   class-agnostic box regression (0.210 / 0.233 / 0.033), batch 4 for 1000
-  steps (0.202 / 0.214 / 0.043); and, with the 2fc head:
+  steps (0.202 / 0.214 / 0.043); keypoint loss weight 0.15 (with 64 RoIs and
+  box_scale 1.2: 0.201 / 0.220 / 0.071 against 0.05's 0.230 / 0.242 /
+  0.085); and, with the 2fc head:
   BatchNorm for GroupNorm (0.140), lr 4e-3 (0.107) or 1e-3
   (0.134), 256 RoIs per image (0.143), FPN level assignment scaled to the
   canvas (canonical box 56: 0.137).
@@ -64,7 +68,7 @@ def get_config(arg=None):
   config.seed = 0
   config.batch_size = 8
   config.eval_batch_size = 16
-  config.total_steps = 30 if tiny else 1700  # ~0.41 s each: the demo's 15 minutes
+  config.total_steps = 30 if tiny else 1600  # ~0.42 s each: the demo's 15 minutes
 
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/shapes/tf/train", "eval_dir": "data/shapes/tf/val",

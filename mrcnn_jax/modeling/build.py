@@ -88,6 +88,11 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
   for head in ("box_head", "mask_head"):
     if m[head].norm not in HEAD_NORMS:
       raise ValueError(f"model.{head}.norm: expected one of {HEAD_NORMS}, got {m[head].norm!r}")
+  if not m.keypoint_head.box_scale > 0:
+    raise ValueError(f"model.keypoint_head.box_scale: expected > 0, got "
+                     f"{m.keypoint_head.box_scale!r}")
+  if m.roi.num_keypoint_rois < 1:
+    raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
   dtype = DTYPES[m.dtype]
   bb = m.backbone
   c4 = m.design == "c4"

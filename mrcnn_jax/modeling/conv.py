@@ -137,8 +137,7 @@ def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = 
   Call it from a compact module's ``__call__``. Conv i is named
   ``name.format(i + 1)``, its norm that name + ``"_norm"``. ``norm`` is
   detectron2's ROI_BOX_HEAD.NORM / ROI_MASK_HEAD.NORM: "none" (convs with a
-  bias) or "gn" (GroupNorm, bias-free convs), which helps heads trained from
-  scratch.
+  bias) or "gn" (GroupNorm after bias-free convs, as in its GN configs).
   """
   if norm not in HEAD_NORMS:
     raise ValueError(f"head norm: expected one of {HEAD_NORMS}, got {norm!r}")

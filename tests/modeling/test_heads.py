@@ -69,12 +69,19 @@ def test_head_group_norm_after_each_conv(head):
   np.testing.assert_allclose(normed, want, rtol=1e-4, atol=1e-4)
 
 
-def test_head_norm_must_be_known():
-  """An unknown head norm is refused when the model is built, naming the config key."""
+def test_bad_head_settings_are_refused():
+  """An unknown head norm, a keypoint box scale <= 0 or no keypoint RoI slots are refused
+  when the model is built, naming the config key."""
   cfg = build.model_config(num_classes=2)
   cfg.mask_head.norm = "bn"
   with pytest.raises(ValueError, match="model.mask_head.norm"):
     build.build_model(cfg)
+  for key, value in (("keypoint_head.box_scale", 0.0), ("roi.num_keypoint_rois", 0)):
+    cfg = build.model_config(num_classes=2)
+    section, name = key.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ValueError, match=f"model.{key}"):
+      build.build_model(cfg)
 
 
 def test_mask_and_keypoint_head_shapes():
