@@ -5,8 +5,8 @@
 #
 #   scripts/demo.sh [--config.x=y ...]     (extra flags go to train/evaluate/predict)
 #
-# About 14 minutes on a 2-core CPU from a fresh clone, venv install included
-# (816 s measured).
+# About 13 minutes on a 2-core CPU from a fresh clone, venv install included
+# (795 s measured).
 # Reruns reuse the dataset and resume (or skip) training. DATA and WORKDIR
 # override where things go (default data/shapes and workdirs/shapes).
 set -euo pipefail
