@@ -45,7 +45,7 @@ class BoxHead(nn.Module):
   class_agnostic: bool = False
   num_convs: int = 0  # 3x3 convs (with ReLU) before the FCs
   conv_dim: int = 256
-  norm: str = "none"  # after each conv: "none" or "gn" (conv.HEAD_NORMS)
+  norm: str = "none"  # after each conv: "none" or "gn" (norm.HEAD_NORMS)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from mrcnn_jax.modeling.box_head import BoxHead
-from mrcnn_jax.modeling.conv import HEAD_NORMS
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import KeypointHead
 from mrcnn_jax.modeling.mask_head import MaskHead
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-from mrcnn_jax.modeling.norm import NORMS
+from mrcnn_jax.modeling.norm import HEAD_NORMS, NORMS
 from mrcnn_jax.modeling.res5_head import Res5Head
 from mrcnn_jax.modeling.resnet import ResNet, frozen_prefixes
 from mrcnn_jax.modeling.rpn import RPNHead

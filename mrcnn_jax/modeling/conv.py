@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mrcnn_jax.modeling.norm import make_norm
+from mrcnn_jax.modeling.norm import HEAD_NORMS, make_norm
 
 # He normal over fan_out: torchvision's ResNet init and detectron2's c2_msra_fill
 # (box, mask and keypoint head convs). Transposed convs use deconv.msra_fill.
@@ -126,8 +126,6 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
-
-HEAD_NORMS = ("none", "gn")
 
 
 def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = "none",

@@ -20,7 +20,7 @@ class MaskHead(nn.Module):
   num_classes: int = 80
   num_convs: int = 4
   conv_dim: int = 256
-  norm: str = "none"  # after each conv: "none" or "gn" (conv.HEAD_NORMS)
+  norm: str = "none"  # after each conv: "none" or "gn" (norm.HEAD_NORMS)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 NORMS = ("frozen_bn", "gn", "bn", "none")
+HEAD_NORMS = ("none", "gn")  # for the RoI heads' conv towers (conv.conv_stack)
 
 
 class FrozenBatchNorm(nn.Module):
