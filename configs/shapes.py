@@ -103,8 +103,11 @@ def get_config(arg=None):
   model.mask_head.update(num_convs=2, conv_dim=32)
   # Heatmaps over boxes 1.4x the detection's: a triangle's corners lie on its
   # box (see the docstring).
+  # Sub-pixel keypoints (a local soft-argmax, see modeling/keypoint_head.py):
+  # on small triangles half a pixel is much of the OKS tolerance.
   model.keypoint_head.update(enabled=True, num_keypoints=NUM_KEYPOINTS, num_convs=2,
-                             conv_dim=32, loss_weight=1.0 if tiny else 0.05, box_scale=1.4)
+                             conv_dim=32, loss_weight=1.0 if tiny else 0.05, box_scale=1.4,
+                             decode="local_mean")
   model.test.update(detections_per_image=20, score_threshold=0.05)
   config.model = model
 

@@ -13,7 +13,7 @@ import ml_collections
 
 from mrcnn_jax.modeling.box_head import BoxHead
 from mrcnn_jax.modeling.fpn import FPN
-from mrcnn_jax.modeling.keypoint_head import KeypointHead
+from mrcnn_jax.modeling.keypoint_head import DECODES, KeypointHead
 from mrcnn_jax.modeling.mask_head import MaskHead
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import HEAD_NORMS, NORMS
@@ -69,7 +69,8 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
                         "conv_dim": 512, "pooler_resolution": 14,
                         "loss_weight": 1.0,  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
-                        "box_scale": 1.0},  # heatmaps over boxes scaled by this (see MaskRCNN)
+                        "box_scale": 1.0,  # heatmaps over boxes scaled by this (see MaskRCNN)
+                        "decode": "bicubic"},  # or "local_mean" (see keypoint_head)
       "test": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 100,
                "max_candidates": 4000},
   })
@@ -90,6 +91,9 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
   if not m.keypoint_head.box_scale > 0:
     raise ValueError(f"model.keypoint_head.box_scale: expected > 0, got "
                      f"{m.keypoint_head.box_scale!r}")
+  if m.keypoint_head.decode not in DECODES:
+    raise ValueError(f"model.keypoint_head.decode: expected one of {DECODES}, got "
+                     f"{m.keypoint_head.decode!r}")
   if m.roi.num_keypoint_rois < 1:
     raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
   dtype = DTYPES[m.dtype]
@@ -149,6 +153,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
       keypoint_loss_weight=m.keypoint_head.loss_weight,
       keypoint_box_scale=m.keypoint_head.box_scale,
+      keypoint_decode=m.keypoint_head.decode,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
       detections_per_image=m.test.detections_per_image,
       max_candidates=m.test.max_candidates)

@@ -18,6 +18,19 @@ random weights (tests/parity), where a thin RoI's few pixel columns can put
 the maximum far from where the map itself peaks. Cost: 32 x 17 x 17 samples
 per map (~4 GFLOP for 100 detections x 17 keypoints: ~2 s on a 2-core CPU,
 little on an accelerator).
+
+``decode="local_mean"`` (``model.keypoint_head.decode``) is the alternative
+for keypoints that must be placed to a fraction of a pixel: the mean of the
+cell centres within ``LOCAL_HALF_WINDOW`` cells of the map's highest cell,
+weighted by the softmax of their logits (the softmax the loss trains, renormalised
+over the window: a local soft-argmax, as in integral pose regression, Sun et
+al. 2018). The argmax over whole RoI pixels cannot resolve better than half a
+pixel, which on small objects is much of the OKS tolerance (COCO's sigma of
+0.05 allows ~1 px on a 14 px object). Measured on the shapes demo's
+checkpoint (1600 steps, 56 x 56 maps): keypoint AP 0.339 with "bicubic";
+"local_mean" with half windows 3 / 5 / 7 / 10 / 14: 0.365 / 0.369 / 0.375 /
+0.379 / 0.378, over the whole map 0.358 (a second mode, such as another
+object's corner, pulls the mean off).
 """
 
 import flax.linen as nn
@@ -31,6 +44,8 @@ from mrcnn_jax.ops.checks import check_shape
 NUM_PEAKS = 32  # local maxima searched around, per map
 HALF_WINDOW = 8  # pixels on each side of a peak, per axis
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient
+LOCAL_HALF_WINDOW = 7  # "local_mean": cells on each side of the highest, per axis
+DECODES = ("bicubic", "local_mean")
 
 
 class KeypointHead(nn.Module):
@@ -51,6 +66,50 @@ class KeypointHead(nn.Module):
     n, h, w, k = x.shape
     x = jax.image.resize(x, (n, 2 * h, 2 * w, k), "bilinear")
     return x.reshape(*lead, *x.shape[1:])
+
+
+def decode_keypoints(heatmaps: jnp.ndarray, boxes: jnp.ndarray,
+                     method: str = "bicubic") -> jnp.ndarray:
+  """``heatmaps_to_keypoints`` ("bicubic", detectron2's) or ``local_mean_keypoints``.
+
+  Same arguments and result as those; ``method`` is one of ``DECODES``.
+  """
+  if method == "bicubic":
+    return heatmaps_to_keypoints(heatmaps, boxes)
+  if method == "local_mean":
+    return local_mean_keypoints(heatmaps, boxes)
+  raise ValueError(f"keypoint decode: expected one of {DECODES}, got {method!r}")
+
+
+def local_mean_keypoints(heatmaps: jnp.ndarray, boxes: jnp.ndarray) -> jnp.ndarray:
+  """Keypoints at the softmax-weighted mean cell centre around each map's highest cell.
+
+  Args and result as ``heatmaps_to_keypoints``; the score is the same kind
+  (the highest cell's softmax weight over the whole map), positions are
+  continuous: ``x1 + (u + 0.5) * w / m`` for the mean cell coordinate ``u``
+  over the cells within ``LOCAL_HALF_WINDOW`` of the highest (cells beyond
+  the map's border are left out).
+  """
+  dims = check_shape("heatmaps", heatmaps, ("D", "m", "m", "K"))
+  check_shape("boxes", boxes, ("D", 4), dims)
+  d, m, _, k = heatmaps.shape
+  maps = jnp.moveaxis(heatmaps.astype(jnp.float32), -1, 1).reshape(d * k, m * m)
+  top = jnp.argmax(maps, axis=1)  # (DK,)
+  offsets = jnp.arange(-LOCAL_HALF_WINDOW, LOCAL_HALF_WINDOW + 1)
+  cols = (top % m)[:, None] + offsets  # (DK, S)
+  rows = (top // m)[:, None] + offsets
+  inside = ((cols >= 0) & (cols < m))[:, None, :] & ((rows >= 0) & (rows < m))[:, :, None]
+  index = jnp.clip(rows, 0, m - 1)[:, :, None] * m + jnp.clip(cols, 0, m - 1)[:, None, :]
+  logits = jnp.take_along_axis(maps, index.reshape(d * k, -1), axis=1).reshape(index.shape)
+  weights = jax.nn.softmax(jnp.where(inside, logits, -jnp.inf), axis=(1, 2))  # (DK, S, S)
+  u = jnp.sum(weights * cols[:, None, :], axis=(1, 2))
+  v = jnp.sum(weights * rows[:, :, None], axis=(1, 2))
+  peak = jnp.max(maps, axis=1)
+  score = 1.0 / jnp.sum(jnp.exp(maps - peak[:, None]), axis=1)
+  boxes = jnp.repeat(boxes.astype(jnp.float32), k, axis=0)  # (DK, 4)
+  x = boxes[:, 0] + (u + 0.5) * (boxes[:, 2] - boxes[:, 0]) / m
+  y = boxes[:, 1] + (v + 0.5) * (boxes[:, 3] - boxes[:, 1]) / m
+  return jnp.stack([x, y, score], axis=-1).reshape(d, k, 3)
 
 
 def heatmaps_to_keypoints(heatmaps: jnp.ndarray, boxes: jnp.ndarray) -> jnp.ndarray:

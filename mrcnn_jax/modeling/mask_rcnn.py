@@ -18,6 +18,7 @@ Entry points (``model.apply(variables, ..., method=...)``):
   ``initialize(images)`` -> nothing; for ``model.init`` (cheapest to compile)
 """
 
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -96,6 +97,9 @@ class MaskRCNN(nn.Module):
   # box) need some margin: a box regressed a pixel too tight otherwise puts
   # them out of reach, and in training they fall outside smaller RoIs.
   keypoint_box_scale: float = 1.0
+  # How detections' heatmaps become keypoints: "bicubic" (detectron2's argmax
+  # over the RoI's pixels) or "local_mean" (sub-pixel; see keypoint_head).
+  keypoint_decode: str = "bicubic"
   # Inference.
   score_threshold: float = 0.05
   nms_threshold: float = 0.5
@@ -303,5 +307,6 @@ class MaskRCNN(nn.Module):
       boxes = box_ops.scale(dets["boxes"], self.keypoint_box_scale)
       heatmaps = self.keypoint_head(self._pool(roi_features, boxes,
                                                self.keypoint_pooler_resolution))
-      out["keypoints"] = jax.vmap(kp_lib.heatmaps_to_keypoints)(heatmaps, boxes)
+      out["keypoints"] = jax.vmap(functools.partial(
+          kp_lib.decode_keypoints, method=self.keypoint_decode))(heatmaps, boxes)
     return out

@@ -70,13 +70,14 @@ def test_head_group_norm_after_each_conv(head):
 
 
 def test_bad_head_settings_are_refused():
-  """An unknown head norm, a keypoint box scale <= 0 or no keypoint RoI slots are refused
-  when the model is built, naming the config key."""
+  """An unknown head norm, a keypoint box scale <= 0, no keypoint RoI slots or an unknown
+  keypoint decoding are refused when the model is built, naming the config key."""
   cfg = build.model_config(num_classes=2)
   cfg.mask_head.norm = "bn"
   with pytest.raises(ValueError, match="model.mask_head.norm"):
     build.build_model(cfg)
-  for key, value in (("keypoint_head.box_scale", 0.0), ("roi.num_keypoint_rois", 0)):
+  for key, value in (("keypoint_head.box_scale", 0.0), ("roi.num_keypoint_rois", 0),
+                     ("keypoint_head.decode", "argmax")):
     cfg = build.model_config(num_classes=2)
     section, name = key.split(".")
     cfg[section][name] = value
@@ -266,3 +267,67 @@ def test_heatmap_decoding_matches_detectron2_reference(torch, rng):
   assert np.all(np.abs(ours[..., :2] - ref[..., :2]).max(-1) <= np.where(wide, 1.01, 1e-3))
   score_error = np.abs(ours[..., 2] / ref[..., 2] - 1)
   assert np.all(score_error <= np.where(wide, 1e-2, 1e-5)), score_error
+
+
+def test_local_mean_decoding_hand_computed():
+  """Two equal highest cells average to their midpoint; a cell beyond the window counts in
+  the score only; at the border the window keeps the cells inside the map."""
+  m = 56
+  maps = np.full((1, m, m, 2), -40.0, np.float32)
+  maps[0, 20, 10, 0] = maps[0, 20, 11, 0] = 0.0  # two equal peaks: u = 10.5, v = 20
+  maps[0, 20, 40, 0] = 0.0  # as high, but 29 cells away
+  maps[0, 0, 0, 1] = np.log(3.0)  # corner peak and one neighbour of a quarter the weight
+  maps[0, 1, 0, 1] = 0.0  # u = 0, v = (0 * 3 + 1 * 1) / 4 = 0.25
+  box = np.array([[100.0, 50.0, 212.0, 162.0]], np.float32)  # 2 px per cell
+  kps = np.asarray(jax.jit(keypoint_head.local_mean_keypoints)(jnp.asarray(maps),
+                                                               jnp.asarray(box)))
+  np.testing.assert_allclose(kps[0, 0], [100 + 11.0 * 2, 50 + 20.5 * 2, 1 / 3], rtol=1e-6)
+  np.testing.assert_allclose(kps[0, 1], [100 + 0.5 * 2, 50 + 0.75 * 2, 3 / 4], rtol=1e-6)
+
+
+def _local_mean_reference(maps, boxes, half):
+  """Loops over detections and keypoints, in float64."""
+  d, m, _, k = maps.shape
+  out = np.zeros((d, k, 3))
+  for i in range(d):
+    for j in range(k):
+      a = maps[i, :, :, j].astype(np.float64)
+      v0, u0 = np.unravel_index(np.argmax(a), a.shape)
+      total = mean_u = mean_v = 0.0
+      for v in range(max(v0 - half, 0), min(v0 + half, m - 1) + 1):
+        for u in range(max(u0 - half, 0), min(u0 + half, m - 1) + 1):
+          w = np.exp(a[v, u] - a[v0, u0])
+          total, mean_u, mean_v = total + w, mean_u + w * u, mean_v + w * v
+      x1, y1, x2, y2 = boxes[i]
+      out[i, j] = [x1 + (mean_u / total + 0.5) * (x2 - x1) / m,
+                   y1 + (mean_v / total + 0.5) * (y2 - y1) / m,
+                   1.0 / np.exp(a - a[v0, u0]).sum()]
+  return out
+
+
+def test_local_mean_decoding_matches_numpy_reference(rng):
+  d, m, k = 5, 56, 4
+  maps = 4 * rng.normal(size=(d, m, m, k)).astype(np.float32)
+  maps[0, 1, 54, 0] = 30.0  # a peak by the border
+  x1y1 = rng.uniform(0, 50, size=(d, 2))
+  boxes = np.concatenate([x1y1, x1y1 + rng.uniform(0.5, 300, size=(d, 2))], 1).astype(np.float32)
+  ours = np.asarray(keypoint_head.decode_keypoints(jnp.asarray(maps), jnp.asarray(boxes),
+                                                   "local_mean"))
+  ref = _local_mean_reference(maps, boxes, keypoint_head.LOCAL_HALF_WINDOW)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_local_mean_decoding_resolves_a_fraction_of_a_cell():
+  """A peak between cells (a softmax that is a sampled Gaussian, as a trained head's is
+  near its maximum) decodes to its centre to ~0.01 cell, where whole RoI pixels leave up
+  to half a pixel."""
+  centres = [(10.3, 20.6), (30.5, 31.9), (40.75, 3.4)]
+  maps = jnp.asarray(_gaussian_maps(centres, sigma=1.0)[None])
+  box = jnp.asarray([[100.0, 50.0, 212.0, 162.0]])  # 2 px per cell
+  want = np.array([[100 + (u + 0.5) * 2, 50 + (v + 0.5) * 2] for u, v in centres])
+  local = np.asarray(keypoint_head.decode_keypoints(maps, box, "local_mean"))[0, :, :2]
+  bicubic = np.asarray(keypoint_head.decode_keypoints(maps, box, "bicubic"))[0, :, :2]
+  assert np.abs(local - want).max() < 0.05, local - want
+  assert np.abs(bicubic - want).max() > 0.2  # the whole-pixel grid, for contrast
+  with pytest.raises(ValueError, match="local_mean"):
+    keypoint_head.decode_keypoints(maps, box, "soft")

@@ -199,6 +199,12 @@ def test_overfit_two_images(tiny):
 
   images, info, gt = batch
   out = jax.tree.map(np.asarray, detect(params, images, info))
+  cfg = tiny_config()
+  cfg.keypoint_head.decode = "local_mean"
+  model = build.build_model(cfg)
+  local = jax.jit(lambda p: model.apply({"params": p}, images, info, method="detect"))(params)
+  local_keypoints = np.asarray(local["keypoints"])
+  np.testing.assert_array_equal(local["boxes"], out["boxes"])
   ys, xs = np.mgrid[0:CANVAS, 0:CANVAS] + 0.5
   for b in range(images.shape[0]):
     for g in np.flatnonzero(np.asarray(gt["gt_valid"][b])):
@@ -219,9 +225,10 @@ def test_overfit_two_images(tiny):
       mask_iou = (pred & true).sum() / (pred | true).sum()
       assert mask_iou >= 0.8, (b, g, mask_iou)
       if kind == 2:
-        err = np.linalg.norm(out["keypoints"][b, d, :, :2] - np.asarray(gt["gt_keypoints"][b, g, :, :2]),
-                             axis=-1)
-        assert np.all(err <= 3.0), (b, g, err)
+        for decoded in (out["keypoints"], local_keypoints):  # "bicubic", "local_mean"
+          err = np.linalg.norm(decoded[b, d, :, :2] - np.asarray(gt["gt_keypoints"][b, g, :, :2]),
+                               axis=-1)
+          assert np.all(err <= 3.0), (b, g, err)
 
 
 @pytest.mark.parametrize("design", ["fpn", "c4"])
