@@ -17,8 +17,9 @@ proposals and RoIs. Every op and head is the same as in the COCO configs.
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.45
-s/step as the machine's speed varies: 1700 steps, 879 s, bbox / segm /
-keypoints AP 0.523 / 0.545 / 0.399 (keypoints decoded "local_mean"). With
+s/step as the machine's speed varies: 1700 steps, 795 s and 879 s in two
+runs, bbox / segm / keypoints AP 0.523 / 0.545 / 0.399 both times
+(keypoints decoded "local_mean"). With
 the detectron2 decoding: 1700 steps, 873 s, 0.523 / 0.545 / 0.356; 1600
 steps, 795 s, 0.483 / 0.500 / 0.339. (Before keypoint box_scale 1.4, 64 RoIs
 and the faster step: 1000 steps, 816 s, 0.342 / 0.354 / 0.120.)
