@@ -52,7 +52,9 @@ JSON keys (also printed as a table on stderr):
                  steps alternating with ours, ratios ours/theirs, and the
                  list of what still differs.
   targets        the issue's goals with their values; reported, never asserted.
-  sweep          (--sweep) step cost over canvas, RoIs per image and batch.
+  sweep          (--sweep) step cost over canvas, RoIs per image and batch;
+                 the point with the run's own settings reuses the main
+                 measurement ("measured_in").
 """
 
 import copy
@@ -401,10 +403,16 @@ def stage_breakdown(ours, batch, step_s: float) -> Dict:
   return out
 
 
-def sweep(config, mesh) -> List[Dict]:
+def sweep(config, mesh, main: Dict) -> List[Dict]:
+  """One row per (axis, value); ``main`` is the run's train-step result, which
+  is reused for the point with the run's own settings rather than compiled again."""
   base = {"canvas": FLAGS.canvas, "rois": config.model.roi.batch_size_per_image,
           "batch": FLAGS.batch_size}
-  done, rows = {}, []
+  done = {tuple(base.values()): {
+      "compile_s": main["compile_s"], "step_s": main["step_s"]["median"],
+      "gflop": main["gflop_per_step"], "images_per_s": main["images_per_s"],
+      "measured_in": "main run"}}
+  rows = []
   for axis, values in (("canvas", FLAGS.sweep_canvas), ("rois", FLAGS.sweep_rois),
                        ("batch", FLAGS.sweep_batch)):
     for v in map(int, values):
@@ -415,7 +423,7 @@ def sweep(config, mesh) -> List[Dict]:
         # Only the RoI axis moves the mask RoIs (rois * positive_fraction).
         c = configure(config, point["batch"], point["canvas"],
                       rois=point["rois"] if axis == "rois" else None)
-        done[key] = measure_train_point(c, mesh, FLAGS.sweep_steps)
+        done[key] = {**measure_train_point(c, mesh, FLAGS.sweep_steps), "measured_in": "sweep"}
       rows.append({"axis": axis, **point, **done[key]})
   return rows
 
@@ -604,7 +612,7 @@ def run(config, overrides: List[str]) -> Dict:
     result["data_pipeline"] = {**data_pipeline(config),
                                "train_step_images_per_s": result["train"]["images_per_s"]}
   if FLAGS.sweep:
-    result["sweep"] = sweep(config, mesh)
+    result["sweep"] = sweep(config, mesh, result["train"])
 
   result["memory"]["host_peak_mib_end"] = host_peak_mib()
   result["settings"]["load_average_1m_after"] = os.getloadavg()[0]

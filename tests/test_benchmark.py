@@ -76,8 +76,11 @@ def test_stages_dtype_data_sweep(result):
   assert set(d["float32"]) == set(d["bfloat16"]) and "loss" in d["float32"]
   assert math.isfinite(d["rel_diff"]["loss"])
   assert _positive(r["data_pipeline"]["images_per_s"])
-  rows = r["sweep"]  # one row per axis; the single point is measured once
+  rows = r["sweep"]  # one row per axis; the run's own point comes from the main run
   assert [p["axis"] for p in rows] == ["canvas", "rois", "batch"]
+  assert [p["measured_in"] for p in rows] == ["main run", "sweep", "main run"]
+  assert rows[0]["step_s"] == r["train"]["step_s"]["median"]
+  assert rows[1]["rois"] == 128 and rows[1]["gflop"] > rows[0]["gflop"]
   assert all(p["canvas"] == 64 and _positive(p["step_s"]) and _positive(p["gflop"])
              for p in rows)
   assert set(r["targets"]) >= {"utilisation", "train_step_compilations",
