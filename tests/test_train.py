@@ -153,37 +153,54 @@ def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
   assert_trees_equal(saved["params"], fresh["params"])
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-  """A save that dies half-way leaves the last complete checkpoint restorable."""
-  import orbax.checkpoint as ocp
-  state = {"w": np.arange(6.0).reshape(2, 3), "step": np.int32(1)}
-  ckpt = checkpointing.Checkpointer(str(tmp_path))
-  ckpt.save(1, state, force=True)
-  ckpt.close()
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+  """A process that dies half-way through a save leaves the last complete checkpoint
+  restorable, and the next run goes on from it.
 
-  real_save = ocp.StandardCheckpointHandler.async_save
+  The crash is a real one: a subprocess saves step 1, then dies (os._exit) inside
+  orbax's save of step 2 after writing part of it. (Raising inside the save
+  instead leaves orbax's background threads of that save running in this
+  process, where they race with the next manager's cleanup of the same
+  directory.)
+  """
+  script = textwrap.dedent(f"""
+      import os
+      import numpy as np
+      import orbax.checkpoint as ocp
+      from mrcnn_jax import checkpointing
+      ckpt = checkpointing.Checkpointer({str(tmp_path)!r})
+      ckpt.save(1, {{"w": np.arange(6.0).reshape(2, 3), "step": np.int32(1)}}, force=True)
+      ckpt.wait()
 
-  def dying_save(self, directory, *args, **kwargs):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "partial"), "w") as f:
-      f.write("half a checkpoint")
-    raise OSError("disk died mid-save")
-  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", dying_save)
-  ckpt = checkpointing.Checkpointer(str(tmp_path))
-  with pytest.raises(OSError, match="disk died"):
-    ckpt.save(2, {"w": np.zeros((2, 3)), "step": np.int32(2)}, force=True)
-    ckpt.wait()
-  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", real_save)
+      def dying_save(self, directory, *args, **kwargs):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "partial"), "w") as f:
+          f.write("half a checkpoint")
+        os._exit(3)  # the machine goes down mid-save
+      ocp.StandardCheckpointHandler.async_save = dying_save
+      ckpt.save(2, {{"w": np.zeros((2, 3)), "step": np.int32(2)}}, force=True)
+      ckpt.wait()
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  leftovers = os.listdir(os.path.join(tmp_path, "checkpoints"))
+  assert any(name.startswith("2") and name != "2" for name in leftovers), leftovers
 
   again = checkpointing.Checkpointer(str(tmp_path))
   assert again.latest_step() == 1
+  state = {"w": np.arange(6.0).reshape(2, 3), "step": np.int32(1)}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                           state)
   restored = again.restore(abstract)
   np.testing.assert_array_equal(restored["w"], state["w"])
   again.save(2, {"w": np.ones((2, 3)), "step": np.int32(2)}, force=True)  # and go on
   again.close()
-  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 2
+  after = checkpointing.Checkpointer(str(tmp_path))
+  assert after.latest_step() == 2
+  np.testing.assert_array_equal(after.restore(abstract)["w"], np.ones((2, 3)))
+  after.close()
 
 
 def test_evaluate_and_predict_clis(dataset, reference_run, tmp_path):
