@@ -127,7 +127,6 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
-
 def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = "none",
                dtype=jnp.float32) -> jnp.ndarray:
   """The RoI heads' conv tower: ``num_convs`` x (3x3 conv of ``dim``, norm, ReLU).
