@@ -14,8 +14,6 @@ keypoints (no mask head), the same schedule and optimiser as Mask R-CNN 1x.
 The left/right flip map comes from the converted split's keypoint names.
 """
 
-import ml_collections
-
 from configs import coco_mask_rcnn_r50_fpn_1x as base
 
 
@@ -28,5 +26,4 @@ def get_config(arg=None):
   m.mask_head.enabled = False
   m.keypoint_head.update(enabled=True, num_keypoints=17)
   config.train.best_metric = "keypoints/AP"
-  config.eval = ml_collections.ConfigDict({"oks_sigmas": ()})  # COCO's 17 sigmas
   return config

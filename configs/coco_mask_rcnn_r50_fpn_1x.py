@@ -47,7 +47,9 @@ def get_config(arg=None):
       "eval_every": 10000, "eval_steps": 0, "best_metric": "segm/AP",
       "max_nonfinite": 20, "progress": True,
   })
-  config.eval = ml_collections.ConfigDict({"oks_sigmas": ()})
+  # () = COCO's 17 sigmas for 17 keypoints; keypoint results ranked by their
+  # box's score, as detectron2 does (see evaluation/coco.py KEYPOINT_SCORES).
+  config.eval = ml_collections.ConfigDict({"oks_sigmas": (), "keypoint_score": "box"})
   config.init_checkpoint = ""
   config.init_keep = "backbone"
   return config

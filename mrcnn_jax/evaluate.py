@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import tqdm
@@ -55,6 +55,16 @@ def eval_annotations(config) -> str:
   return path
 
 
+def evaluator_options(config) -> Dict[str, Any]:
+  """``COCOEvaluator``'s options from ``config.eval``, checked (train calls this up front)."""
+  e = config.get("eval", {})
+  score = e.get("keypoint_score", "box")
+  if score not in coco_eval.KEYPOINT_SCORES:
+    raise ValueError(f"eval.keypoint_score: expected one of {coco_eval.KEYPOINT_SCORES}, "
+                     f"got {score!r}")
+  return {"oks_sigmas": e.get("oks_sigmas") or None, "keypoint_score": score}
+
+
 def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
              progress: bool = True) -> Dict[str, float]:
   """COCO metrics of ``variables`` on the eval split (the first ``max_steps`` batches)."""
@@ -62,8 +72,7 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
   meta = input_pipeline.RecordFile(config.data.eval_dir).meta
   evaluator = coco_eval.COCOEvaluator(
       eval_annotations(config), meta["coco_ids"],
-      keypoint_category_ids=meta["keypoint_category_ids"],
-      oks_sigmas=config.get("eval", {}).get("oks_sigmas") or None)
+      keypoint_category_ids=meta["keypoint_category_ids"], **evaluator_options(config))
   steps = input_pipeline.num_eval_steps(config)
   if max_steps:
     steps = min(steps, max_steps)

@@ -207,6 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   model = build.build_model(config)
+  evaluate_lib.evaluator_options(config)  # a bad eval setting fails now, not after training
   # Trace the model once for shapes; the optimiser state's shapes follow from the params'.
   shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(), config),
                           jax.random.PRNGKey(0))

@@ -7,7 +7,7 @@ import jax
 import optax
 import pytest
 
-from mrcnn_jax import optim, train
+from mrcnn_jax import evaluate, optim, train
 from mrcnn_jax.modeling import build
 
 CONFIGS = ["shapes", "coco_mask_rcnn_r50_fpn_1x", "coco_keypoint_rcnn_r50_fpn_1x",
@@ -28,6 +28,14 @@ def test_config_builds(name):
               "max_nonfinite"):
     assert key in config.train, key
   assert config.batch_size % 1 == 0 and config.data.max_instances > 0
+  assert set(evaluate.evaluator_options(config)) == {"oks_sigmas", "keypoint_score"}
+
+
+def test_bad_eval_setting_is_named():
+  config = importlib.import_module("configs.shapes").get_config()
+  config.eval.keypoint_score = "oks"
+  with pytest.raises(ValueError, match="eval.keypoint_score"):
+    evaluate.evaluator_options(config)
 
 
 def test_coco_schedule_is_detectron2s():

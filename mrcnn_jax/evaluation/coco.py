@@ -39,10 +39,18 @@ from pycocotools.cocoeval import COCOeval
 # the values pycocotools hard-codes in Params.setKpParams.
 COCO_PERSON_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
                                1.07, 1.07, .87, .87, .89, .89]) / 10.0
+# How a keypoint result is ranked: "box" gives it its detection's score
+# (detectron2, torchvision); "box_x_keypoints" multiplies that by the mean of
+# its keypoints' scores, as top-down pose estimators rank their poses
+# (SimpleBaseline, HRNet): COCOeval's keypoint AP ranks by score, and a
+# confident box with unsure keypoints then falls behind one whose keypoints
+# the heatmaps are sure of. bbox and segm results keep the detection's score.
+KEYPOINT_SCORES = ("box", "box_x_keypoints")
 # Uniform sigma for keypoint sets other than COCO's 17 when none is given.
 # A choice, not a standard: it lies between COCO's face points (0.025-0.035)
 # and its joints (0.062-0.107), i.e. it asks for corner-like points to be
-# about as precise as a shoulder. Pass ``oks_sigmas`` for a dataset's own.
+# placed more precisely than any joint (a wrist is 0.062) but less than an
+# eye. Pass ``oks_sigmas`` for a dataset's own.
 DEFAULT_OKS_SIGMA = 0.05
 
 # Names of COCOeval.stats, in its order.
@@ -247,7 +255,8 @@ class COCOEvaluator:
   def __init__(self, annotation_file_or_COCO: Union[str, COCO], coco_ids: Sequence[int],
                keypoint_category_ids: Iterable[int] = (),
                iou_types: Sequence[str] = ("bbox", "segm", "keypoints"),
-               oks_sigmas: Optional[Sequence[float]] = None):
+               oks_sigmas: Optional[Sequence[float]] = None,
+               keypoint_score: str = "box"):
     """
     Args:
       annotation_file_or_COCO: the split's COCO JSON path (meta.json's
@@ -257,7 +266,12 @@ class COCOEvaluator:
       iou_types: which of "bbox", "segm", "keypoints" to evaluate.
       oks_sigmas: per-keypoint OKS sigmas ``[Kp]``; default COCO's when
         Kp == 17, else ``DEFAULT_OKS_SIGMA`` for every keypoint.
+      keypoint_score: how keypoint results are ranked, one of
+        ``KEYPOINT_SCORES`` (see there).
     """
+    if keypoint_score not in KEYPOINT_SCORES:
+      raise ValueError(f"keypoint_score: expected one of {KEYPOINT_SCORES}, got "
+                       f"{keypoint_score!r}")
     unknown = set(iou_types) - set(METRIC_NAMES)
     if unknown:
       raise ValueError(f"iou_types: unknown {sorted(unknown)}; expected a subset of "
@@ -270,6 +284,7 @@ class COCOEvaluator:
     self.keypoint_category_ids = [int(c) for c in keypoint_category_ids]
     self.iou_types = tuple(iou_types)
     self.oks_sigmas = None if oks_sigmas is None else np.asarray(oks_sigmas, np.float64)
+    self.keypoint_score = keypoint_score
     self.reset()
 
   def reset(self):
@@ -342,13 +357,18 @@ class COCOEvaluator:
 
     segm results drop ``bbox`` so that loadRes takes each detection's area
     from its mask (detectron2 does the same); keypoint results keep ``bbox``,
-    whose area decides the area range of unmatched detections.
+    whose area decides the area range of unmatched detections, and are
+    ranked as ``keypoint_score`` says.
     """
     keys = {"bbox": ("image_id", "category_id", "bbox", "score"),
             "segm": ("image_id", "category_id", "segmentation", "score"),
             "keypoints": ("image_id", "category_id", "bbox", "keypoints", "score")}[iou_type]
     need = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
-    return [{k: r[k] for k in keys} for r in self._results if need in r]
+    results = [{k: r[k] for k in keys} for r in self._results if need in r]
+    if iou_type == "keypoints" and self.keypoint_score == "box_x_keypoints":
+      for r in results:
+        r["score"] *= float(np.mean(r["keypoints"][2::3]))
+    return results
 
   def evaluate(self) -> Dict[str, float]:
     """Runs COCOeval per IoU type and prints its tables.

@@ -333,6 +333,43 @@ def test_oks_sigmas():
     evaluator._sigmas()
 
 
+def test_keypoint_score_ranks_keypoint_results_only(capsys):
+  """Two triangles; the surer box has wrong keypoints. Hand-computed AP either way."""
+  kp_gt = [[[10, 10, 2], [5, 30, 2], [15, 30, 2]], [[50, 10, 2], [45, 30, 2], [55, 30, 2]]]
+  gt = COCO()
+  gt.dataset = {
+      "images": [{"id": 1, "height": 64, "width": 64}],
+      "categories": [{"id": 7, "name": "triangle", "keypoints": ["a", "b", "c"]}],
+      "annotations": [{"id": i + 1, "image_id": 1, "category_id": 7, "iscrowd": 0,
+                       "bbox": [x, 10, 10, 20], "area": 200.0, "num_keypoints": 3,
+                       "keypoints": np.ravel(k).tolist()}
+                      for i, (x, k) in enumerate(zip((5, 45), kp_gt))]}
+  gt.createIndex()
+  kps = np.array(kp_gt, np.float32) + [0.5, 0.5, 0]  # continuous coordinates
+  kps[0, :, :2] += 8  # the first detection's keypoints are far off (OKS ~0)
+  kps[:, :, 2] = [[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]]  # and its heatmaps were unsure
+  dets = _dets([[[5, 10, 15, 30], [45, 10, 55, 30]]], classes=[[0, 0]], scores=[[0.9, 0.8]],
+               valid=[[1, 1]], keypoints=kps[None])
+  info = {"scale": [[1.0, 1.0]], "original_size": [[64, 64]], "image_id": [1], "valid": [1]}
+  ap = {}
+  for rank in ev.KEYPOINT_SCORES:
+    evaluator = ev.COCOEvaluator(gt, [7], [7], iou_types=("bbox", "keypoints"),
+                                 keypoint_score=rank)
+    evaluator.add(dets, info)
+    ap[rank] = evaluator.evaluate()["keypoints/AP"]
+    assert [r["score"] for r in evaluator._results_for("bbox")] == pytest.approx([0.9, 0.8])
+    if rank == "box_x_keypoints":
+      assert [r["score"] for r in evaluator._results_for("keypoints")] == pytest.approx(
+          [0.9 * 0.2, 0.8 * 0.8])
+  # Ranked by box: a false positive, then a true one (precision 1/2 up to recall
+  # 1/2); ranked with the keypoints: the true one first (precision 1). COCOeval
+  # averages precision over 101 recall points, of which 51 lie at or below 1/2.
+  assert ap["box"] == pytest.approx(51 * 0.5 / 101)
+  assert ap["box_x_keypoints"] == pytest.approx(51 / 101)
+  with pytest.raises(ValueError, match="keypoint_score"):
+    ev.COCOEvaluator(gt, [7], [7], keypoint_score="oks")
+
+
 # ------------------------------------------------------------------ draw
 def test_draw_changes_pixels_where_results_are(shapes_val):
   gt, meta = shapes_val
