@@ -6,6 +6,10 @@
 # --parity (or MRCNN_PARITY=1) also installs torch/torchvision, the reference
 # implementations the parity tests compare against. Without them those tests
 # skip, unless MRCNN_REQUIRE_PARITY=1, which turns each skip into a failure.
+#
+# Test files run in MRCNN_TEST_WORKERS parallel pytest processes (default 2,
+# pytest-xdist, one file per worker at a time so that a module's fixtures are
+# built once); 0 runs everything in this process, as plain pytest does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +20,12 @@ reqs=(requirements.txt requirements-test.txt)
 [[ "$parity" == 1 ]] && reqs+=(requirements-parity.txt)
 source scripts/venv.sh "${reqs[@]}"
 
+workers="${MRCNN_TEST_WORKERS:-2}"
+parallel=()
+[[ "$workers" != 0 ]] && parallel=(-n "$workers" --dist loadfile)
+
 set +e
-"$PY" -m pytest "$@"
+"$PY" -m pytest "${parallel[@]}" "$@"
 status=$?
 set -e
 if [[ $status -eq 5 ]]; then
