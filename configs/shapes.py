@@ -19,7 +19,10 @@ proposals and RoIs. Every op and head is the same as in the COCO configs.
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.45
 s/step as the machine's speed varies: 1700 steps, 795 s and 879 s in two
 runs, bbox / segm / keypoints AP 0.523 / 0.545 / 0.399 both times
-(keypoints decoded "local_mean"). With
+(keypoints decoded "local_mean", ranked by box score); with keypoint results
+ranked by box score x mean keypoint score (eval.keypoint_score, an
+evaluation-only change), the same checkpoint scores keypoints AP 0.415
+(AP50 0.638). With
 the detectron2 decoding: 1700 steps, 873 s, 0.523 / 0.545 / 0.356; 1600
 steps, 795 s, 0.483 / 0.500 / 0.339. (Before keypoint box_scale 1.4, 64 RoIs
 and the faster step: 1000 steps, 816 s, 0.342 / 0.354 / 0.120.)
@@ -60,6 +63,19 @@ below, so the keypoint changes were also judged by their errors):
   / 0.247 / 0.127, OKS 0.60; 64 channels: 0.227 / 0.241 / 0.118, OKS 0.61);
   and, for a shorter step, box head convs of 32 (14% faster: 0.204 / 0.218
   / 0.097) or 48 RoIs per image (8% faster: 0.216 / 0.232 / 0.099).
+- at 1000 steps (the same cosine schedule, shortened; bbox / segm AP move
+  by 0.02-0.03 with the seed alone: seed 1 gave 0.357 / 0.364 / 0.272
+  against seed 0's 0.379 / 0.394 / 0.277): 6000 training images instead
+  of 2000 lift keypoints to 0.316 (and 0.310 / 0.315 with the deeper
+  keypoint heads below), but at 1700 steps they did not (a fresh-clone demo:
+  0.527 / 0.540 / 0.390, and 943 s with the longer generation); keypoint
+  loss weight 0.02: 0.375 / 0.387 / 0.273; a keypoint head of 4 convs of
+  64: 0.415 / 0.426 / 0.340 with 2000 images, for a 22% longer step, yet
+  0.376 / 0.387 / 0.315 with 6000 images and 4 keypoint RoIs per image,
+  where 4 convs of 32 gave 0.377 / 0.387 / 0.310: not settled.
+- ranking keypoint results by box score x mean keypoint score instead of
+  box score (eval.keypoint_score): +0.008 to +0.016 keypoints AP on 7 of 9
+  checkpoints (1000 and 1700 steps), +0.001 and -0.006 on the other two.
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The
@@ -133,7 +149,10 @@ def get_config(arg=None):
       "keep_checkpoints": 2, "eval_every": 0, "eval_steps": 0,
       "best_metric": "bbox/AP", "max_nonfinite": 5, "progress": True,
   })
-  config.eval = ml_collections.ConfigDict({"oks_sigmas": ()})  # () = evaluator default
+  # () = the evaluator's default sigma; keypoint results ranked by box score x
+  # mean keypoint score (see evaluation/coco.py KEYPOINT_SCORES and the docstring).
+  config.eval = ml_collections.ConfigDict({"oks_sigmas": (),
+                                           "keypoint_score": "box_x_keypoints"})
   config.init_checkpoint = ""  # e.g. a converted torchvision checkpoint
   config.init_keep = "all"  # "all", "backbone" or "no_predictors"
   return config
