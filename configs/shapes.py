@@ -70,9 +70,11 @@ below, so the keypoint changes were also judged by their errors):
   keypoint heads below), but at 1700 steps they did not (a fresh-clone demo:
   0.527 / 0.540 / 0.390, and 943 s with the longer generation); keypoint
   loss weight 0.02: 0.375 / 0.387 / 0.273; a keypoint head of 4 convs of
-  64: 0.415 / 0.426 / 0.340 with 2000 images, for a 22% longer step, yet
-  0.376 / 0.387 / 0.315 with 6000 images and 4 keypoint RoIs per image,
-  where 4 convs of 32 gave 0.377 / 0.387 / 0.310: not settled.
+  64: 0.415 / 0.426 / 0.340 with 2000 images (seed 1: 0.363 / 0.374 /
+  0.303), but 0.376 / 0.387 / 0.315 with 6000 images and 4 keypoint RoIs
+  per image, where 4 convs of 32 gave 0.377 / 0.387 / 0.310; at 1700 steps
+  (a fresh-clone demo, keypoints ranked as below) 0.502 / 0.516 / 0.427 in
+  1123 s: +0.012 keypoints for a step up to 40% longer. Not taken.
 - ranking keypoint results by box score x mean keypoint score instead of
   box score (eval.keypoint_score): +0.008 to +0.016 keypoints AP on 7 of 9
   checkpoints (1000 and 1700 steps), +0.001 and -0.006 on the other two.
