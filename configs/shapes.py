@@ -16,13 +16,12 @@ quarter of COCO's, 64 channels in the FPN, narrow heads, and fewer
 proposals and RoIs. Every op and head is the same as in the COCO configs.
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
-scripts/demo.sh from a fresh clone (venv install included), 0.39-0.45
-s/step as the machine's speed varies: 1700 steps, 795 s and 879 s in two
-runs, bbox / segm / keypoints AP 0.523 / 0.545 / 0.399 both times
-(keypoints decoded "local_mean", ranked by box score); with keypoint results
-ranked by box score x mean keypoint score (eval.keypoint_score, an
-evaluation-only change), the same checkpoint scores keypoints AP 0.415
-(AP50 0.638). With
+scripts/demo.sh from a fresh clone (venv install included), 0.39-0.47
+s/step as the machine's speed varies: 1700 steps, 917 s, bbox / segm /
+keypoints AP 0.523 / 0.545 / 0.415 (keypoints decoded "local_mean" and
+ranked by box score x mean keypoint score, eval.keypoint_score). Ranked by
+box score, two earlier runs of the same training (795 s, 879 s) scored
+keypoints 0.399. With
 the detectron2 decoding: 1700 steps, 873 s, 0.523 / 0.545 / 0.356; 1600
 steps, 795 s, 0.483 / 0.500 / 0.339. (Before keypoint box_scale 1.4, 64 RoIs
 and the faster step: 1000 steps, 816 s, 0.342 / 0.354 / 0.120.)
