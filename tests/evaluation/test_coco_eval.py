@@ -333,7 +333,7 @@ def test_oks_sigmas():
     evaluator._sigmas()
 
 
-def test_keypoint_score_ranks_keypoint_results_only(capsys):
+def test_keypoint_score_ranks_keypoint_results_only():
   """Two triangles; the surer box has wrong keypoints. Hand-computed AP either way."""
   kp_gt = [[[10, 10, 2], [5, 30, 2], [15, 30, 2]], [[50, 10, 2], [45, 30, 2], [55, 30, 2]]]
   gt = COCO()
