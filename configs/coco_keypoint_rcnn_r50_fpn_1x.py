@@ -11,10 +11,14 @@
 
 detectron2's keypoint_rcnn_R_50_FPN_1x: one class (person), boxes and 17
 keypoints (no mask head), the same schedule and optimiser as Mask R-CNN 1x.
-The left/right flip map comes from the converted split's keypoint names.
+The left/right flip map of training comes from the converted split's keypoint
+names; the model's copy (for the flip test, ``--config.model.test.flip=True``,
+off in the recipe) is the same map of COCO's names, checked against the data.
 """
 
 from configs import coco_mask_rcnn_r50_fpn_1x as base
+from mrcnn_jax.convert import COCO_KEYPOINT_NAMES
+from mrcnn_jax.data.coco import flip_map
 
 
 def get_config(arg=None):
@@ -24,6 +28,7 @@ def get_config(arg=None):
   m = config.model
   m.num_classes = 1
   m.mask_head.enabled = False
-  m.keypoint_head.update(enabled=True, num_keypoints=17)
+  m.keypoint_head.update(enabled=True, num_keypoints=17,
+                         flip_map=tuple(flip_map(COCO_KEYPOINT_NAMES)))
   config.train.best_metric = "keypoints/AP"
   return config

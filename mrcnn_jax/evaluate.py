@@ -70,6 +70,7 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
   """COCO metrics of ``variables`` on the eval split (the first ``max_steps`` batches)."""
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   meta = input_pipeline.RecordFile(config.data.eval_dir).meta
+  build.check_flip_map(config, meta, config.data.eval_dir)
   evaluator = coco_eval.COCOEvaluator(
       eval_annotations(config), meta["coco_ids"],
       keypoint_category_ids=meta["keypoint_category_ids"], **evaluator_options(config))

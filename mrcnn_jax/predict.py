@@ -93,6 +93,7 @@ class Predictor:
     self.canvas = tuple(config.data.canvas_size)
     self.meta = meta or _find_meta(config, checkpoint)
     self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
+    build.check_flip_map(config, self.meta, "the checkpoint's meta.json or the eval split")
     model = build.build_model(config)
     self.variables = jax.device_put(checkpointing.load_variables(checkpoint))
     self._detect = jax.jit(functools.partial(model.apply, method="detect"))

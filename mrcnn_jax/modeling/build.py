@@ -70,9 +70,18 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
                         "conv_dim": 512, "pooler_resolution": 14,
                         "loss_weight": 1.0,  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
                         "box_scale": 1.0,  # heatmaps over boxes scaled by this (see MaskRCNN)
-                        "decode": "bicubic"},  # or "local_mean" (see keypoint_head)
+                        "decode": "bicubic",  # or "local_mean" (see keypoint_head)
+                        # Each keypoint's mirror partner, for test.flip: the data's
+                        # keypoint_flip_map (data/coco.py flip_map); () = none given.
+                        "flip_map": ()},
       "test": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 100,
-               "max_candidates": 4000},
+               "max_candidates": 4000,
+               # Test-time augmentation (MaskRCNN.detect): mirrored views, views
+               # at other image scales, and whether the views vote on the boxes
+               # (else they only feed the mask and keypoint heads). Each view
+               # costs one more backbone pass (and RPN and box head with
+               # augment_boxes).
+               "flip": False, "scales": (1.0,), "augment_boxes": False},
   })
   cfg.update(overrides)
   return cfg
@@ -94,6 +103,16 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
   if m.keypoint_head.decode not in DECODES:
     raise ValueError(f"model.keypoint_head.decode: expected one of {DECODES}, got "
                      f"{m.keypoint_head.decode!r}")
+  flip_map = tuple(m.keypoint_head.flip_map)
+  if m.test.flip and m.keypoint_head.enabled:
+    k = m.keypoint_head.num_keypoints
+    if sorted(flip_map) != list(range(k)) or any(flip_map[j] != i for i, j in enumerate(flip_map)):
+      raise ValueError(
+          f"model.keypoint_head.flip_map: test.flip needs each of the {k} keypoints' mirror "
+          f"partner (a permutation of 0..{k - 1} that is its own inverse: the data's "
+          f"keypoint_flip_map in meta.json), got {flip_map!r}")
+  if not all(float(s) > 0 for s in m.test.scales):
+    raise ValueError(f"model.test.scales: expected positive image scales, got {m.test.scales!r}")
   if m.roi.num_keypoint_rois < 1:
     raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
   dtype = DTYPES[m.dtype]
@@ -153,10 +172,29 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
       keypoint_loss_weight=m.keypoint_head.loss_weight,
       keypoint_box_scale=m.keypoint_head.box_scale,
-      keypoint_decode=m.keypoint_head.decode,
+      keypoint_decode=m.keypoint_head.decode, keypoint_flip_map=flip_map,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
       detections_per_image=m.test.detections_per_image,
-      max_candidates=m.test.max_candidates)
+      max_candidates=m.test.max_candidates, test_flip=m.test.flip,
+      test_scales=tuple(float(s) for s in m.test.scales),
+      test_augment_boxes=m.test.augment_boxes)
+
+
+def check_flip_map(config: ml_collections.ConfigDict, meta: dict, origin: str) -> None:
+  """With the flip test on, the model's keypoint flip map must be the data's.
+
+  ``meta`` is a split's or a workdir's meta.json (``origin`` names it); its
+  ``keypoint_flip_map`` pairs the keypoints by their left_/right_ names.
+  """
+  m = config.model if "model" in config else config
+  data_map = list(meta.get("keypoint_flip_map") or [])
+  if m.test.flip and m.keypoint_head.enabled and data_map:
+    if list(m.keypoint_head.flip_map) != data_map:
+      raise ValueError(
+          f"model.keypoint_head.flip_map {tuple(m.keypoint_head.flip_map)} is not the "
+          f"keypoint flip map of {origin} ({tuple(data_map)}, from its keypoint names "
+          f"{meta.get('keypoint_names')}); the flip test would average the wrong keypoints' "
+          f"heatmaps")
 
 
 def frozen_parameters(config: ml_collections.ConfigDict):

@@ -19,7 +19,7 @@ Entry points (``model.apply(variables, ..., method=...)``):
 """
 
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -36,6 +36,7 @@ from mrcnn_jax.ops import roi_align as roi_ops
 from mrcnn_jax.ops import targets as target_ops
 
 Array = jnp.ndarray
+VIEW_DIVISIBILITY = 32  # rescaled test views are padded to a multiple of P5's stride
 
 
 class MaskRCNN(nn.Module):
@@ -100,11 +101,20 @@ class MaskRCNN(nn.Module):
   # How detections' heatmaps become keypoints: "bicubic" (detectron2's argmax
   # over the RoI's pixels) or "local_mean" (sub-pixel; see keypoint_head).
   keypoint_decode: str = "bicubic"
+  # Each keypoint's mirror partner (COCO: left_eye <-> right_eye, nose itself),
+  # for the flip test; the data's flip map (meta.json "keypoint_flip_map").
+  keypoint_flip_map: Sequence[int] = ()
   # Inference.
   score_threshold: float = 0.05
   nms_threshold: float = 0.5
   detections_per_image: int = 100
   max_candidates: int = 4000
+  # Test-time augmentation (see ``detect``): mirrored views, views at these
+  # image scales (1.0, the plain view, is always one), and whether they also
+  # vote on the boxes or only feed the mask and keypoint heads.
+  test_flip: bool = False
+  test_scales: Sequence[float] = (1.0,)
+  test_augment_boxes: bool = False
 
   # ------------------------------------------------------------------ stage 1
   def _features(self, images: Array, train: bool):
@@ -277,36 +287,143 @@ class MaskRCNN(nn.Module):
   def detect(self, images: Array, image_info: Dict[str, Array]) -> Dict[str, Array]:
     """Fixed-size detections per image.
 
+    With test-time augmentation (``test_flip``, ``test_scales``) the image is
+    also seen mirrored and rescaled: every view's box-head candidates join
+    one class-aware NMS when ``test_augment_boxes`` is set (detectron2's
+    DatasetMapperTTA + GeneralizedRCNNWithTTA merge every view's detections
+    the same way), and the mask and keypoint heads always run on the final
+    boxes in every view, their outputs mapped back and averaged (``_views``).
+
     Returns:
       ``boxes [B, D, 4]`` (canvas pixels), ``scores [B, D]``, ``classes [B, D]``
       in ``[0, K)``, ``valid [B, D]``; with the mask head ``masks [B, D, S, S]``
       (probabilities over each box); with the keypoint head
       ``keypoints [B, D, Kp, 3]`` (x, y, score).
     """
-    roi_features, _, (proposals, proposals_valid) = self._rpn(
-        images, image_info["image_size"], train=False, training_counts=False)
-    logits, deltas, _ = self._box_head(roi_features, proposals, False)
-    size = image_info["image_size"].astype(jnp.float32)
+    image_size = image_info["image_size"]
+    views, candidates = [], []
+    for scale, flip in self._test_views():
+      view_images, view_size, view = _view_images(images, image_size, scale, flip)
+      if not candidates or self.test_augment_boxes:
+        roi_features, _, (proposals, proposals_valid) = self._rpn(
+            view_images, view_size, train=False, training_counts=False)
+        logits, deltas, _ = self._box_head(roi_features, proposals, False)
+        # Back to the plain image: a mirrored view's x-offsets change sign
+        # (the size deltas and offsets relative to the box are scale-free).
+        if flip:
+          deltas = deltas * jnp.asarray([-1.0, 1.0, 1.0, 1.0], deltas.dtype)
+        candidates.append((logits, deltas, view.from_view(proposals), proposals_valid))
+      else:
+        _, _, *roi_features = self._features(view_images, train=False)
+      views.append((roi_features, view))
+    logits, deltas, proposals, proposals_valid = (
+        jnp.concatenate(parts, axis=1) for parts in zip(*candidates))
+    size = image_size.astype(jnp.float32)
     dets = jax.vmap(lambda lg, dl, p, pv, s: postprocess.detect(
         lg, dl, p, pv, (s[0], s[1]), self.score_threshold, self.nms_threshold,
         self.detections_per_image, self.max_candidates))(logits, deltas, proposals,
                                                          proposals_valid, size)
     out = {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
+    masks, heatmaps = self._views_heads(views, dets["boxes"], dets["classes"])
+    if masks is not None:
+      out["masks"] = masks
+    if heatmaps is not None:
+      out["keypoints"] = jax.vmap(functools.partial(
+          kp_lib.decode_keypoints, method=self.keypoint_decode))(
+              heatmaps, box_ops.scale(dets["boxes"], self.keypoint_box_scale))
+    return out
+
+  def _test_views(self):
+    """(scale, mirrored) of each view of the image at inference, the plain view first."""
+    scales = [1.0] + [float(s) for s in self.test_scales if float(s) != 1.0]
+    return [(s, f) for s in scales for f in ((False, True) if self.test_flip else (False,))]
+
+  def _views_heads(self, views, boxes, classes):
+    """The mask and keypoint heads on ``boxes`` in every view, mapped back and averaged.
+
+    Mask probabilities are averaged as detectron2's test-time augmentation
+    averages them; keypoint heatmap logits are averaged (the product of the
+    views' softmax distributions), each keypoint's map in a mirrored view
+    taken from its mirror partner (``keypoint_flip_map``), as top-down pose
+    estimators do. Heatmaps and masks cover the box, so a rescaled view needs
+    no resampling. Returns ``([B, D, S, S] or None, [B, D, m, m, Kp] or None)``.
+    """
+    masks, heatmaps = [], []
+    for roi_features, view in views:
+      m, h = self._detection_heads(roi_features, view.to_view(boxes), classes)
+      if view.mirror_width is not None:  # mirror back: masks [B, D, S, S], heatmaps [B, D, m, m, Kp]
+        m = None if m is None else m[..., ::-1]
+        h = None if h is None else h[..., ::-1, :][..., jnp.asarray(self.keypoint_flip_map)]
+      masks.append(m)
+      heatmaps.append(h)
+    mean = lambda xs: None if xs[0] is None else sum(xs) / len(xs)
+    return mean(masks), mean(heatmaps)
+
+  def _detection_heads(self, roi_features, boxes, classes):
+    """Mask probabilities ``[B, D, S, S]`` of each box's class and keypoint heatmap
+    logits ``[B, D, m, m, Kp]`` over its scaled box (each None without its head)."""
+    masks = heatmaps = None
     if self.mask_head is not None:
       if self.fpn is None:
-        res5, _, _ = self.box_head(self._pool(roi_features, dets["boxes"],
-                                              self.box_pooler_resolution), train=False)
+        res5, _, _ = self.box_head(self._pool(roi_features, boxes, self.box_pooler_resolution),
+                                   train=False)
         mask_logits = self.mask_head(res5)
       else:
-        mask_logits = self.mask_head(self._pool(roi_features, dets["boxes"],
+        mask_logits = self.mask_head(self._pool(roi_features, boxes,
                                                 self.mask_pooler_resolution))
-      picked = jnp.take_along_axis(mask_logits, dets["classes"][:, :, None, None, None],
-                                   axis=-1)[..., 0]
-      out["masks"] = jax.nn.sigmoid(picked)
+      picked = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
+      masks = jax.nn.sigmoid(picked)
     if self.keypoint_head is not None:
-      boxes = box_ops.scale(dets["boxes"], self.keypoint_box_scale)
-      heatmaps = self.keypoint_head(self._pool(roi_features, boxes,
-                                               self.keypoint_pooler_resolution))
-      out["keypoints"] = jax.vmap(functools.partial(
-          kp_lib.decode_keypoints, method=self.keypoint_decode))(heatmaps, boxes)
-    return out
+      heatmaps = self.keypoint_head(self._pool(
+          roi_features, box_ops.scale(boxes, self.keypoint_box_scale),
+          self.keypoint_pooler_resolution))
+    return masks, heatmaps
+
+
+class _View(NamedTuple):
+  """Where a test-time view puts the plain image: x' = sx * x (then x'' = w - x' mirrored)."""
+  scale: Tuple[float, float]  # (sx, sy): the exact scales after rounding the canvas
+  mirror_width: Optional[Array]  # [B, 1] the width mirrored about, or None
+
+  def to_view(self, boxes: Array) -> Array:
+    """``boxes [B, N, 4]`` in the plain image -> the same boxes in this view."""
+    sx, sy = self.scale
+    boxes = boxes * jnp.asarray([sx, sy, sx, sy], jnp.float32)
+    if self.mirror_width is not None:
+      boxes = box_ops.flip_horizontal(boxes, self.mirror_width)
+    return boxes
+
+  def from_view(self, boxes: Array) -> Array:
+    """The inverse of ``to_view``."""
+    if self.mirror_width is not None:
+      boxes = box_ops.flip_horizontal(boxes, self.mirror_width)
+    sx, sy = self.scale
+    return boxes / jnp.asarray([sx, sy, sx, sy], jnp.float32)
+
+
+def _view_images(images: Array, image_size: Array, scale: float, mirror: bool):
+  """A test-time view: ``images [B, H, W, C]`` rescaled by ``scale`` and/or mirrored.
+
+  Scaling resizes the canvas bilinearly (as the input pipeline resizes
+  images, without antialiasing) to the nearest whole size, padded up to a
+  multiple of ``VIEW_DIVISIBILITY``; mirroring reverses each image within
+  its own width (``image_size [B, 2]``: height, width; rounded to whole
+  pixels after scaling), so its padding stays on the right.
+  Returns (view images, view image sizes [B, 2], ``_View``).
+  """
+  b, h, w, c = images.shape
+  new_h, new_w = max(round(h * scale), 1), max(round(w * scale), 1)
+  sy, sx = new_h / h, new_w / w
+  if (new_h, new_w) != (h, w):
+    images = jax.image.resize(images, (b, new_h, new_w, c), "linear", antialias=False)
+    images = jnp.pad(images, ((0, 0), (0, -new_h % VIEW_DIVISIBILITY),
+                              (0, -new_w % VIEW_DIVISIBILITY), (0, 0)))
+  image_size = image_size.astype(jnp.float32) * jnp.asarray([sy, sx], jnp.float32)
+  mirror_width = None
+  if mirror:
+    width = jnp.round(image_size[:, 1:2])  # (B, 1)
+    columns = jnp.arange(images.shape[2])[None]
+    source = jnp.where(columns < width, width - 1 - columns, columns).astype(jnp.int32)
+    images = jnp.take_along_axis(images, source[:, None, :, None], axis=2)
+    mirror_width = width
+  return images, image_size, _View((sx, sy), mirror_width)

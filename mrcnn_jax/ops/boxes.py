@@ -129,6 +129,16 @@ def scale(boxes: jnp.ndarray, factor: float) -> jnp.ndarray:
   return jnp.concatenate([centre - half, centre + half], axis=-1)
 
 
+def flip_horizontal(boxes: jnp.ndarray, width) -> jnp.ndarray:
+  """``boxes [..., 4]`` mirrored in an image ``width`` wide: x -> width - x.
+
+  ``width`` broadcasts against the leading axes (e.g. ``[B, 1]`` for ``[B, N, 4]``).
+  """
+  _check_last_axis("boxes", boxes)
+  x1, y1, x2, y2 = jnp.moveaxis(boxes, -1, 0)
+  return jnp.stack([width - x2, y1, width - x1, y2], axis=-1)
+
+
 def xyxy_to_xywh(boxes: jnp.ndarray) -> jnp.ndarray:
   """``[x1, y1, x2, y2] -> [x, y, w, h]`` (COCO's box format), any leading shape."""
   _check_last_axis("boxes", boxes)
