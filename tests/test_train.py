@@ -204,8 +204,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_evaluate_and_predict_clis(dataset, reference_run, tmp_path):
-  """evaluate writes eval_metrics.json; predict writes COCO-format JSON and pictures,
-  for images of odd sizes and modes."""
+  """evaluate writes eval_metrics.json; predict (with test-time augmentation) writes
+  COCO-format JSON and pictures, for images of odd sizes and modes."""
   from PIL import Image
   workdir = reference_run[0]
   flags = cli_flags(dataset)
@@ -226,9 +226,11 @@ def test_evaluate_and_predict_clis(dataset, reference_run, tmp_path):
   Image.open(val[2]).convert("RGBA").resize((130, 40)).save(images / "rgba.png")
   (images / "broken.jpg").write_bytes(b"not an image")
   output = tmp_path / "predictions"
+  # With the test-time views on: mirrored within each image's width, and 1.5x.
   proc = run_cli("predict", ["--config=configs/shapes.py:tiny", f"--checkpoint={workdir}",
                              f"--input={images}", f"--output={output}",
-                             "--score_threshold=0.0", *flags])
+                             "--score_threshold=0.0", "--config.model.test.flip=True",
+                             "--config.model.test.scales=(1.0,1.5)", *flags])
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert "broken.jpg" in out and "skipped" in out
