@@ -17,11 +17,13 @@ proposals and RoIs. Every op and head is the same as in the COCO configs.
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.47
-s/step as the machine's speed varies: 1700 steps, 917 s, bbox / segm /
-keypoints AP 0.523 / 0.545 / 0.415 (keypoints decoded "local_mean" and
-ranked by box score x mean keypoint score, eval.keypoint_score). Ranked by
-box score, two earlier runs of the same training (795 s, 879 s) scored
-keypoints 0.399. With
+s/step as the machine's speed varies: 1700 steps, 819 s (0.41 s/step),
+bbox / segm / keypoints AP 0.523 / 0.577 / 0.485, with test-time
+augmentation (mirrored and 1.5x views for the mask and keypoint heads;
+model.test) and keypoints decoded "local_mean" and ranked by box score x
+mean keypoint score (eval.keypoint_score). The same training without the
+views: segm 0.545, keypoints 0.415 (917 s in a slow spell); ranked by box
+score, two earlier runs (795 s, 879 s) scored keypoints 0.399. With
 the detectron2 decoding: 1700 steps, 873 s, 0.523 / 0.545 / 0.356; 1600
 steps, 795 s, 0.483 / 0.500 / 0.339. (Before keypoint box_scale 1.4, 64 RoIs
 and the faster step: 1000 steps, 816 s, 0.342 / 0.354 / 0.120.)
@@ -88,7 +90,12 @@ below, so the keypoint changes were also judged by their errors):
   (1.0, 2.0) / (1.0, 1.25, 1.5): 0.480 / 0.492 / 0.493 / 0.491 in 29-42 s;
   the views also voting on the boxes (test.augment_boxes, as detectron2's
   TTA merges them): bbox 0.520, keypoints 0.484 in 47 s. A larger canvas at
-  evaluation instead (160 / 192 px) loses bbox AP (0.485 / 0.427).
+  evaluation instead (160 / 192 px) loses bbox AP (0.485 / 0.427), and
+  views shifted by 1-3 px add nothing (0.474-0.486).
+- at 1700 steps, evaluated with those views (against 0.523 / 0.577 /
+  0.485): training scales 0.8-1.5 (from 0.8-1.25): 0.466 / 0.518 / 0.440;
+  a box head of one conv (from two): 0.470 / 0.513 / 0.485 for a 15%
+  shorter step, and at 2000 steps (the same time) 0.477 / 0.535 / 0.475.
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The
