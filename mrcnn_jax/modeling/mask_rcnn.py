@@ -292,7 +292,7 @@ class MaskRCNN(nn.Module):
     one class-aware NMS when ``test_augment_boxes`` is set (detectron2's
     DatasetMapperTTA + GeneralizedRCNNWithTTA merge every view's detections
     the same way), and the mask and keypoint heads always run on the final
-    boxes in every view, their outputs mapped back and averaged (``_views``).
+    boxes in every view, their outputs mapped back and averaged (``_views_heads``).
 
     Returns:
       ``boxes [B, D, 4]`` (canvas pixels), ``scores [B, D]``, ``classes [B, D]``
@@ -351,7 +351,8 @@ class MaskRCNN(nn.Module):
     masks, heatmaps = [], []
     for roi_features, view in views:
       m, h = self._detection_heads(roi_features, view.to_view(boxes), classes)
-      if view.mirror_width is not None:  # mirror back: masks [B, D, S, S], heatmaps [B, D, m, m, Kp]
+      if view.mirror_width is not None:  # mirror back along x
+        # masks [B, D, S, S], heatmaps [B, D, m, m, Kp]
         m = None if m is None else m[..., ::-1]
         h = None if h is None else h[..., ::-1, :][..., jnp.asarray(self.keypoint_flip_map)]
       masks.append(m)
