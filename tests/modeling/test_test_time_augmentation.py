@@ -37,7 +37,7 @@ def mirror_by_hand(images, widths):
 def setup():
   """(plain model, params, a batch whose second image is 100 px wide in the 128 canvas)."""
   model = build.build_model(tta_config())
-  images, info, gt = make_batch(np.random.default_rng(5), [3, 2], classes=[2, 0, 1])
+  images, _, _ = make_batch(np.random.default_rng(5), [3, 2], classes=[2, 0, 1])
   info = {"image_size": jnp.asarray([[128, 128], [128, 100]], jnp.int32)}
   images = images.at[1, :, 100:].set(0.0)  # the canvas padding right of the image
   params = jax.jit(lambda k: model.init(k, images, method="initialize"))(KEY)["params"]
