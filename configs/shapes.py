@@ -95,7 +95,9 @@ below, so the keypoint changes were also judged by their errors):
 - at 1700 steps, evaluated with those views (against 0.523 / 0.577 /
   0.485): training scales 0.8-1.5 (from 0.8-1.25): 0.466 / 0.518 / 0.440;
   a box head of one conv (from two): 0.470 / 0.513 / 0.485 for a 15%
-  shorter step, and at 2000 steps (the same time) 0.477 / 0.535 / 0.475.
+  shorter step, and at 2000 steps (the same time) 0.477 / 0.535 / 0.475;
+  keypoint box_scale 1.6 (to reach more occluded corners): 0.507 / 0.555 /
+  0.465.
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The
