@@ -97,7 +97,9 @@ below, so the keypoint changes were also judged by their errors):
   a box head of one conv (from two): 0.470 / 0.513 / 0.485 for a 15%
   shorter step, and at 2000 steps (the same time) 0.477 / 0.535 / 0.475;
   keypoint box_scale 1.6 (to reach more occluded corners): 0.507 / 0.555 /
-  0.465.
+  0.465. Seed noise: this config with seed 1 gave 0.475 / 0.519 / 0.468
+  (keypoints 0.399 without the views), so the demo's seed-0 bbox AP has
+  little margin.
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The
