@@ -365,13 +365,9 @@ class MaskRCNN(nn.Module):
     logits ``[B, D, m, m, Kp]`` over its scaled box (each None without its head)."""
     masks = heatmaps = None
     if self.mask_head is not None:
-      if self.fpn is None:
-        res5, _, _ = self.box_head(self._pool(roi_features, boxes, self.box_pooler_resolution),
-                                   train=False)
-        mask_logits = self.mask_head(res5)
-      else:
-        mask_logits = self.mask_head(self._pool(roi_features, boxes,
-                                                self.mask_pooler_resolution))
+      # C4: the mask head reads res5, which the box head computes at these boxes.
+      res5 = self._box_head(roi_features, boxes, False)[2] if self.fpn is None else None
+      mask_logits = self._mask_logits(roi_features, boxes, res5, boxes.shape[1])
       picked = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
       masks = jax.nn.sigmoid(picked)
     if self.keypoint_head is not None:
