@@ -1,24 +1,31 @@
-"""``Conv``: flax's ``nn.Conv`` with a fast weight gradient on CPU.
+"""``Conv``: flax's ``nn.Conv`` with faster 1x1 convolutions and weight gradients on CPU.
 
 XLA:CPU computes a convolution's weight gradient (the "backward filter"
 convolution, contracting over batch and positions) at a fraction of its
-forward speed. Measured on the 2-core CPU for a 3x3 256->256 conv over 256
-RoIs of 14x14: forward 137 GFLOP/s, input gradient 135, weight gradient 32.
-Written as one matmul per kernel tap (the inputs shifted by the tap, times
-the output gradient, summed over batch and positions) the same weight
-gradient runs at 161 GFLOP/s.
+forward speed, and a 1x1 convolution at a fraction of the speed of the
+matmul it is. Measured on the 2-core CPU (2026-11-27, fwd or one gradient):
+- a 3x3 256->256 conv's weight gradient over 256 RoIs of 14x14: XLA's 902 ms;
+  written as one matmul per kernel tap (the inputs shifted by the tap, times
+  the output gradient, summed over batch and positions) 654 ms; the same with
+  the output gradient transposed once to ``[O, N*H*W]``, so each tap's matmul
+  reads both operands in the order XLA:CPU's matmul wants, 422 ms (here);
+- the mask predictor, a 1x1 256->80 conv over 256 RoIs of 28x28: forward
+  227 ms as XLA's convolution, 55 ms as a matmul; input gradient 165 -> 74 ms;
+  weight gradient 774 ms (XLA's) -> 54 ms (here). A 1x1 256->256 over 2 x
+  128x128: 48 -> 25 ms forward.
 
 ``conv_general_dilated`` is ``lax.conv_general_dilated`` with that weight
-gradient (``jax.custom_vjp``; the input gradient stays XLA's) for the plain
-NHWC/HWIO convolutions the models use (any stride and padding, no dilation,
-no groups), on the CPU backend only: GPU and TPU compute both gradients with
-their own fast kernels, so there and for any other convolution it is
-``lax.conv_general_dilated`` itself. Convolutions under ``MIN_MACS``
-multiply-adds also stay lax's: there the extra ops cost more compile time
-than they save (the test suite's tiny models). So do kernels larger than 1x1
-with fewer than ``MIN_CHANNELS`` input channels, whose weight gradient XLA
-computes faster than the per-tap matmuls (measured: see ``MIN_CHANNELS``).
-Parameters are those of ``nn.Conv``.
+gradient (``jax.custom_vjp``; the input gradient is XLA's gradient of the
+forward pass) for the plain NHWC/HWIO convolutions the models use (any
+stride and padding, no dilation, no groups), on the CPU backend only, and
+computes 1x1 kernels as matmuls over the (padded, strided) pixels. GPU and
+TPU run convolutions and both gradients with their own fast kernels, so
+there and for any other convolution it is ``lax.conv_general_dilated``
+itself. Convolutions under ``MIN_MACS`` multiply-adds also stay lax's: there
+the extra ops cost more compile time than they save (the test suite's tiny
+models). So do kernels larger than 1x1 with fewer than ``MIN_CHANNELS``
+input channels, whose weight gradient XLA computes about as fast (measured:
+see ``MIN_CHANNELS``). Parameters are those of ``nn.Conv``.
 """
 
 import functools
@@ -38,18 +45,19 @@ msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_MACS = 10_000_000  # tiny convs (predictors on coarse levels, test models) stay lax's
 # Kernels larger than 1x1 take the per-tap weight gradient only with at least
-# this many input channels. Measured on the 2-core CPU, fwd+bwd of one conv,
-# per-tap / XLA's time: 1x1 convs 0.72-0.77; 3x3 with 256-512 input channels
-# 0.61-1.15 (RoI heads and FPN at 256: 0.61-0.64); 3x3 with 32-128 mostly
-# 1.1-1.9 (ResNet's 64->64 at 128x128: 1.86; the shapes config's box head,
-# 64->64 on 1024 RoIs of 7x7: 1.12), a few small ones 0.67-0.93.
+# this many input channels. Measured on the 2-core CPU, weight gradient alone,
+# per-tap (with the transposed output gradient) / XLA's time: 3x3 256->256
+# over 256 RoIs of 14x14 0.47, over 2 x 32x32 0.69, 2 x 128x128 0.28; below
+# 256 channels mixed: 128->128 over 2 x 64x64 0.83, 32->32 over 8 x 32x32
+# 0.81, but 64->64 over 8 x 16x16 1.28, 128->128 over 8 x 8x8 1.15 and the
+# shapes config's box head (64->64 on 512 RoIs of 7x7) 1.11.
 MIN_CHANNELS = 256
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """``lax.conv_general_dilated``; on CPU plain 2-D convs get the fast weight gradient."""
+  """``lax.conv_general_dilated``; on CPU plain 2-D convs get the fast paths above."""
   pads = None
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   if not kwargs and feature_group_count == 1 and not dilated:
@@ -88,8 +96,21 @@ def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
 
 
 def _plain_conv(x, w, strides, padding, precision):
+  if w.shape[:2] == (1, 1):
+    return _pointwise(x, w, strides, padding, precision)
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
+
+
+def _pointwise(x, w, strides, padding, precision):
+  """A 1x1 convolution as one matmul over the (padded, strided) pixels.
+
+  The same numbers as ``lax.conv_general_dilated``; XLA:CPU runs the matmul,
+  and its input gradient, 2-4x faster than its own 1x1 convolution.
+  """
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))[:, ::strides[0], ::strides[1]]
+  return jnp.einsum("nhwc,co->nhwo", x, w[0, 0], precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -110,15 +131,18 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
   (top, bottom), (left, right) = padding
   xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   sh, sw = strides
+  # The output gradient transposed once, [O, N*Ho*Wo], so that every tap's
+  # matmul below reads both operands in the order XLA:CPU's matmul wants.
+  dy_t = dy.reshape(n * ho * wo, o).T
   taps = []
   for i in range(kh):
     for j in range(kw):
-      # The inputs tap (i, j) multiplies, at every output position: [N, Ho, Wo, C].
+      # The inputs tap (i, j) multiplies, at every output position: [N*Ho*Wo, C].
       shifted = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
                           (1, sh, sw, 1))
-      taps.append(jnp.einsum("nhwc,nhwo->co", shifted, dy, precision=precision,
-                             preferred_element_type=jnp.float32))
-  dw = jnp.stack(taps).reshape(kh, kw, c, o).astype(w.dtype)
+      taps.append(jnp.matmul(dy_t, shifted.reshape(n * ho * wo, c), precision=precision,
+                             preferred_element_type=jnp.float32))  # [O, C]
+  dw = jnp.stack(taps).transpose(0, 2, 1).reshape(kh, kw, c, o).astype(w.dtype)
   return dx, dw
 
 

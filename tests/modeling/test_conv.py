@@ -26,6 +26,7 @@ def _lax(x, w, strides, padding):
     (3, (1, 1), ((1, 1), (1, 1))),   # the heads' and FPN's 3x3
     (1, (1, 1), "SAME"),             # laterals, predictors
     (1, (2, 2), ((0, 0), (0, 0))),   # ResNet's strided 1x1 shortcut
+    (1, (2, 3), ((1, 0), (2, 1))),   # a padded 1x1 (a matmul here), uneven strides
     (3, (2, 2), ((1, 1), (1, 1))),   # ResNet's strided 3x3
     (7, (2, 2), ((3, 3), (3, 3))),   # the stem
     (3, (1, 2), ((0, 2), (1, 0))),   # uneven strides and padding
