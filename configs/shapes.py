@@ -17,8 +17,10 @@ proposals and RoIs. Every op and head is the same as in the COCO configs.
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.47
-s/step as the machine's speed varies: 1700 steps, 819 s (0.41 s/step),
-bbox / segm / keypoints AP 0.523 / 0.577 / 0.485, with test-time
+s/step as the machine's speed varies: 1700 steps, 901 s (0.45 s/step),
+bbox / segm / keypoints AP 0.506 / 0.547 / 0.476 (2026-11-27, after the 1x1
+convolutions became matmuls; the run before, whose rounding differed: 819 s
+at 0.41 s/step, 0.523 / 0.577 / 0.485), with test-time
 augmentation (mirrored and 1.5x views for the mask and keypoint heads;
 model.test) and keypoints decoded "local_mean" and ranked by box score x
 mean keypoint score (eval.keypoint_score). The same training without the
@@ -100,6 +102,11 @@ below, so the keypoint changes were also judged by their errors):
   0.465. Seed noise: this config with seed 1 gave 0.475 / 0.519 / 0.468
   (keypoints 0.399 without the views), so the demo's seed-0 bbox AP has
   little margin.
+- keypoint heatmap targets split over the 2 x 2 cells around each keypoint
+  with bilinear weights (so the target's mean is the keypoint, not its
+  cell's centre; tried on 2026-11-27, not kept): 0.480 / 0.527 / 0.456 at
+  1700 steps with the views, against the one-hot targets' 0.523 / 0.577 /
+  0.485 (seed 0) and 0.475 / 0.519 / 0.468 (seed 1).
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The
