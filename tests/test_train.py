@@ -284,25 +284,35 @@ SHARDING_CHECK = textwrap.dedent("""
     tx = optim.make_optimizer(config, shapes.params)
     data = input_pipeline.make_dataset(config, "train").as_numpy_iterator()
     batches = [next(data) for _ in range(3)]
-    outs = []
+    steps = {{}}
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = sharding.make_mesh(devices)
       rep = sharding.replicated(mesh)
-      state = jax.jit(functools.partial(train.create_state, model, tx, config),
-                      out_shardings=rep)(jax.random.PRNGKey(0))
       step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
                                        schedule=optim.learning_rate(config)),
                      in_shardings=(rep, sharding.batch_sharding(mesh), rep),
                      out_shardings=(rep, rep))
-      losses = []
-      for b in batches:
-        state, m = step(state, sharding.global_batch(b, mesh), jax.random.PRNGKey(0))
-        losses.append(float(m["loss"]))
-      outs.append((losses, jax.device_get(state.params)))
-    (l1, p1), (l8, p8) = outs
-    np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+      steps[len(devices)] = (step, mesh, rep)
+    # Each step of a one-device run, and the same step on 8 devices from the same
+    # state: comparing whole trajectories would let float noise from the reduction
+    # order compound until a near-tie (top-k over the untrained RPN's nearly equal
+    # scores) picks another proposal and the runs part for good.
+    step1, mesh1, rep1 = steps[1]
+    step8, mesh8, rep8 = steps[8]
+    state = jax.jit(functools.partial(train.create_state, model, tx, config),
+                    out_shardings=rep1)(jax.random.PRNGKey(0))
+    l1, l8 = [], []
+    for b in batches:
+      start = jax.device_get(state)
+      state, m1 = step1(state, sharding.global_batch(b, mesh1), jax.random.PRNGKey(0))
+      state8, m8 = step8(jax.device_put(start, rep8), sharding.global_batch(b, mesh8),
+                         jax.random.PRNGKey(0))
+      l1.append(float(m1["loss"]))
+      l8.append(float(m8["loss"]))
+      np.testing.assert_allclose(l8[-1], l1[-1], rtol=1e-5, atol=1e-5)
+      for a, c in zip(jax.tree.leaves(jax.device_get(state8.params)),
+                      jax.tree.leaves(jax.device_get(state.params))):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     print("OK", l1, l8)
 """)
 
