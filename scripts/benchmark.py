@@ -42,6 +42,11 @@ JSON keys (also printed as a table on stderr):
                  end, device ``memory_stats()`` where the backend has them.
   stages         the step as separately jitted pieces (scripts/benchmark_stages.py
                  says what each covers), their sum and the rest of the step.
+  op_profile     (--op_profile=N) the train step's N most expensive XLA ops in
+                 one ``jax.profiler`` trace (scripts/op_profile.py): HLO
+                 instruction, the JAX op it came from (its name stack: module
+                 path and primitive) and ms per step, summed over the threads
+                 that ran it.
   ops            roi_align forward+backward and nms alone, ours vs torchvision.ops.
   data_pipeline  tf.data input images/s at this canvas and batch
                  (scripts/benchmark_data.py), next to the train step's.
@@ -110,6 +115,8 @@ flags.DEFINE_integer("infer_batch", 4, "Batch size of the inference throughput f
 flags.DEFINE_integer("infer_steps", 5, "Timed inference calls per batch size.")
 flags.DEFINE_integer("stage_repeats", 3, "Timed calls per stage piece.")
 flags.DEFINE_bool("stages", True, "Stage breakdown of the train step.")
+flags.DEFINE_integer("op_profile", 0, "List the train step's N most expensive XLA ops from a "
+                     "profiler trace of one step (0: off).")
 flags.DEFINE_bool("ops", True, "roi_align and nms against torchvision.ops (needs torch).")
 flags.DEFINE_bool("data", True, "Input pipeline throughput.")
 flags.DEFINE_integer("data_images", 32, "Images in the input pipeline's synthetic set.")
@@ -300,6 +307,7 @@ class Ours:
 
   def compile_train(self, batch):
     compiled, times = compile_timed(self.step_fn, self.state, batch, self.key)
+    self.train_hlo = compiled.as_text()
     mem = compiled.memory_analysis()
     buffers = None if mem is None else {
         k.replace("_in_bytes", "_mib"): getattr(mem, k) / 2 ** 20
@@ -600,6 +608,11 @@ def run(config, overrides: List[str]) -> Dict:
   if FLAGS.stages:
     log("stage breakdown")
     result["stages"] = stage_breakdown(ours, batches[0], step["median"])
+  if FLAGS.op_profile:
+    log("op profile")
+    import op_profile  # pylint: disable=g-import-not-at-top
+    result["op_profile"] = op_profile.top_ops(lambda: ours.train_step(batches[0]),
+                                              ours.train_hlo, FLAGS.op_profile, log)
   if FLAGS.ops and torch is not None:
     import benchmark_torchvision as tvb  # pylint: disable=g-import-not-at-top,reimported
     log("ops vs torchvision.ops")
@@ -703,6 +716,11 @@ def table(r: Dict) -> str:
     st = r["stages"]
     lines.append(f"{'sum / step / rest':<20}{st['sum_ms']:>10.1f} / {st['step_ms']:.1f} / "
                  f"{st['rest_ms']:.1f}")
+  if r.get("op_profile"):
+    lines += ["", f"{'train step op (thread ms)':<30}{'ms':>9}{'share':>8}  from"]
+    for o in r["op_profile"]:
+      lines.append(f"{o['instruction'][:30]:<30}{o['ms']:>9.1f}{o['share']:>8.1%}  "
+                   f"{o['op'][-90:]}")
   for name, o in r.get("ops", {}).items():
     lines.append(f"op {name}: ours {o['ours_ms']:.2f} ms, torchvision {o['torchvision_ms']:.2f}"
                  f" ms, ratio {o['ratio']:.2f} ({o['setting']})")

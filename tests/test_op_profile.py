@@ -1,0 +1,60 @@
+"""scripts/op_profile.py: instruction names traced back to JAX ops, and a real trace ranked."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
+import op_profile  # noqa: E402  pylint: disable=g-import-not-at-top
+
+HLO = """HloModule m
+
+%fused_computation.1 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %mul.1 = f32[4]{0} multiply(%p, %p), metadata={op_name="jit(step)/jvp(Model)/head/mul"}
+}
+
+%fused_computation.2 (p.1: f32[4]) -> f32[2,2] {
+  %p.1 = f32[4]{0} parameter(0)
+  ROOT %convolution.3 = f32[2,2]{1,0} convolution(%p.1, %p.1), window={size=1}
+}
+
+ENTRY %main (x: f32[4]) -> (f32[4], f32[2,2]) {
+  %x = f32[4]{0} parameter(0)
+  %fusion.1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1
+  %fusion.2 = f32[2,2]{1,0} fusion(%x), kind=kCustom, calls=%fused_computation.2
+  %add.4 = f32[4]{0} add(%fusion.1, %x), metadata={op_name="jit(step)/transpose(jvp(Model))/add"}
+  ROOT %tuple.5 = (f32[4], f32[2,2]) tuple(%add.4, %fusion.2)
+}
+"""
+
+
+def test_hlo_op_names_by_hand():
+  """Own metadata; else the called computation's first op_name; else its root's opcode and
+  shape; else nothing. jit(...)/ prefixes are dropped."""
+  names = op_profile.hlo_op_names(HLO)
+  assert names["add.4"] == "transpose(jvp(Model))/add"
+  assert names["fusion.1"] == "jvp(Model)/head/mul"
+  assert names["fusion.2"] == "[convolution f32[2,2]{1,0}]"
+  assert names["mul.1"] == "jvp(Model)/head/mul"
+  assert names["tuple.5"] == "" and names["x"] == ""
+
+
+def test_top_ops_ranks_a_traced_program():
+  """A program of one big matmul and a small reduction: the matmul ranks first, named by its
+  JAX op; shares sum to at most 1; at most ``top`` rows."""
+  def f(a, b):
+    return a @ b, jnp.sum(b)
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(512, 512)), jnp.float32)
+  jitted = jax.jit(f)
+  text = jitted.lower(a, a).compile().as_text()
+  jax.block_until_ready(jitted(a, a))
+  rows = op_profile.top_ops(lambda: jax.block_until_ready(jitted(a, a)), text, top=3)
+  assert 1 <= len(rows) <= 3
+  assert rows[0]["ms"] > 0 and "dot_general" in rows[0]["op"], rows
+  assert sum(r["share"] for r in rows) <= 1 + 1e-9
+  assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
