@@ -54,11 +54,9 @@ def top_ops(run_step: Callable[[], object], hlo_text: str, top: int,
   """The ``top`` most expensive XLA ops of one traced ``run_step()`` (synchronised).
 
   ``hlo_text`` is the compiled program's (``compiled.as_text()``). Trace
-  events named after one of its instructions are summed
-  per instruction (on CPU, over the threads that ran it: an op split over
-  two threads counts twice) and named by the JAX op it came from (its
-  ``op_name`` metadata), so that a slow convolution or copy can be traced to
-  the model code.
+  events named after one of its instructions are summed per instruction (on
+  CPU, over the threads that ran it: an op split over two threads counts
+  twice) and named by ``hlo_op_names``.
   """
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
   op_names = hlo_op_names(hlo_text)

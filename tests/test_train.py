@@ -284,35 +284,34 @@ SHARDING_CHECK = textwrap.dedent("""
     tx = optim.make_optimizer(config, shapes.params)
     data = input_pipeline.make_dataset(config, "train").as_numpy_iterator()
     batches = [next(data) for _ in range(3)]
-    steps = {{}}
-    for devices in (jax.devices()[:1], jax.devices()):
+
+    def jitted_step(devices):  # one train step on devices, from a host state
       mesh = sharding.make_mesh(devices)
       rep = sharding.replicated(mesh)
       step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
                                        schedule=optim.learning_rate(config)),
                      in_shardings=(rep, sharding.batch_sharding(mesh), rep),
                      out_shardings=(rep, rep))
-      steps[len(devices)] = (step, mesh, rep)
+      return lambda state, b: step(jax.device_put(state, rep), sharding.global_batch(b, mesh),
+                                   jax.random.PRNGKey(0))
+
     # Each step of a one-device run, and the same step on 8 devices from the same
     # state: comparing whole trajectories would let float noise from the reduction
     # order compound until a near-tie (top-k over the untrained RPN's nearly equal
     # scores) picks another proposal and the runs part for good.
-    step1, mesh1, rep1 = steps[1]
-    step8, mesh8, rep8 = steps[8]
-    state = jax.jit(functools.partial(train.create_state, model, tx, config),
-                    out_shardings=rep1)(jax.random.PRNGKey(0))
+    one, eight = jitted_step(jax.devices()[:1]), jitted_step(jax.devices())
+    state = jax.device_get(jax.jit(functools.partial(train.create_state, model, tx, config))(
+        jax.random.PRNGKey(0)))
     l1, l8 = [], []
     for b in batches:
-      start = jax.device_get(state)
-      state, m1 = step1(state, sharding.global_batch(b, mesh1), jax.random.PRNGKey(0))
-      state8, m8 = step8(jax.device_put(start, rep8), sharding.global_batch(b, mesh8),
-                         jax.random.PRNGKey(0))
+      (state1, m1), (state8, m8) = one(state, b), eight(state, b)
       l1.append(float(m1["loss"]))
       l8.append(float(m8["loss"]))
       np.testing.assert_allclose(l8[-1], l1[-1], rtol=1e-5, atol=1e-5)
       for a, c in zip(jax.tree.leaves(jax.device_get(state8.params)),
-                      jax.tree.leaves(jax.device_get(state.params))):
+                      jax.tree.leaves(jax.device_get(state1.params))):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+      state = jax.device_get(state1)
     print("OK", l1, l8)
 """)
 

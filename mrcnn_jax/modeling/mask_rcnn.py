@@ -235,9 +235,8 @@ class MaskRCNN(nn.Module):
     if self.mask_head is not None:
       m = min(self.num_mask_rois, self.roi_batch_size_per_image)
       fg_boxes = rois["boxes"][:, :m]
-      mask_logits = self._mask_logits(roi_features, fg_boxes, res5, m)  # (B, m, S, S, K)
       cls = jnp.minimum(rois["classes"][:, :m], self.num_classes - 1)
-      mask_logits = jnp.take_along_axis(mask_logits, cls[:, :, None, None, None], axis=-1)[..., 0]
+      mask_logits = _class_channel(self._mask_logits(roi_features, fg_boxes, res5, m), cls)
       mask_t = jax.vmap(lambda r, i, gb, gm: target_ops.mask_targets(
           r, i, gb, gm, mask_logits.shape[-1], self.sampling_ratio))(
               fg_boxes, rois["matched_gt"][:, :m], gt_boxes, gt["gt_masks"])
@@ -367,14 +366,18 @@ class MaskRCNN(nn.Module):
     if self.mask_head is not None:
       # C4: the mask head reads res5, which the box head computes at these boxes.
       res5 = self._box_head(roi_features, boxes, False)[2] if self.fpn is None else None
-      mask_logits = self._mask_logits(roi_features, boxes, res5, boxes.shape[1])
-      picked = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
-      masks = jax.nn.sigmoid(picked)
+      masks = jax.nn.sigmoid(_class_channel(
+          self._mask_logits(roi_features, boxes, res5, boxes.shape[1]), classes))
     if self.keypoint_head is not None:
       heatmaps = self.keypoint_head(self._pool(
           roi_features, box_ops.scale(boxes, self.keypoint_box_scale),
           self.keypoint_pooler_resolution))
     return masks, heatmaps
+
+
+def _class_channel(mask_logits: Array, classes: Array) -> Array:
+  """``[B, M, S, S, K]`` per-class mask logits -> ``[B, M, S, S]`` of each RoI's class."""
+  return jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
 
 
 class _View(NamedTuple):
