@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.total_steps = 90000
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/coco/tf/train2017", "eval_dir": "data/coco/tf/val2017",
-      "eval_annotations": "",  # default: the JSON the eval split was converted from
+      "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),  # torchvision
       "channel_order": "rgb", "flip": True, "scale_range": None,

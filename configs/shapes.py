@@ -133,7 +133,7 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/shapes/tf/train", "eval_dir": "data/shapes/tf/val",
-      "eval_annotations": "",  # default: the JSON the eval split was converted from
+      "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
       # ImageNet statistics on 0..255 RGB, as torchvision's transform does.
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),

@@ -45,10 +45,13 @@ def _jitted_detect(model, mesh):
 
 
 def eval_annotations(config) -> str:
-  """The ground-truth JSON of the eval split: config.data.eval_annotations or the converter's."""
+  """The ground-truth JSON of the eval split: config.data.eval_annotations, else what
+  the converter kept (its ground_truth.json; the source JSON for older conversions)."""
   path = config.data.get("eval_annotations")
   if not path:
-    path = input_pipeline.RecordFile(config.data.eval_dir).meta["source_annotations"]
+    meta = input_pipeline.RecordFile(config.data.eval_dir).meta
+    path = (os.path.join(config.data.eval_dir, meta["ground_truth"]) if "ground_truth" in meta
+            else meta["source_annotations"])
   if not os.path.exists(path):
     raise FileNotFoundError(f"eval annotations {path} not found; set "
                             f"--config.data.eval_annotations")
@@ -70,7 +73,7 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
   """COCO metrics of ``variables`` on the eval split (the first ``max_steps`` batches)."""
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   meta = input_pipeline.RecordFile(config.data.eval_dir).meta
-  build.check_flip_map(config, meta, config.data.eval_dir)
+  build.check_dataset(config, meta, f"the eval split {config.data.eval_dir}")
   evaluator = coco_eval.COCOEvaluator(
       eval_annotations(config), meta["coco_ids"],
       keypoint_category_ids=meta["keypoint_category_ids"], **evaluator_options(config))
@@ -132,7 +135,7 @@ def main(argv, args):
   variables = checkpointing.load_variables(step_dir)
   try:
     metrics = evaluate(model, variables, config, sharding.make_mesh())
-  except FileNotFoundError as e:  # eval split or its annotations missing
+  except (FileNotFoundError, build.DataMismatchError) as e:  # e.g. a missing eval split
     print(f"error: {e}", file=sys.stderr)
     return 2
   os.makedirs(workdir, exist_ok=True)

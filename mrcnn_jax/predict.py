@@ -18,6 +18,7 @@ scaled to 8-bit, alpha is dropped (as the dataset converter does); EXIF
 orientation of files is applied.
 """
 
+import collections
 import functools
 import json
 import os
@@ -91,9 +92,10 @@ class Predictor:
     self.config = config
     self.score_threshold = score_threshold
     self.canvas = tuple(config.data.canvas_size)
+    checkpoint = checkpointing.resolve(checkpoint)  # a missing checkpoint is named first
     self.meta = meta or _find_meta(config, checkpoint)
     self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
-    build.check_flip_map(config, self.meta, "the checkpoint's meta.json or the eval split")
+    build.check_dataset(config, self.meta, "the checkpoint's meta.json or the eval split")
     model = build.build_model(config)
     self.variables = jax.device_put(checkpointing.load_variables(checkpoint))
     self._detect = jax.jit(functools.partial(model.apply, method="detect"))
@@ -170,11 +172,32 @@ def _inputs(path: str) -> List[str]:
   return [path]
 
 
+def picture_paths(paths: List[str], output: str) -> List[str]:
+  """One picture per input in ``output``: ``name.png``, or ``name.ext.png`` where
+  inputs share a name (a.jpg and a.png); refuses to write over an input file."""
+  stems = collections.Counter(os.path.splitext(os.path.basename(p))[0] for p in paths)
+  pictures = []
+  for p in paths:
+    base = os.path.basename(p)
+    stem = os.path.splitext(base)[0]
+    pictures.append(os.path.join(output, (stem if stems[stem] == 1 else base) + ".png"))
+  inputs = {os.path.realpath(p) for p in paths}
+  for picture in pictures + [os.path.join(output, "predictions.json")]:
+    if os.path.realpath(picture) in inputs:
+      raise ValueError(f"--output {output}: {os.path.basename(picture)} would overwrite the "
+                       f"input image {picture}; choose another output directory")
+  return pictures
+
+
 def predict_files(predictor: Predictor, paths: List[str], output: str) -> str:
-  """Runs ``predictor`` on each file; writes pictures and predictions.json; returns its path."""
+  """Runs ``predictor`` on each file; writes pictures and predictions.json; returns its path.
+
+  Unreadable files are skipped and counted; raises ValueError when none was read.
+  """
+  pictures = picture_paths(paths, output)
   os.makedirs(output, exist_ok=True)
   everything, failed = [], 0
-  for image_id, path in enumerate(paths, start=1):
+  for image_id, (path, picture) in enumerate(zip(paths, pictures), start=1):
     try:
       rgb = read_image(path)
     except ValueError as e:
@@ -182,13 +205,13 @@ def predict_files(predictor: Predictor, paths: List[str], output: str) -> str:
       failed += 1
       continue
     out = predictor(rgb, image_id=image_id)
-    name = os.path.splitext(os.path.basename(path))[0]
-    Image.fromarray(predictor.draw(rgb, out["results"])).save(
-        os.path.join(output, f"{name}.png"))
+    Image.fromarray(predictor.draw(rgb, out["results"])).save(picture)
     for r in out["results"]:
       r["file_name"] = os.path.basename(path)
     everything += out["results"]
     print(f"{path}: {len(out['results'])} detections")
+  if failed == len(paths):
+    raise ValueError(f"none of the {len(paths)} input files could be read as an image")
   json_path = os.path.join(output, "predictions.json")
   with open(json_path, "w") as f:
     json.dump(everything, f)
@@ -220,10 +243,10 @@ def main(argv, args):
     paths = _inputs(args["input"].value)
     predictor = Predictor(args["config"].value, args["checkpoint"].value,
                           args["score_threshold"].value)
+    predict_files(predictor, paths, args["output"].value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  predict_files(predictor, paths, args["output"].value)
   return 0
 
 

@@ -197,12 +197,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   t = config.train
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  meta = input_pipeline.RecordFile(config.data.train_dir).meta
+  build.check_dataset(config, meta, f"the training split {config.data.train_dir}")
+  if t.eval_every:
+    build.check_dataset(config, input_pipeline.RecordFile(config.data.eval_dir).meta,
+                        f"the eval split {config.data.eval_dir}")
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
     # Class names and keypoint metadata travel with the checkpoints (predict reads them).
     with open(os.path.join(workdir, "meta.json"), "w") as f:
-      json.dump(input_pipeline.RecordFile(config.data.train_dir).meta, f, indent=1)
+      json.dump(meta, f, indent=1)
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
@@ -373,7 +378,7 @@ def main(argv, args):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except FileNotFoundError as e:  # e.g. a data directory that was never converted
+  except (FileNotFoundError, build.DataMismatchError) as e:  # e.g. an unconverted split
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

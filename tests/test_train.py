@@ -355,3 +355,28 @@ def test_train_cli_names_a_missing_dataset(tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 2, out
   assert "nowhere" in out and "not a converted split" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.num_classes=3",
+     "has 5 categories (rectangle, ellipse, triangle, hexagon, diamond) but model.num_classes "
+     "is 3; set --config.model.num_classes=5"),
+    ("--config.model.keypoint_head.num_keypoints=4",
+     "has 3 keypoints per instance but the keypoint head predicts "
+     "model.keypoint_head.num_keypoints=4"),
+])
+def test_train_cli_names_a_config_that_does_not_fit_the_data(dataset, tmp_path, override,
+                                                             message):
+  proc = run_cli("train", ["--config=configs/shapes.py:tiny", f"--workdir={tmp_path}",
+                           *cli_flags(dataset), override])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out
+  assert "the training split" in out and message in out and "Traceback" not in out
+
+
+def test_predictor_refuses_a_config_that_does_not_fit_the_checkpoint(dataset, reference_run):
+  from mrcnn_jax import Predictor
+  from mrcnn_jax.modeling import build
+  config = make_config(dataset, **{"model.num_classes": 7})
+  with pytest.raises(build.DataMismatchError, match="model.num_classes is 7"):
+    Predictor(config, reference_run[0])

@@ -17,13 +17,24 @@ that window as x, y, w, h), so the pipeline never decodes a full-image mask.
 
 Beside the shards: ``index.json`` (the byte offset and length of every
 record, so the pipeline reads any example by number, and per-record instance
-counts) and ``meta.json`` (the class-id mapping, category names, keypoint
-names, flip map and skeleton, the source paths, and the conversion summary).
+counts), ``meta.json`` (the class-id mapping, category names, keypoint
+names, flip map and skeleton, the source paths, and the conversion summary)
+and ``ground_truth.json``: the COCO JSON of exactly what was converted (the
+images written, the annotations kept as they were given, with a missing
+``iscrowd`` set to 0, a missing or invalid ``area`` set to the mask's, and a
+missing or repeated annotation ``id`` replaced), which evaluation scores
+against, so that an annotation skipped here is neither trained on nor
+counted as a missed object.
 
 Bad input is reported per file and annotation id and skipped with a counted
-summary (also written to ``problems.txt``); only input that is unusable as a
-whole (unreadable or malformed JSON, no images, no categories) stops the run,
-with a one-line message and exit status 2.
+summary (also written to ``problems.txt``): an image entry without a usable
+id (an integer that fits in int32, which the input pipeline carries), file
+name or size, or whose id repeats an earlier one; an annotation that is
+malformed in any field (box, category, polygon with non-finite or far-off
+coordinates, RLE, area, keypoints) or whose mask is empty. Only input that
+is unusable as a whole (unreadable or malformed JSON, no usable image, no
+categories, a category without an integer id or with a repeated one) stops
+the run, with a one-line message and exit status 2.
 """
 
 import argparse
@@ -42,6 +53,13 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 RECORD_OVERHEAD = 16  # TFRecord framing: u64 length, u32 crc, data, u32 crc
+INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
+INT64_MAX = 2 ** 63 - 1
+GROUND_TRUTH = "ground_truth.json"  # beside the shards: what evaluation scores against
+# Polygon coordinates beyond this many image sides from the image are taken as
+# malformed (pycocotools rasterises a polygon's whole outline, so a coordinate
+# of 1e30 would take all memory).
+MAX_POLYGON_REACH = 4
 
 
 class DatasetError(Exception):
@@ -73,10 +91,17 @@ def load_json(path: str) -> dict:
 
 def category_meta(categories: List[dict]) -> dict:
   """Contiguous class ids (by sorted COCO id) and keypoint metadata."""
-  cats = sorted((c for c in categories if isinstance(c, dict) and "id" in c),
-                key=lambda c: c["id"])
+  cats = [c for c in categories if isinstance(c, dict) and "id" in c]
   if not cats:
     raise DatasetError("categories: no entry has an 'id'")
+  seen = set()
+  for c in cats:
+    if not _is_int(c["id"]):
+      raise DatasetError(f"categories: id {c['id']!r} of {str(c)[:80]} is not an integer")
+    if c["id"] in seen:
+      raise DatasetError(f"categories: id {c['id']} appears more than once")
+    seen.add(c["id"])
+  cats.sort(key=lambda c: c["id"])
   names = [str(c.get("name", c["id"])) for c in cats]
   kp_cats = [c for c in cats if c.get("keypoints")]
   kp_names = list(kp_cats[0]["keypoints"]) if kp_cats else []
@@ -88,6 +113,33 @@ def category_meta(categories: List[dict]) -> dict:
       "skeleton": kp_cats[0].get("skeleton", []) if kp_cats else [],
       "keypoint_category_ids": [int(c["id"]) for c in kp_cats],
   }
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def image_entry_problem(info) -> Optional[str]:
+  """Why an ``images`` entry cannot be used, or None."""
+  if not isinstance(info, dict):
+    return "not an object"
+  missing = [k for k in ("id", "file_name", "width", "height") if k not in info]
+  if missing:
+    return f"needs id, file_name, width, height (missing {', '.join(missing)})"
+  if not _is_int(info["id"]) or not INT32_MIN <= info["id"] <= INT32_MAX:
+    return (f"id {info['id']!r} is not an integer that fits in int32 (the input pipeline "
+            f"carries image ids as int32)")
+  if not isinstance(info["file_name"], str) or not info["file_name"]:
+    return f"file_name {info['file_name']!r} is not a file name"
+  for k in ("width", "height"):
+    v = info[k]
+    if not (_is_number(v) and float(v).is_integer() and v > 0):
+      return f"{k} {v!r} is not a positive integer"
+  return None
 
 
 def flip_map(names: List[str]) -> List[int]:
@@ -165,18 +217,30 @@ def _encode_image(image: Image.Image, raw: bytes, width: int, height: int):
 def _annotation_mask(segm, h: int, w: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
   """Full-image mask of a polygon list or RLE, or (None, reason)."""
   if isinstance(segm, list):
+    reach = MAX_POLYGON_REACH * max(h, w)
     polys = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-             and all(isinstance(v, (int, float)) for v in p)]
+             and all(_is_number(v) and -reach <= v <= reach for v in p)]
     if not polys:
+      if any(isinstance(p, list) and len(p) >= 6 and not all(_is_number(v) for v in p)
+             for p in segm):
+        return None, "polygon coordinates are not all finite numbers"
+      if any(isinstance(p, list) and len(p) >= 6 for p in segm):
+        return None, f"polygon coordinates lie more than {MAX_POLYGON_REACH} image sides away"
       return None, "no polygon with at least 3 points"
     rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
   elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
-    if list(segm["size"]) != [h, w]:
-      return None, f"RLE size {segm['size']} differs from the image's [{h}, {w}]"
+    size = segm["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+      return None, f"RLE size {size!r} is not [height, width]"
+    if size != [h, w]:
+      return None, f"RLE size {size} differs from the image's [{h}, {w}]"
+    counts = segm["counts"]
+    if not (isinstance(counts, str) or (isinstance(counts, list)
+                                        and all(_is_int(v) and v >= 0 for v in counts))):
+      return None, "RLE counts are neither a string nor a list of non-negative integers"
     try:
-      rle = (mask_utils.frPyObjects(segm, h, w) if isinstance(segm["counts"], list)
-             else dict(segm, counts=segm["counts"].encode("ascii")
-                       if isinstance(segm["counts"], str) else segm["counts"]))
+      rle = (mask_utils.frPyObjects(segm, h, w) if isinstance(counts, list)
+             else dict(segm, counts=counts.encode("ascii")))
       mask = mask_utils.decode(rle)
     except Exception as e:  # pycocotools raises bare Exceptions on bad RLE
       return None, f"undecodable RLE ({e})"
@@ -190,6 +254,78 @@ def _png(mask: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buf, format="PNG", compress_level=1)
   return buf.getvalue()
+
+
+class _Skip(Exception):
+  """An annotation that cannot be used: (problem kind, message)."""
+
+
+def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoints: int,
+              problems: list, notes: list) -> dict:
+  """One annotation -> its record fields; raises _Skip when it cannot be used."""
+  cat = ann.get("category_id")
+  if not _is_int(cat) or cat not in class_of:
+    raise _Skip("category", f"{where}: category_id {cat!r} is not in categories; skipped")
+  bbox = ann.get("bbox")
+  if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    raise _Skip("bbox", f"{where}: malformed bbox {bbox!r}; skipped")
+  x, y, bw, bh = (float(v) for v in bbox)
+  if bw <= 0 or bh <= 0:
+    raise _Skip("bbox", f"{where}: bbox has zero or negative size {bbox}; skipped")
+  x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+  if x2 <= x1 or y2 <= y1:
+    raise _Skip("bbox", f"{where}: bbox {bbox} lies outside the {w}x{h} image; skipped")
+  if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
+    notes.append(f"{where}: bbox {bbox} clipped to the image")
+  crowd = ann.get("iscrowd", 0)
+  if crowd not in (0, 1):  # also False / True
+    raise _Skip("annotation", f"{where}: iscrowd {crowd!r} is not 0 or 1; skipped")
+  segm = ann.get("segmentation")
+  if segm is None or (isinstance(segm, (list, dict)) and not segm):
+    mask, reason = None, "no segmentation"
+  else:
+    mask, reason = _annotation_mask(segm, h, w)
+  if mask is None:
+    raise _Skip("segmentation", f"{where}: {reason}; skipped")
+  if not mask.any():
+    raise _Skip("segmentation", f"{where}: the mask is empty (no pixel inside); skipped")
+  area = ann.get("area")
+  if not (_is_number(area) and area >= 0):
+    if area is not None:
+      problems.append(("area", f"{where}: area {area!r} is not a non-negative number; "
+                               f"the mask's area used"))
+    area = float(mask.sum())
+  # The mask cropped to the box's integer pixel window.
+  wx0, wy0 = int(np.floor(x1)), int(np.floor(y1))
+  wx1, wy1 = int(np.ceil(x2)), int(np.ceil(y2))
+  keypoints = np.zeros((num_keypoints, 3), np.float32)
+  raw_kp = ann.get("keypoints")
+  if raw_kp and num_keypoints:
+    ok = (isinstance(raw_kp, list) and len(raw_kp) == 3 * num_keypoints
+          and all(_is_number(v) for v in raw_kp))
+    if not ok:
+      problems.append(("keypoints", f"{where}: keypoints must be {3 * num_keypoints} numbers; "
+                                    f"keypoints dropped, instance kept"))
+    else:
+      keypoints = np.asarray(raw_kp, np.float32).reshape(num_keypoints, 3)
+      labelled = keypoints[:, 2] > 0
+      in_image = ((keypoints[:, 0] >= 0) & (keypoints[:, 0] < w)
+                  & (keypoints[:, 1] >= 0) & (keypoints[:, 1] < h))
+      if np.any(labelled & ~in_image):
+        problems.append(("keypoints", f"{where}: keypoints outside the image marked "
+                                      f"unlabelled"))
+        keypoints[labelled & ~in_image] = 0
+      in_box = ((keypoints[:, 0] >= x1 - 1) & (keypoints[:, 0] <= x2)
+                & (keypoints[:, 1] >= y1 - 1) & (keypoints[:, 1] <= y2))
+      if np.any((keypoints[:, 2] > 0) & ~in_box):
+        notes.append(f"{where}: keypoints outside the box (kept)")
+  aid = ann.get("id")
+  return {"box": [x1, y1, x2, y2], "class": class_of[cat], "crowd": int(crowd),
+          "area": float(area), "id": aid if _is_int(aid) and 0 <= aid <= INT64_MAX else -1,
+          "keypoints": keypoints, "png": _png(mask[wy0:wy1, wx0:wx1]),
+          "window": [wx0, wy0, wx1 - wx0, wy1 - wy0],
+          # The annotation as evaluation sees it (ground_truth.json).
+          "ground_truth": dict(ann, iscrowd=int(crowd), area=float(area))}
 
 
 def convert_image(job) -> dict:
@@ -209,77 +345,26 @@ def convert_image(job) -> dict:
   if note:
     notes.append(f"{name}: {note}")
   h, w = size
-  boxes, classes, crowd, areas, ids, kps, pngs, windows = [], [], [], [], [], [], [], []
+  kept = []
   for ann in anns:
-    aid = ann.get("id")
-    where = f"{name} annotation {aid}"
-    cat = ann.get("category_id")
-    if cat not in class_of:
-      problems.append(("category", f"{where}: category_id {cat} is not in categories; skipped"))
-      continue
-    bbox = ann.get("bbox")
-    if (not isinstance(bbox, list) or len(bbox) != 4
-        or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in bbox)):
-      problems.append(("bbox", f"{where}: malformed bbox {bbox!r}; skipped"))
-      continue
-    x, y, bw, bh = (float(v) for v in bbox)
-    if bw <= 0 or bh <= 0:
-      problems.append(("bbox", f"{where}: bbox has zero or negative size {bbox}; skipped"))
-      continue
-    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
-    if x2 <= x1 or y2 <= y1:
-      problems.append(("bbox", f"{where}: bbox {bbox} lies outside the {w}x{h} image; skipped"))
-      continue
-    if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
-      notes.append(f"{where}: bbox {bbox} clipped to the image")
-    is_crowd = bool(ann.get("iscrowd", 0))
-    segm = ann.get("segmentation")
-    if segm in (None, [], {}):
-      mask, reason = None, "no segmentation"
-    else:
-      mask, reason = _annotation_mask(segm, h, w)
-    if mask is None:
-      problems.append(("segmentation", f"{where}: {reason}; skipped"))
-      continue
-    # The mask cropped to the box's integer pixel window.
-    wx0, wy0 = int(np.floor(x1)), int(np.floor(y1))
-    wx1, wy1 = int(np.ceil(x2)), int(np.ceil(y2))
-    pngs.append(_png(mask[wy0:wy1, wx0:wx1]))
-    windows.append([wx0, wy0, wx1 - wx0, wy1 - wy0])
-    keypoints = np.zeros((num_keypoints, 3), np.float32)
-    raw_kp = ann.get("keypoints")
-    if raw_kp and num_keypoints:
-      arr = np.asarray(raw_kp, np.float32) if isinstance(raw_kp, list) else None
-      if arr is None or arr.size != 3 * num_keypoints or not np.all(np.isfinite(arr)):
-        problems.append(("keypoints", f"{where}: keypoints must be {3 * num_keypoints} numbers; "
-                                      f"keypoints dropped, instance kept"))
-      else:
-        keypoints = arr.reshape(num_keypoints, 3)
-        labelled = keypoints[:, 2] > 0
-        in_image = ((keypoints[:, 0] >= 0) & (keypoints[:, 0] < w)
-                    & (keypoints[:, 1] >= 0) & (keypoints[:, 1] < h))
-        if np.any(labelled & ~in_image):
-          problems.append(("keypoints", f"{where}: keypoints outside the image marked "
-                                        f"unlabelled"))
-          keypoints[labelled & ~in_image] = 0
-        in_box = ((keypoints[:, 0] >= x1 - 1) & (keypoints[:, 0] <= x2)
-                  & (keypoints[:, 1] >= y1 - 1) & (keypoints[:, 1] <= y2))
-        if np.any((keypoints[:, 2] > 0) & ~in_box):
-          notes.append(f"{where}: keypoints outside the box (kept)")
-    boxes.append([x1, y1, x2, y2])
-    classes.append(class_of[cat])
-    crowd.append(int(is_crowd))
-    areas.append(float(ann.get("area", (x2 - x1) * (y2 - y1))))
-    ids.append(int(aid) if isinstance(aid, int) else -1)
-    kps.append(keypoints)
+    where = f"{name} annotation {str(ann.get('id'))[:40]}"
+    try:
+      kept.append(_instance(ann, where, h, w, class_of, num_keypoints, problems, notes))
+    except _Skip as e:
+      problems.append(e.args)
+    except Exception as e:  # any other malformed field: this annotation only
+      problems.append(("annotation", f"{where}: malformed ({type(e).__name__}: {e}); skipped"))
+  field = lambda k: [i[k] for i in kept]
   out["record"] = {
       "image": encoded, "height": h, "width": w,
-      "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-      "classes": np.asarray(classes, np.int64), "is_crowd": np.asarray(crowd, np.int64),
-      "areas": np.asarray(areas, np.float32), "ann_ids": np.asarray(ids, np.int64),
-      "keypoints": np.asarray(kps, np.float32).reshape(-1, num_keypoints, 3),
-      "mask_png": pngs, "mask_window": np.asarray(windows, np.int64).reshape(-1, 4),
+      "boxes": np.asarray(field("box"), np.float32).reshape(len(kept), 4),
+      "classes": np.asarray(field("class"), np.int64), "is_crowd": np.asarray(field("crowd"), np.int64),
+      "areas": np.asarray(field("area"), np.float32), "ann_ids": np.asarray(field("id"), np.int64),
+      "keypoints": np.asarray(field("keypoints"), np.float32).reshape(len(kept), num_keypoints, 3),
+      "mask_png": field("png"),
+      "mask_window": np.asarray(field("window"), np.int64).reshape(len(kept), 4),
   }
+  out["ground_truth"] = field("ground_truth")
   return out
 
 
@@ -311,19 +396,29 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   meta = category_meta(data["categories"])
   class_of = {cid: i for i, cid in enumerate(meta["coco_ids"])}
   num_keypoints = len(meta["keypoint_names"])
-  anns_by_image = collections.defaultdict(list)
-  for ann in data.get("annotations", []):
-    if isinstance(ann, dict):
-      anns_by_image[ann.get("image_id")].append(ann)
   images, problems = [], collections.Counter()
   log = []
+  known = set()
   for info in data["images"]:
-    if not (isinstance(info, dict) and all(k in info for k in ("id", "file_name", "width", "height"))):
-      log.append(f"images entry {str(info)[:80]}: needs id, file_name, width, height; skipped")
+    problem = image_entry_problem(info)
+    if problem is None and info["id"] in known:
+      problem = f"id {info['id']} repeats an earlier image's"
+    if problem:
+      log.append(f"images entry {str(info)[:80]}: {problem}; skipped")
       problems["image"] += 1
       continue
+    known.add(info["id"])
     images.append(info)
-  known = {info["id"] for info in images}
+  anns_by_image = collections.defaultdict(list)
+  malformed = 0
+  for ann in data.get("annotations", []):
+    if isinstance(ann, dict) and _is_int(ann.get("image_id")):
+      anns_by_image[ann["image_id"]].append(ann)
+    else:
+      malformed += 1
+  if malformed:
+    log.append(f"{malformed} annotations are not objects with an integer image_id; skipped")
+    problems["annotation"] += malformed
   orphans = sum(len(v) for k, v in anns_by_image.items() if k not in known)
   if orphans:
     log.append(f"{orphans} annotations refer to image ids not in images; skipped")
@@ -342,6 +437,8 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
           for info in images)
   workers = workers or os.cpu_count() or 1
   printed = collections.Counter()
+  images_by_id = {info["id"]: info for info in images}
+  kept_images, kept_annotations = [], []
   with multiprocessing.get_context("spawn").Pool(workers) as pool:
     results = pool.imap(convert_image, jobs, chunksize=8)
     for result in tqdm(results, total=len(images), desc="convert", unit="img",
@@ -358,6 +455,9 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
       if rec is None:
         counts["images skipped"] += 1
         continue
+      kept_images.append({k: images_by_id[result["image_id"]][k]
+                          for k in ("id", "file_name", "width", "height")})
+      kept_annotations.extend(result["ground_truth"])
       serialized = to_example(result["image_id"], result["file_name"], rec)
       shard = len(index["records"]) % num_shards
       writers[shard].write(serialized)
@@ -375,7 +475,12 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   summary = {"images in JSON": len(data["images"]), **counts,
              "problems": dict(problems), "seconds": round(time.time() - start, 1)}
   meta.update(source_annotations=os.path.abspath(annotations),
-              source_images=os.path.abspath(images_dir), summary=summary)
+              source_images=os.path.abspath(images_dir), ground_truth=GROUND_TRUTH,
+              summary=summary)
+  ground_truth = {k: v for k, v in data.items() if k not in ("images", "annotations")}
+  ground_truth.update(images=kept_images, annotations=_unique_ids(kept_annotations))
+  with open(os.path.join(output, GROUND_TRUTH), "w") as f:
+    json.dump(ground_truth, f)
   with open(os.path.join(output, "index.json"), "w") as f:
     json.dump(index, f)
   with open(os.path.join(output, "meta.json"), "w") as f:
@@ -383,6 +488,25 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   with open(os.path.join(output, "problems.txt"), "w") as f:
     f.write("\n".join(log) + ("\n" if log else ""))
   return summary
+
+
+def _unique_ids(annotations: List[dict]) -> List[dict]:
+  """The annotations, a missing, repeated or non-integer ``id`` (or one beyond int64)
+  replaced by a new one (pycocotools indexes ground truth by id)."""
+  seen, out = set(), []
+  for ann in annotations:
+    aid = ann.get("id")
+    if not (_is_int(aid) and 0 <= aid <= INT64_MAX) or aid in seen:
+      aid = None
+    out.append(ann if aid is not None else dict(ann, id=None))
+    if aid is not None:
+      seen.add(aid)
+  fresh = max((a for a in seen), default=0) + 1
+  for ann in out:
+    if ann["id"] is None:
+      ann["id"] = fresh
+      fresh += 1
+  return out
 
 
 def main(argv=None) -> int:

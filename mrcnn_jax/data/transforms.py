@@ -36,7 +36,8 @@ def parse(serialized: tf.Tensor, num_keypoints: int) -> Dict[str, tf.Tensor]:
   """A serialized record -> dict of dense tensors (N instances, image still encoded)."""
   f = tf.io.parse_single_example(serialized, FEATURES)
   dense = lambda k: tf.sparse.to_dense(f[k])
-  keypoints = tf.reshape(dense("objects/keypoints"), [-1, num_keypoints, 3])
+  n = tf.shape(f["objects/class"], out_type=tf.int64)[0]  # instances (-1 fails for 0 keypoints)
+  keypoints = tf.reshape(dense("objects/keypoints"), [n, num_keypoints, 3])
   # Integer pixel indices -> continuous coordinates, for labelled points only.
   labelled = keypoints[..., 2:] > 0
   keypoints = tf.concat([tf.where(labelled, keypoints[..., :2] + 0.5, 0.0), keypoints[..., 2:]],

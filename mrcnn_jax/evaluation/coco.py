@@ -235,6 +235,21 @@ def image_results(dets_one_image: Mapping[str, np.ndarray], scale, original_size
 
 
 # ------------------------------------------------------------------ COCOeval
+def _fill_defaults(coco_gt: COCO, path: str) -> None:
+  """Gives ground-truth annotations without ``iscrowd`` or ``area`` (which COCOeval
+  reads) 0 and their box's area, in place; the converter's ground_truth.json has both."""
+  filled = 0
+  for ann in coco_gt.dataset.get("annotations", []):
+    if "iscrowd" not in ann or "area" not in ann:
+      filled += 1
+      ann.setdefault("iscrowd", 0)
+      bbox = ann.get("bbox") or [0, 0, 0, 0]
+      ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
+  if filled:
+    logging.warning("%s: %d annotations had no iscrowd or area; set to 0 and the box's area",
+                    path, filled)
+
+
 class COCOEvaluator:
   """Accumulates batches of detections, then runs pycocotools' COCOeval.
 
@@ -280,6 +295,7 @@ class COCOEvaluator:
       self.coco_gt = annotation_file_or_COCO
     else:
       self.coco_gt = COCO(annotation_file_or_COCO)
+      _fill_defaults(self.coco_gt, annotation_file_or_COCO)
     self.coco_ids = [int(c) for c in coco_ids]
     self.keypoint_category_ids = [int(c) for c in keypoint_category_ids]
     self.iou_types = tuple(iou_types)

@@ -180,6 +180,34 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       test_augment_boxes=m.test.augment_boxes)
 
 
+class DataMismatchError(ValueError):
+  """The config does not fit the dataset (classes, keypoints, flip map)."""
+
+
+def check_dataset(config: ml_collections.ConfigDict, meta: dict, origin: str) -> None:
+  """The model must fit the data: its class count, its keypoint count, its flip map.
+
+  ``meta`` is a split's or a workdir's meta.json (``origin`` names it). A
+  model with more classes than the data would predict ids the data does not
+  have; with fewer, it would train the data's last classes as background.
+  """
+  m = config.model if "model" in config else config
+  names = list(meta.get("names") or [])
+  if len(meta["coco_ids"]) != m.num_classes:
+    raise DataMismatchError(
+        f"{origin} has {len(meta['coco_ids'])} categories ({', '.join(names[:8])}"
+        f"{', ...' if len(names) > 8 else ''}) but model.num_classes is {m.num_classes}; "
+        f"set --config.model.num_classes={len(meta['coco_ids'])}")
+  num_keypoints = len(meta.get("keypoint_names") or [])
+  if m.keypoint_head.enabled and num_keypoints != m.keypoint_head.num_keypoints:
+    fix = (f"--config.model.keypoint_head.num_keypoints={num_keypoints} (and its flip_map)"
+           if num_keypoints else "--config.model.keypoint_head.enabled=False")
+    raise DataMismatchError(
+        f"{origin} has {num_keypoints} keypoints per instance but the keypoint head predicts "
+        f"model.keypoint_head.num_keypoints={m.keypoint_head.num_keypoints}; set {fix}")
+  check_flip_map(config, meta, origin)
+
+
 def check_flip_map(config: ml_collections.ConfigDict, meta: dict, origin: str) -> None:
   """With the flip test on, the model's keypoint flip map must be the data's.
 
@@ -190,7 +218,7 @@ def check_flip_map(config: ml_collections.ConfigDict, meta: dict, origin: str) -
   data_map = list(meta.get("keypoint_flip_map") or [])
   if m.test.flip and m.keypoint_head.enabled and data_map:
     if list(m.keypoint_head.flip_map) != data_map:
-      raise ValueError(
+      raise DataMismatchError(
           f"model.keypoint_head.flip_map {tuple(m.keypoint_head.flip_map)} is not the "
           f"keypoint flip map of {origin} ({tuple(data_map)}, from its keypoint names "
           f"{meta.get('keypoint_names')}); the flip test would average the wrong keypoints' "

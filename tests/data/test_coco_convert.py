@@ -177,3 +177,108 @@ def test_missing_annotation_file_fails_with_a_message(tmp_path, capsys):
 def test_flip_map_pairs_left_and_right():
   names = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "tail"]
   assert coco.flip_map(names) == [0, 2, 1, 4, 3, 5]
+
+
+@pytest.fixture
+def malformed_dataset(tmp_path):
+  """Valid images whose JSON records are malformed in many ways, no keypoint category."""
+  d = tmp_path / "images"
+  d.mkdir()
+  rng = np.random.default_rng(1)
+  for i in range(1, 5):
+    _write(d / f"{i}.png", rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+  square = [[5, 5, 15, 5, 15, 15, 5, 15]]
+  images = [{"id": i, "file_name": f"{i}.png", "width": 60, "height": 40} for i in range(1, 5)]
+  images += [
+      {"id": "5", "file_name": "1.png", "width": 60, "height": 40},  # string id
+      {"id": 6.0, "file_name": "1.png", "width": 60, "height": 40},  # float id
+      {"id": 2 ** 31, "file_name": "1.png", "width": 60, "height": 40},  # beyond int32
+      {"id": 7, "file_name": None, "width": 60, "height": 40},
+      {"id": 8, "file_name": "1.png", "width": None, "height": 40},
+      {"id": 1, "file_name": "2.png", "width": 60, "height": 40},  # repeated id
+  ]
+  anns = []
+  def ann(image_id=1, **kw):
+    base = {"id": 500 + len(anns), "image_id": image_id, "category_id": 3, "iscrowd": 0,
+            "bbox": [5, 5, 10, 10], "segmentation": square, "area": 100}
+    base.update(kw)
+    base = {k: v for k, v in base.items() if v != "DROP"}
+    anns.append(base)
+  ann()  # 500: valid
+  ann(area=None)  # 501: area from the mask, noted
+  ann(area="big")  # 502: the same
+  ann(iscrowd="DROP", area="DROP")  # 503: defaults filled for evaluation
+  ann(category_id=[3])  # 504: skipped
+  ann(segmentation={"size": 48, "counts": "abc"})  # 505: skipped
+  ann(keypoints=[1, 2, "x"])  # 506: no keypoints here: ignored, kept
+  ann(id=2 ** 70)  # 507: kept; id replaced in ground_truth.json
+  ann(id="DROP")  # 508: kept; id given in ground_truth.json
+  ann(segmentation=[[1, 2, 30, 4, 5, float("nan")]])  # 509: skipped (non-finite)
+  ann(segmentation=[[1, 2, 1e30, 4, 5, 9]])  # 510: skipped (far off)
+  ann(segmentation=[[5, 5, 10, 5, 15, 5]])  # 511: collinear, empty mask: skipped
+  ann(iscrowd=7)  # 512: skipped
+  ann(image_id="1")  # 513: not an integer image id: skipped
+  ann(image_id=2, bbox="DROP")  # 514: skipped (malformed bbox)
+  ann(image_id=2)  # 515: valid, image 2
+  data = {"images": images, "annotations": anns,
+          "categories": [{"id": 3, "name": "thing"}, {"id": 17, "name": "other"}]}
+  path = tmp_path / "instances.json"
+  path.write_text(json.dumps(data))
+  return d, path, tmp_path / "out"
+
+
+def test_malformed_records_are_skipped_and_the_ground_truth_is_what_was_kept(malformed_dataset,
+                                                                               capsys):
+  images, ann_path, out = malformed_dataset
+  assert coco.main(["--images", str(images), "--annotations", str(ann_path),
+                    "--output", str(out), "--shards", "2", "--workers", "1"]) == 0
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  meta = json.loads((out / "meta.json").read_text())
+  s = meta["summary"]
+  assert s["images written"] == 4 and s["instances written"] == 8
+  assert s["problems"] == {"image": 6, "annotation": 2, "area": 1, "category": 1,
+                           "segmentation": 4, "bbox": 1}
+  log = (out / "problems.txt").read_text()
+  for needle in ("'id': '5'", "fits in int32", "file_name None is not a file name",
+                 "width None is not a positive integer", "id 1 repeats an earlier image's",
+                 "1.png annotation 502: area 'big' is not a non-negative number",
+                 "1.png annotation 504: category_id [3] is not in categories",
+                 "1.png annotation 505: RLE size 48 is not [height, width]",
+                 "1.png annotation 509: polygon coordinates are not all finite",
+                 "1.png annotation 510: polygon coordinates lie more than 4 image sides away",
+                 "1.png annotation 511: the mask is empty",
+                 "1.png annotation 512: iscrowd 7 is not 0 or 1",
+                 "1 annotations are not objects with an integer image_id",
+                 "2.png annotation 514: malformed bbox None"):
+    assert needle in log, needle
+  recs = {int(r["image_id"]): r for r in _records(out)}
+  assert sorted(recs) == [1, 2, 3, 4]
+  assert recs[1]["keypoints"].numpy().shape == (7, 0, 3)  # no keypoint category
+  np.testing.assert_allclose(recs[1]["areas"].numpy(), [100] * 7)  # given, or the 10x10 mask's
+
+  # Evaluation's ground truth: the written images and kept annotations, completed.
+  gt = json.loads((out / meta["ground_truth"]).read_text())
+  assert sorted(i["id"] for i in gt["images"]) == [1, 2, 3, 4]
+  anns = gt["annotations"]
+  assert [a["id"] for a in anns] == [500, 501, 502, 503, 506, 516, 517, 515]
+  assert all(a["iscrowd"] == 0 and a["area"] == 100 for a in anns)
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_gt = COCO(str(out / meta["ground_truth"]))
+  for a in anns:  # what COCOeval's segm evaluation does with each
+    assert coco_gt.annToMask(a).sum() == 100
+
+
+@pytest.mark.parametrize("categories,message", [
+    ([{"id": "3", "name": "a"}], "id '3' of"),
+    ([{"id": 3, "name": "a"}, {"id": 3, "name": "b"}], "id 3 appears more than once"),
+])
+def test_bad_categories_fail_with_a_message(malformed_dataset, capsys, categories, message):
+  images, ann_path, out = malformed_dataset
+  data = json.loads(ann_path.read_text())
+  data["categories"] = categories
+  ann_path.write_text(json.dumps(data))
+  assert coco.main(["--images", str(images), "--annotations", str(ann_path),
+                    "--output", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err

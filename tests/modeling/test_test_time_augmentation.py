@@ -169,3 +169,22 @@ def test_bad_test_time_settings_are_named():
   cfg.test.flip = True
   with pytest.raises(ValueError, match="not the keypoint flip map of split X"):
     build.check_flip_map(cfg, meta, "split X")
+
+
+def test_a_model_that_does_not_fit_the_data_is_named():
+  cfg = tta_config()  # keypoint head on
+  meta = {"coco_ids": list(range(1, cfg.num_classes + 1)), "names": [],
+          "keypoint_flip_map": [0, 2, 1], "keypoint_names": ["apex", "left", "right"]}
+  cfg.keypoint_head.num_keypoints = 3
+  build.check_dataset(cfg, meta, "split X")
+  with pytest.raises(build.DataMismatchError, match="split X has 2 keypoints per instance.*num_keypoints=2"):
+    build.check_dataset(cfg, dict(meta, keypoint_names=["a", "b"], keypoint_flip_map=[0, 1]),
+                        "split X")
+  with pytest.raises(build.DataMismatchError,
+                     match="set --config.model.keypoint_head.enabled=False"):
+    build.check_dataset(cfg, dict(meta, keypoint_names=[], keypoint_flip_map=[]), "split X")
+  cfg.keypoint_head.enabled = False  # keypoints in the data, none predicted: fine
+  build.check_dataset(cfg, dict(meta, keypoint_names=["a", "b"], keypoint_flip_map=[0, 1]),
+                      "split X")
+  with pytest.raises(build.DataMismatchError, match="set --config.model.num_classes=2"):
+    build.check_dataset(cfg, dict(meta, coco_ids=[4, 9], names=["a", "b"]), "split X")
