@@ -39,6 +39,7 @@ the run, with a one-line message and exit status 2.
 
 import argparse
 import collections
+import concurrent.futures
 import io
 import json
 import multiprocessing
@@ -439,36 +440,45 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   printed = collections.Counter()
   images_by_id = {info["id"]: info for info in images}
   kept_images, kept_annotations = [], []
-  with multiprocessing.get_context("spawn").Pool(workers) as pool:
-    results = pool.imap(convert_image, jobs, chunksize=8)
-    for result in tqdm(results, total=len(images), desc="convert", unit="img",
-                       dynamic_ncols=True, mininterval=1.0):
-      for kind, message in result["problems"]:
-        problems[kind] += 1
-        log.append(message)
-        if printed[kind] < max_printed:
-          printed[kind] += 1
-          tqdm.write(f"warning: {message}")
-      log.extend(result["notes"])
-      counts["notes"] += len(result["notes"])
-      rec = result.get("record")
-      if rec is None:
-        counts["images skipped"] += 1
-        continue
-      kept_images.append({k: images_by_id[result["image_id"]][k]
-                          for k in ("id", "file_name", "width", "height")})
-      kept_annotations.extend(result["ground_truth"])
-      serialized = to_example(result["image_id"], result["file_name"], rec)
-      shard = len(index["records"]) % num_shards
-      writers[shard].write(serialized)
-      n = len(rec["classes"])
-      index["records"].append([shard, offsets[shard], len(serialized), n,
-                               int(result["image_id"])])
-      offsets[shard] += len(serialized) + RECORD_OVERHEAD
-      counts["images written"] += 1
-      counts["instances written"] += n
-      counts["crowd regions"] += int(rec["is_crowd"].sum())
-      counts["images without annotations"] += int(n == 0)
+  # A worker that dies (killed for memory, say) breaks the executor, which
+  # raises here; multiprocessing.Pool would wait for its results forever.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    results = pool.map(convert_image, jobs, chunksize=8)
+    try:
+      for result in tqdm(results, total=len(images), desc="convert", unit="img",
+                         dynamic_ncols=True, mininterval=1.0):
+        for kind, message in result["problems"]:
+          problems[kind] += 1
+          log.append(message)
+          if printed[kind] < max_printed:
+            printed[kind] += 1
+            tqdm.write(f"warning: {message}")
+        log.extend(result["notes"])
+        counts["notes"] += len(result["notes"])
+        rec = result.get("record")
+        if rec is None:
+          counts["images skipped"] += 1
+          continue
+        kept_images.append({k: images_by_id[result["image_id"]][k]
+                            for k in ("id", "file_name", "width", "height")})
+        kept_annotations.extend(result["ground_truth"])
+        serialized = to_example(result["image_id"], result["file_name"], rec)
+        shard = len(index["records"]) % num_shards
+        writers[shard].write(serialized)
+        n = len(rec["classes"])
+        index["records"].append([shard, offsets[shard], len(serialized), n,
+                                 int(result["image_id"])])
+        offsets[shard] += len(serialized) + RECORD_OVERHEAD
+        counts["images written"] += 1
+        counts["instances written"] += n
+        counts["crowd regions"] += int(rec["is_crowd"].sum())
+        counts["images without annotations"] += int(n == 0)
+    except concurrent.futures.process.BrokenProcessPool:
+      raise DatasetError(
+          f"{annotations}: a conversion worker died (out of memory?) after "
+          f"{counts['images written'] + counts['images skipped']} of {len(images)} images; "
+          f"nothing usable was written to {output}") from None
   for wr in writers:
     wr.close()
 

@@ -282,3 +282,26 @@ def test_bad_categories_fail_with_a_message(malformed_dataset, capsys, categorie
                     "--output", str(out)]) == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err
+
+
+def test_a_dead_worker_fails_with_a_message(malformed_dataset, monkeypatch, capsys):
+  """A worker killed mid-run (e.g. for memory) ends the conversion with a message, not a hang."""
+  import concurrent.futures
+
+  class DyingPool(concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, workers, mp_context=None):
+      super().__init__(workers)
+
+    def map(self, fn, *iterables, chunksize=1):
+      def results():
+        yield fn(next(iter(iterables[0])))
+        raise concurrent.futures.process.BrokenProcessPool("a child process terminated")
+      return results()
+
+  monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DyingPool)
+  images, ann_path, out = malformed_dataset
+  assert coco.main(["--images", str(images), "--annotations", str(ann_path),
+                    "--output", str(out), "--workers", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "a conversion worker died (out of memory?) after 1 of 4 images" in err
+  assert not (out / "index.json").exists()
