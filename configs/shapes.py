@@ -107,6 +107,11 @@ below, so the keypoint changes were also judged by their errors):
   cell's centre; tried on 2026-11-27, not kept): 0.480 / 0.527 / 0.456 at
   1700 steps with the views, against the one-hot targets' 0.523 / 0.577 /
   0.485 (seed 0) and 0.475 / 0.519 / 0.468 (seed 1).
+- at 1700 steps with the views (2026-11-27, against 0.506 / 0.547 / 0.476
+  for this config at today's code): AdamW lr 3e-3: 0.492 / 0.543 / 0.488;
+  an exponential moving average of the weights (decay 0.995, evaluated on
+  the same run): 0.500 / 0.543 / 0.470, as little use as expected when the
+  cosine schedule ends near zero. Not taken.
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The

@@ -22,9 +22,10 @@ def hlo_op_names(hlo_text: str) -> Dict[str, str]:
 
   The ``op_name`` metadata without its ``jit(...)/`` prefixes; for a fusion
   without one, the first ``op_name`` inside the computation it calls; failing
-  that (ops XLA made itself), ``[opcode shape]`` of that computation's root.
+  that (ops XLA made itself), ``[opcode shape]`` of that computation's root,
+  or of the instruction itself when it calls none (a copy XLA inserted).
   """
-  own, calls, inside, root = {}, {}, {}, {}
+  own, calls, inside, root, itself = {}, {}, {}, {}, {}
   computation = None
   for line in hlo_text.splitlines():
     header = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(", line)
@@ -37,6 +38,7 @@ def hlo_op_names(hlo_text: str) -> Dict[str, str]:
     name = re.search(r'op_name="([^"]*)"', line)
     name = re.sub(r"jit\([^)]*\)/", "", name.group(1)) if name else ""
     own[m.group(2)] = name
+    itself[m.group(2)] = f"[{m.group(4)} {m.group(3)}]"
     called = re.search(r"calls=%([\w.\-]+)", line)
     if called:
       calls[m.group(2)] = called.group(1)
@@ -45,7 +47,7 @@ def hlo_op_names(hlo_text: str) -> Dict[str, str]:
         inside[computation] = name
       if m.group(1):
         root[computation] = f"[{m.group(4)} {m.group(3)}]"
-  return {n: op or inside.get(calls.get(n)) or root.get(calls.get(n), "")
+  return {n: op or inside.get(calls.get(n)) or root.get(calls.get(n)) or itself[n]
           for n, op in own.items()}
 
 

@@ -35,7 +35,7 @@ def result(tmp_path_factory):
          "--warmup=1", "--infer_batch=2", "--infer_steps=2", "--stage_repeats=1",
          "--peak_n=512", "--data_images=4", "--data_steps=2",
          "--sweep", "--sweep_canvas=64", "--sweep_rois=128", "--sweep_batch=2",
-         "--sweep_steps=1", "--op_profile=5", f"--output={out}",
+         "--sweep_steps=1", "--op_profile=20", f"--output={out}",
          "--config.model.backbone.depth=18", "--config.model.backbone.width=64",
          "--config.model.backbone.norm=frozen_bn", "--config.model.keypoint_head.enabled=False"]
   if with_torch:
@@ -69,10 +69,15 @@ def test_train_and_inference(result):
 def test_op_profile(result):
   """The step's most expensive XLA ops, most expensive first, traced back to model code."""
   ops = result[0]["op_profile"]
-  assert 1 <= len(ops) <= 5
-  assert all(_positive(o["ms"]) and 0 < o["share"] <= 1 and o["instruction"] for o in ops)
+  assert 1 <= len(ops) <= 20
+  assert all(_positive(o["ms"]) and 0 < o["share"] <= 1 and o["instruction"] and o["op"]
+             for o in ops)
   assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
-  assert any("MaskRCNN" in o["op"] for o in ops)
+  # Not every op carries the model's names (what XLA adds itself reads e.g.
+  # "[reverse f32[3,3,512,512]]", the optimiser's updates "select_n"), and
+  # in the top 5 the timing decided whether one did; among 20 the forward
+  # convolutions always do.
+  assert any("MaskRCNN" in o["op"] for o in ops), ops
 
 
 def test_stages_dtype_data_sweep(result):

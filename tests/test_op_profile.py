@@ -35,13 +35,13 @@ ENTRY %main (x: f32[4]) -> (f32[4], f32[2,2]) {
 
 def test_hlo_op_names_by_hand():
   """Own metadata; else the called computation's first op_name; else its root's opcode and
-  shape; else nothing. jit(...)/ prefixes are dropped."""
+  shape; else the instruction's own. jit(...)/ prefixes are dropped."""
   names = op_profile.hlo_op_names(HLO)
   assert names["add.4"] == "transpose(jvp(Model))/add"
   assert names["fusion.1"] == "jvp(Model)/head/mul"
   assert names["fusion.2"] == "[convolution f32[2,2]{1,0}]"
   assert names["mul.1"] == "jvp(Model)/head/mul"
-  assert names["tuple.5"] == "" and names["x"] == ""
+  assert names["tuple.5"] == "[tuple (f32[4], f32[2,2])]" and names["x"] == "[parameter f32[4]{0}]"
 
 
 def test_top_ops_ranks_a_traced_program():

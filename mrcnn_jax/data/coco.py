@@ -325,8 +325,8 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
           "area": float(area), "id": aid if _is_int(aid) and 0 <= aid <= INT64_MAX else -1,
           "keypoints": keypoints, "png": _png(mask[wy0:wy1, wx0:wx1]),
           "window": [wx0, wy0, wx1 - wx0, wy1 - wy0],
-          # The annotation as evaluation sees it (ground_truth.json).
-          "ground_truth": dict(ann, iscrowd=int(crowd), area=float(area))}
+          # What ground_truth.json completes the annotation with.
+          "filled": {"iscrowd": int(crowd), "area": float(area)}}
 
 
 def convert_image(job) -> dict:
@@ -347,10 +347,11 @@ def convert_image(job) -> dict:
     notes.append(f"{name}: {note}")
   h, w = size
   kept = []
-  for ann in anns:
+  for position, ann in enumerate(anns):
     where = f"{name} annotation {str(ann.get('id'))[:40]}"
     try:
       kept.append(_instance(ann, where, h, w, class_of, num_keypoints, problems, notes))
+      kept[-1]["position"] = position
     except _Skip as e:
       problems.append(e.args)
     except Exception as e:  # any other malformed field: this annotation only
@@ -365,7 +366,9 @@ def convert_image(job) -> dict:
       "mask_png": field("png"),
       "mask_window": np.asarray(field("window"), np.int64).reshape(len(kept), 4),
   }
-  out["ground_truth"] = field("ground_truth")
+  # Which of the image's annotations were kept, and their completed fields: the
+  # parent builds ground_truth.json from its own copy (no polygons sent back).
+  out["kept"] = list(zip(field("position"), field("filled")))
   return out
 
 
@@ -462,7 +465,8 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
           continue
         kept_images.append({k: images_by_id[result["image_id"]][k]
                             for k in ("id", "file_name", "width", "height")})
-        kept_annotations.extend(result["ground_truth"])
+        given = anns_by_image.get(result["image_id"], [])
+        kept_annotations.extend(dict(given[i], **filled) for i, filled in result["kept"])
         serialized = to_example(result["image_id"], result["file_name"], rec)
         shard = len(index["records"]) % num_shards
         writers[shard].write(serialized)
