@@ -26,6 +26,11 @@ missing or repeated annotation ``id`` replaced), which evaluation scores
 against, so that an annotation skipped here is neither trained on nor
 counted as a missed object.
 
+A split in which no annotation has a ``segmentation`` is taken as box-only
+(a detection dataset): its instances are kept with empty masks, and
+meta.json's ``has_masks`` is false, so that training with the mask head on
+is refused (``build.check_dataset``) rather than taught empty masks.
+
 Bad input is reported per file and annotation id and skipped with a counted
 summary (also written to ``problems.txt``): an image entry without a usable
 id (an integer that fits in int32, which the input pipeline carries), file
@@ -261,8 +266,12 @@ class _Skip(Exception):
   """An annotation that cannot be used: (problem kind, message)."""
 
 
+def _no_segmentation(segm) -> bool:
+  return segm is None or (isinstance(segm, (list, dict)) and not segm)
+
+
 def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoints: int,
-              problems: list, notes: list) -> dict:
+              with_masks: bool, problems: list, notes: list) -> dict:
   """One annotation -> its record fields; raises _Skip when it cannot be used."""
   cat = ann.get("category_id")
   if not _is_int(cat) or cat not in class_of:
@@ -281,24 +290,28 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
   crowd = ann.get("iscrowd", 0)
   if crowd not in (0, 1):  # also False / True
     raise _Skip("annotation", f"{where}: iscrowd {crowd!r} is not 0 or 1; skipped")
-  segm = ann.get("segmentation")
-  if segm is None or (isinstance(segm, (list, dict)) and not segm):
-    mask, reason = None, "no segmentation"
-  else:
-    mask, reason = _annotation_mask(segm, h, w)
-  if mask is None:
-    raise _Skip("segmentation", f"{where}: {reason}; skipped")
-  if not mask.any():
-    raise _Skip("segmentation", f"{where}: the mask is empty (no pixel inside); skipped")
-  area = ann.get("area")
-  if not (_is_number(area) and area >= 0):
-    if area is not None:
-      problems.append(("area", f"{where}: area {area!r} is not a non-negative number; "
-                               f"the mask's area used"))
-    area = float(mask.sum())
-  # The mask cropped to the box's integer pixel window.
+  # The mask's window: the box's integer pixels.
   wx0, wy0 = int(np.floor(x1)), int(np.floor(y1))
   wx1, wy1 = int(np.ceil(x2)), int(np.ceil(y2))
+  if not with_masks:  # a box-only split (see convert): every mask is left empty
+    mask = np.zeros((h, w), bool)
+  else:
+    segm = ann.get("segmentation")
+    if _no_segmentation(segm):
+      mask, reason = None, "no segmentation"
+    else:
+      mask, reason = _annotation_mask(segm, h, w)
+    if mask is None:
+      raise _Skip("segmentation", f"{where}: {reason}; skipped")
+    if not mask.any():
+      raise _Skip("segmentation", f"{where}: the mask is empty (no pixel inside); skipped")
+  area = ann.get("area")
+  if not (_is_number(area) and area >= 0):
+    what = "the mask's" if with_masks else "the box's"
+    if area is not None:
+      problems.append(("area", f"{where}: area {area!r} is not a non-negative number; "
+                               f"{what} area used"))
+    area = float(mask.sum()) if with_masks else (x2 - x1) * (y2 - y1)
   keypoints = np.zeros((num_keypoints, 3), np.float32)
   raw_kp = ann.get("keypoints")
   if raw_kp and num_keypoints:
@@ -331,7 +344,7 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
 
 def convert_image(job) -> dict:
   """Worker: one image and its annotations -> record fields, notes and problems."""
-  info, anns, image_dir, class_of, num_keypoints = job
+  info, anns, image_dir, class_of, num_keypoints, with_masks = job
   name = info["file_name"]
   problems, notes = [], []
   out = {"image_id": info["id"], "file_name": name, "problems": problems, "notes": notes}
@@ -350,7 +363,8 @@ def convert_image(job) -> dict:
   for position, ann in enumerate(anns):
     where = f"{name} annotation {str(ann.get('id'))[:40]}"
     try:
-      kept.append(_instance(ann, where, h, w, class_of, num_keypoints, problems, notes))
+      kept.append(_instance(ann, where, h, w, class_of, num_keypoints, with_masks, problems,
+                            notes))
       kept[-1]["position"] = position
     except _Skip as e:
       problems.append(e.args)
@@ -437,8 +451,17 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   offsets = [0] * num_shards
   index = {"shards": shard_names, "records": []}  # [shard, offset, length, instances, image_id]
   counts = collections.Counter()
-  jobs = ((info, anns_by_image.get(info["id"], []), images_dir, class_of, num_keypoints)
-          for info in images)
+  # A split where no annotation has a segmentation is a box-only (detection)
+  # dataset: its instances are kept with empty masks and meta.json says so
+  # (build.check_dataset then refuses the mask head). Where some have one,
+  # an annotation without is skipped as malformed.
+  with_masks = any(isinstance(a, dict) and not _no_segmentation(a.get("segmentation"))
+                   for a in data.get("annotations", []))
+  if not with_masks:
+    log.append("no annotation has a segmentation: a box-only split (empty masks)")
+    tqdm.write("note: no annotation has a segmentation; converting a box-only split")
+  jobs = ((info, anns_by_image.get(info["id"], []), images_dir, class_of, num_keypoints,
+           with_masks) for info in images)
   workers = workers or os.cpu_count() or 1
   printed = collections.Counter()
   images_by_id = {info["id"]: info for info in images}
@@ -490,6 +513,7 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
              "problems": dict(problems), "seconds": round(time.time() - start, 1)}
   meta.update(source_annotations=os.path.abspath(annotations),
               source_images=os.path.abspath(images_dir), ground_truth=GROUND_TRUTH,
+              has_masks=with_masks,
               summary=summary)
   ground_truth = {k: v for k, v in data.items() if k not in ("images", "annotations")}
   ground_truth.update(images=kept_images, annotations=_unique_ids(kept_annotations))

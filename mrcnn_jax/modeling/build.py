@@ -185,7 +185,7 @@ class DataMismatchError(ValueError):
 
 
 def check_dataset(config: ml_collections.ConfigDict, meta: dict, origin: str) -> None:
-  """The model must fit the data: its class count, its keypoint count, its flip map.
+  """The model must fit the data: its class count, masks, keypoint count, flip map.
 
   ``meta`` is a split's or a workdir's meta.json (``origin`` names it). A
   model with more classes than the data would predict ids the data does not
@@ -198,6 +198,10 @@ def check_dataset(config: ml_collections.ConfigDict, meta: dict, origin: str) ->
         f"{origin} has {len(meta['coco_ids'])} categories ({', '.join(names[:8])}"
         f"{', ...' if len(names) > 8 else ''}) but model.num_classes is {m.num_classes}; "
         f"set --config.model.num_classes={len(meta['coco_ids'])}")
+  if m.mask_head.enabled and meta.get("has_masks") is False:
+    raise DataMismatchError(
+        f"{origin} is box-only (no annotation has a segmentation) but the mask head is on; "
+        f"set --config.model.mask_head.enabled=False")
   num_keypoints = len(meta.get("keypoint_names") or [])
   if m.keypoint_head.enabled and num_keypoints != m.keypoint_head.num_keypoints:
     fix = (f"--config.model.keypoint_head.num_keypoints={num_keypoints} (and its flip_map)"

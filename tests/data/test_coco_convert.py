@@ -305,3 +305,36 @@ def test_a_dead_worker_fails_with_a_message(malformed_dataset, monkeypatch, caps
   err = capsys.readouterr().err
   assert "a conversion worker died (out of memory?) after 1 of 4 images" in err
   assert not (out / "index.json").exists()
+
+
+def test_a_split_without_any_segmentation_is_box_only(malformed_dataset):
+  """A detection dataset (boxes, no segmentation anywhere): instances kept with empty masks,
+  meta.json says has_masks false; a split with masks skips the odd box-only annotation."""
+  images, ann_path, out = malformed_dataset
+  data = json.loads(ann_path.read_text())
+  anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 20]},
+          {"id": 2, "image_id": 2, "category_id": 17, "bbox": [1, 2, 3, 4], "segmentation": [],
+           "iscrowd": 1, "area": 7}]
+  ann_path.write_text(json.dumps(dict(data, annotations=anns)))
+  assert coco.main(["--images", str(images), "--annotations", str(ann_path),
+                    "--output", str(out), "--workers", "1"]) == 0
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["has_masks"] is False and meta["summary"]["instances written"] == 2
+  assert "box-only split" in (out / "problems.txt").read_text()
+  recs = {int(r["image_id"]): r for r in _records(out)}
+  np.testing.assert_allclose(recs[1]["boxes"].numpy(), [[5, 5, 15, 25]])
+  assert recs[2]["is_crowd"].numpy().tolist() == [True]
+  for r in (recs[1], recs[2]):
+    png = tf.io.decode_png(r["mask_png"][0]).numpy()
+    assert png.size > 0 and png.max() == 0
+  gt = json.loads((out / meta["ground_truth"]).read_text())["annotations"]
+  assert [(a["iscrowd"], a["area"]) for a in gt] == [(0, 200.0), (1, 7)]
+
+  anns.append({"id": 3, "image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 10],
+               "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]})
+  ann_path.write_text(json.dumps(dict(data, annotations=anns)))
+  assert coco.main(["--images", str(images), "--annotations", str(ann_path),
+                    "--output", str(out), "--workers", "1"]) == 0
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["has_masks"] is True and meta["summary"]["instances written"] == 1
+  assert meta["summary"]["problems"] == {"image": 6, "segmentation": 2}  # 6: the fixture's

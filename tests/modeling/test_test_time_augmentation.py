@@ -188,3 +188,7 @@ def test_a_model_that_does_not_fit_the_data_is_named():
                       "split X")
   with pytest.raises(build.DataMismatchError, match="set --config.model.num_classes=2"):
     build.check_dataset(cfg, dict(meta, coco_ids=[4, 9], names=["a", "b"]), "split X")
+  with pytest.raises(build.DataMismatchError, match="split X is box-only"):
+    build.check_dataset(cfg, dict(meta, has_masks=False), "split X")
+  cfg.mask_head.enabled = False
+  build.check_dataset(cfg, dict(meta, has_masks=False), "split X")
