@@ -294,7 +294,7 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
   wx0, wy0 = int(np.floor(x1)), int(np.floor(y1))
   wx1, wy1 = int(np.ceil(x2)), int(np.ceil(y2))
   if not with_masks:  # a box-only split (see convert): every mask is left empty
-    mask = np.zeros((h, w), bool)
+    window = np.zeros((wy1 - wy0, wx1 - wx0), bool)
   else:
     segm = ann.get("segmentation")
     if _no_segmentation(segm):
@@ -305,13 +305,14 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
       raise _Skip("segmentation", f"{where}: {reason}; skipped")
     if not mask.any():
       raise _Skip("segmentation", f"{where}: the mask is empty (no pixel inside); skipped")
+    window = mask[wy0:wy1, wx0:wx1]
   area = ann.get("area")
   if not (_is_number(area) and area >= 0):
     what = "the mask's" if with_masks else "the box's"
     if area is not None:
       problems.append(("area", f"{where}: area {area!r} is not a non-negative number; "
                                f"{what} area used"))
-    area = float(mask.sum()) if with_masks else (x2 - x1) * (y2 - y1)
+    area = float(mask.sum()) if with_masks else (x2 - x1) * (y2 - y1)  # box-only: the box's
   keypoints = np.zeros((num_keypoints, 3), np.float32)
   raw_kp = ann.get("keypoints")
   if raw_kp and num_keypoints:
@@ -336,7 +337,7 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
   aid = ann.get("id")
   return {"box": [x1, y1, x2, y2], "class": class_of[cat], "crowd": int(crowd),
           "area": float(area), "id": aid if _is_int(aid) and 0 <= aid <= INT64_MAX else -1,
-          "keypoints": keypoints, "png": _png(mask[wy0:wy1, wx0:wx1]),
+          "keypoints": keypoints, "png": _png(window),
           "window": [wx0, wy0, wx1 - wx0, wy1 - wy0],
           # What ground_truth.json completes the annotation with.
           "filled": {"iscrowd": int(crowd), "area": float(area)}}
