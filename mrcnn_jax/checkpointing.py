@@ -14,7 +14,7 @@ optionally ``model_state``) will do.
 """
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,6 +48,9 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(str(self.last.directory), str(step))
 
   def restore(self, abstract_state, step: Optional[int] = None):
     """The state at ``step`` (default: latest), laid out as ``abstract_state``.
@@ -98,6 +101,21 @@ def resolve(path: str) -> str:
   if not os.path.isdir(os.path.join(path, "default")):
     raise FileNotFoundError(f"checkpoint {path}: not an orbax checkpoint (no 'default' item)")
   return path
+
+
+def stored_param_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+  """``{key path: shape}`` of the ``params`` a checkpoint at ``path`` holds (metadata only)."""
+  item = os.path.join(resolve(path), "default")
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(item)
+  tree = getattr(metadata, "item_metadata", metadata)  # a mapping of the state's fields
+  return param_shapes(tree["params"] if "params" in tree.keys() else {})
+
+
+def param_shapes(params) -> Dict[str, Tuple[int, ...]]:
+  """``{key path: shape}`` of a parameter tree (arrays, shape structs or array metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def load_variables(path: str) -> Dict[str, Any]:

@@ -192,22 +192,33 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+class SetupError(RuntimeError):
+  """The run cannot start as asked (the CLI prints it and exits 2)."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains for ``config.total_steps`` (resuming from ``workdir``); returns the last eval."""
+  # From the start: a signal during set-up or the first compilation is also
+  # answered by finishing the step, saving and exiting (not a crash in XLA).
+  stop = _StopRequest()
+  try:
+    return _train(config, workdir, stop)
+  finally:
+    stop.restore()
+
+
+def _train(config, workdir, stop) -> Dict[str, float]:
   t = config.train
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SetupError(f"--workdir {workdir} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   meta = input_pipeline.RecordFile(config.data.train_dir).meta
   build.check_dataset(config, meta, f"the training split {config.data.train_dir}")
-  if t.eval_every:
+  if t.eval_every:  # what periodic evaluation needs, before hours of training
     build.check_dataset(config, input_pipeline.RecordFile(config.data.eval_dir).meta,
                         f"the eval split {config.data.eval_dir}")
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    # Class names and keypoint metadata travel with the checkpoints (predict reads them).
-    with open(os.path.join(workdir, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=1)
+    evaluate_lib.eval_annotations(config)
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
@@ -227,8 +238,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                             best_metric=t.get("best_metric") or None)
   start = checkpointer.latest_step()
   if start is not None:
+    # Checked before restoring: orbax fails on the first array that differs.
+    stored = checkpointing.stored_param_shapes(checkpointer.step_dir(start))
+    wanted = checkpointing.param_shapes(abstract.params)
+    differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+    if differ:
+      checkpointer.close()
+      k = differ[0]
+      raise SetupError(
+          f"--workdir {workdir}: its checkpoint at step {start} does not fit this config "
+          f"({len(differ)} parameters differ, e.g. {k}: stored {stored.get(k)}, this config "
+          f"{wanted.get(k)}); resume with the config it was trained with (its config.json) "
+          f"or choose a new --workdir")
     state = checkpointer.restore(abstract, start)
     logging.info("resumed from %s at step %d", workdir, start)
+    if start >= config.total_steps:
+      checkpointer.close()
+      logging.warning("%s is at step %d >= total_steps %d: nothing to train", workdir, start,
+                      config.total_steps)
+      return {}
   else:
     init = jax.jit(functools.partial(create_state, model, tx, config),
                    out_shardings=state_sharding)
@@ -236,6 +264,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if config.get("init_checkpoint"):
       state = _load_initialisation(state, config, rep)
     start = 0
+  if is_main:  # after a restore, so a config that does not fit leaves these as they were
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    # Class names and keypoint metadata travel with the checkpoints (predict reads them).
+    with open(os.path.join(workdir, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1)
   nparams = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("model: %.2fM parameters; %d devices, %d processes", nparams / 1e6,
                jax.device_count(), jax.process_count())
@@ -249,7 +283,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   key = jax.random.PRNGKey(config.seed)
 
   logger = MetricLogger(workdir, is_main)
-  stop = _StopRequest()
   total = config.total_steps
   progress = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                        disable=not is_main or not t.get("progress", True),
@@ -303,7 +336,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     progress.close()
     checkpointer.close()
     logger.close()
-    stop.restore()
   return eval_metrics
 
 
@@ -378,7 +410,7 @@ def main(argv, args):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except (FileNotFoundError, build.DataMismatchError) as e:  # e.g. an unconverted split
+  except (FileNotFoundError, build.DataMismatchError, SetupError) as e:  # e.g. no data
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -7,6 +7,7 @@ multi-process) use the CLIs in subprocesses, as a user would.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -380,3 +381,38 @@ def test_predictor_refuses_a_config_that_does_not_fit_the_checkpoint(dataset, re
   config = make_config(dataset, **{"model.num_classes": 7})
   with pytest.raises(build.DataMismatchError, match="model.num_classes is 7"):
     Predictor(config, reference_run[0])
+
+
+def test_a_run_that_cannot_start_says_why_before_training(dataset, reference_run, tmp_path):
+  """A workdir trained with another model, a finished workdir, eval annotations missing with
+  periodic evaluation on: each is named up front, and the workdir's files stay as they were."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_run[0], workdir)
+  config_before = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(train.SetupError,
+                     match=r"checkpoint at step 8 does not fit this config \(\d+ parameters differ"):
+    train.train_and_evaluate(make_config(dataset, **{"model.fpn_channels": 16}), workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == config_before
+
+  metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  assert train.train_and_evaluate(make_config(dataset), workdir) == {}  # at total_steps already
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+
+  val = tmp_path / "val"
+  shutil.copytree(dataset / "tf" / "val", val)
+  os.remove(val / "ground_truth.json")
+  with pytest.raises(FileNotFoundError, match="ground_truth.json not found"):
+    train.train_and_evaluate(make_config(dataset, **{"data.eval_dir": str(val),
+                                                     "train.eval_every": 4}),
+                             str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new" / "checkpoints")
+
+
+def test_train_cli_refuses_a_file_as_workdir(dataset, tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  proc = run_cli("train", ["--config=configs/shapes.py:tiny", f"--workdir={path}",
+                           *cli_flags(dataset)])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out
+  assert "exists and is not a directory" in out and "Traceback" not in out
