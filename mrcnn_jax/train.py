@@ -250,13 +250,13 @@ def _train(config, workdir, stop) -> Dict[str, float]:
           f"({len(differ)} parameters differ, e.g. {k}: stored {stored.get(k)}, this config "
           f"{wanted.get(k)}); resume with the config it was trained with (its config.json) "
           f"or choose a new --workdir")
-    state = checkpointer.restore(abstract, start)
-    logging.info("resumed from %s at step %d", workdir, start)
-    if start >= config.total_steps:
+    if start >= config.total_steps:  # before reading the state back: nothing needs it
       checkpointer.close()
       logging.warning("%s is at step %d >= total_steps %d: nothing to train", workdir, start,
                       config.total_steps)
       return {}
+    state = checkpointer.restore(abstract, start)
+    logging.info("resumed from %s at step %d", workdir, start)
   else:
     init = jax.jit(functools.partial(create_state, model, tx, config),
                    out_shardings=state_sharding)

@@ -390,7 +390,8 @@ def test_a_run_that_cannot_start_says_why_before_training(dataset, reference_run
   shutil.copytree(reference_run[0], workdir)
   config_before = open(os.path.join(workdir, "config.json")).read()
   with pytest.raises(train.SetupError,
-                     match=r"checkpoint at step 8 does not fit this config \(\d+ parameters differ"):
+                     match=r"checkpoint at step 8 does not fit this config "
+                           r"\(\d+ parameters differ"):
     train.train_and_evaluate(make_config(dataset, **{"model.fpn_channels": 16}), workdir)
   assert open(os.path.join(workdir, "config.json")).read() == config_before
 

@@ -46,6 +46,7 @@ import argparse
 import collections
 import concurrent.futures
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -338,9 +339,7 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
   return {"box": [x1, y1, x2, y2], "class": class_of[cat], "crowd": int(crowd),
           "area": float(area), "id": aid if _is_int(aid) and 0 <= aid <= INT64_MAX else -1,
           "keypoints": keypoints, "png": _png(window),
-          "window": [wx0, wy0, wx1 - wx0, wy1 - wy0],
-          # What ground_truth.json completes the annotation with.
-          "filled": {"iscrowd": int(crowd), "area": float(area)}}
+          "window": [wx0, wy0, wx1 - wx0, wy1 - wy0]}
 
 
 def convert_image(job) -> dict:
@@ -360,13 +359,13 @@ def convert_image(job) -> dict:
   if note:
     notes.append(f"{name}: {note}")
   h, w = size
-  kept = []
+  kept, positions = [], []
   for position, ann in enumerate(anns):
     where = f"{name} annotation {str(ann.get('id'))[:40]}"
     try:
       kept.append(_instance(ann, where, h, w, class_of, num_keypoints, with_masks, problems,
                             notes))
-      kept[-1]["position"] = position
+      positions.append(position)
     except _Skip as e:
       problems.append(e.args)
     except Exception as e:  # any other malformed field: this annotation only
@@ -375,15 +374,16 @@ def convert_image(job) -> dict:
   out["record"] = {
       "image": encoded, "height": h, "width": w,
       "boxes": np.asarray(field("box"), np.float32).reshape(len(kept), 4),
-      "classes": np.asarray(field("class"), np.int64), "is_crowd": np.asarray(field("crowd"), np.int64),
+      "classes": np.asarray(field("class"), np.int64),
+      "is_crowd": np.asarray(field("crowd"), np.int64),
       "areas": np.asarray(field("area"), np.float32), "ann_ids": np.asarray(field("id"), np.int64),
       "keypoints": np.asarray(field("keypoints"), np.float32).reshape(len(kept), num_keypoints, 3),
       "mask_png": field("png"),
       "mask_window": np.asarray(field("window"), np.int64).reshape(len(kept), 4),
   }
-  # Which of the image's annotations were kept, and their completed fields: the
-  # parent builds ground_truth.json from its own copy (no polygons sent back).
-  out["kept"] = list(zip(field("position"), field("filled")))
+  # Which of the image's annotations were kept, and the fields ground_truth.json
+  # completes them with: the parent builds it from its own copy (no polygons sent back).
+  out["kept"] = [(p, {"iscrowd": i["crowd"], "area": i["area"]}) for p, i in zip(positions, kept)]
   return out
 
 
@@ -417,16 +417,16 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   num_keypoints = len(meta["keypoint_names"])
   images, problems = [], collections.Counter()
   log = []
-  known = set()
+  images_by_id = {}
   for info in data["images"]:
     problem = image_entry_problem(info)
-    if problem is None and info["id"] in known:
+    if problem is None and info["id"] in images_by_id:
       problem = f"id {info['id']} repeats an earlier image's"
     if problem:
       log.append(f"images entry {str(info)[:80]}: {problem}; skipped")
       problems["image"] += 1
       continue
-    known.add(info["id"])
+    images_by_id[info["id"]] = info
     images.append(info)
   anns_by_image = collections.defaultdict(list)
   malformed = 0
@@ -438,7 +438,7 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   if malformed:
     log.append(f"{malformed} annotations are not objects with an integer image_id; skipped")
     problems["annotation"] += malformed
-  orphans = sum(len(v) for k, v in anns_by_image.items() if k not in known)
+  orphans = sum(len(v) for k, v in anns_by_image.items() if k not in images_by_id)
   if orphans:
     log.append(f"{orphans} annotations refer to image ids not in images; skipped")
     problems["orphan annotations"] += orphans
@@ -465,7 +465,6 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
            with_masks) for info in images)
   workers = workers or os.cpu_count() or 1
   printed = collections.Counter()
-  images_by_id = {info["id"]: info for info in images}
   kept_images, kept_annotations = [], []
   # A worker that dies (killed for memory, say) breaks the executor, which
   # raises here; multiprocessing.Pool would wait for its results forever.
@@ -530,22 +529,16 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
 
 
 def _unique_ids(annotations: List[dict]) -> List[dict]:
-  """The annotations, a missing, repeated or non-integer ``id`` (or one beyond int64)
-  replaced by a new one (pycocotools indexes ground truth by id)."""
-  seen, out = set(), []
+  """``annotations`` (copies, changed in place): a missing, repeated or non-integer ``id``
+  (or one beyond int64) replaced by a new one (pycocotools indexes ground truth by id)."""
+  valid = lambda a: _is_int(a.get("id")) and 0 <= a["id"] <= INT64_MAX
+  fresh = itertools.count(max((a["id"] for a in annotations if valid(a)), default=0) + 1)
+  seen = set()
   for ann in annotations:
-    aid = ann.get("id")
-    if not (_is_int(aid) and 0 <= aid <= INT64_MAX) or aid in seen:
-      aid = None
-    out.append(ann if aid is not None else dict(ann, id=None))
-    if aid is not None:
-      seen.add(aid)
-  fresh = max((a for a in seen), default=0) + 1
-  for ann in out:
-    if ann["id"] is None:
-      ann["id"] = fresh
-      fresh += 1
-  return out
+    if not valid(ann) or ann["id"] in seen:
+      ann["id"] = next(fresh)
+    seen.add(ann["id"])
+  return annotations
 
 
 def main(argv=None) -> int:
