@@ -171,7 +171,8 @@ def get_config(arg=None):
   # on small triangles half a pixel is much of the OKS tolerance.
   model.keypoint_head.update(enabled=True, num_keypoints=NUM_KEYPOINTS, num_convs=2,
                              conv_dim=32, loss_weight=1.0 if tiny else 0.05, box_scale=1.4,
-                             decode="local_mean", flip_map=(0, 2, 1))  # the base corners swap
+                             decode="local_mean", flip_map=(0, 2, 1),  # the base corners swap
+                             position_loss_weight=1.0)  # trains the decoding: see the docstring
   # Masks and keypoints averaged over the plain, mirrored, 1.5x and mirrored
   # 1.5x views (boxes from the plain view): see the docstring.
   model.test.update(detections_per_image=20, score_threshold=0.05, flip=not tiny,

@@ -1,7 +1,7 @@
 """The Mask R-CNN losses, named and normalised as detectron2 logs them.
 
 L = loss_rpn_cls + loss_rpn_loc + loss_cls + loss_box_reg + loss_mask
-(+ loss_keypoint) (Mask R-CNN, sec. 3). Every normaliser is a count over the
+(+ loss_keypoint) (Mask R-CNN, sec. 3) (+ loss_keypoint_position, optional). Every normaliser is a count over the
 whole batch, so a sharded batch gives the same numbers as one device. All
 arithmetic is float32.
 """
@@ -129,6 +129,28 @@ def keypoint_loss(heatmaps: jnp.ndarray, index: jnp.ndarray, valid: jnp.ndarray)
   logits = jnp.moveaxis(heatmaps.astype(jnp.float32).reshape(b, n, m * m, k), -1, 2)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, index)  # (B, M, K)
   return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def keypoint_position_loss(predicted: jnp.ndarray, keypoints: jnp.ndarray, rois: jnp.ndarray,
+                           heatmap_size: int, valid: jnp.ndarray) -> jnp.ndarray:
+  """L1 distance between decoded and true keypoints, in heatmap cells.
+
+  The integral-regression loss (Sun et al. 2018) on the heatmaps'
+  differentiable decoding (``keypoint_head.local_mean_keypoints``): the
+  cross-entropy trains which cell, this where inside it and toward which
+  side of the window a keypoint decoded off the truth's peak should move.
+  Measured in cells (``heatmap_size`` across each RoI), so it is scale-free
+  like the cross-entropy; summed over x and y and the valid keypoints,
+  divided by their count in the batch.
+
+  Args:
+    predicted, keypoints: ``[B, M, K, 2+]`` x, y in image coordinates;
+    rois: ``[B, M, 4]`` the boxes the heatmaps cover; valid: ``[B, M, K]``.
+  """
+  cells = heatmap_size / jnp.maximum(rois[..., 2:] - rois[..., :2], 1.0)  # (B, M, 2)
+  error = jnp.abs(predicted[..., :2] - keypoints[..., :2]) * cells[:, :, None, :]
+  return (jnp.sum(jnp.where(valid, jnp.sum(error, axis=-1), 0.0))
+          / jnp.maximum(jnp.sum(valid), 1))
 
 
 def total(losses: Dict[str, jnp.ndarray]) -> jnp.ndarray:

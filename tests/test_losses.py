@@ -79,3 +79,17 @@ def test_keypoint_loss_uniform_heatmaps_cost_log_m_squared():
   # A confident correct logit makes that keypoint's loss ~0.
   sharp = heat.at[0, 0, 0, 0, 0].set(100.0).at[0, 0, 1, 1, 1].set(100.0)
   assert float(losses.keypoint_loss(sharp, index, valid)) < 1e-6
+
+
+def test_keypoint_position_loss_hand_computed():
+  """L1 in heatmap cells (m across each RoI), x and y summed, over the valid keypoints."""
+  rois = jnp.array([[[0.0, 0.0, 8.0, 8.0], [10.0, 10.0, 14.0, 30.0]]])  # m=4: 2 px / cell; 1 x 5
+  keypoints = jnp.array([[[[2.0, 2.0, 2], [7.0, 1.0, 1]], [[12.0, 20.0, 2], [0.0, 0.0, 0]]]])
+  predicted = jnp.array([[[[3.0, 2.0], [7.0, 5.0]], [[13.0, 15.0], [99.0, 99.0]]]])
+  valid = jnp.array([[[True, True], [True, False]]])
+  # (1 px / 2) + (4 px / 2) + (1 px / 1 + 5 px / 5) over 3 keypoints
+  want = (0.5 + 2.0 + 2.0) / 3
+  np.testing.assert_allclose(losses.keypoint_position_loss(predicted, keypoints, rois, 4, valid),
+                             want, rtol=1e-6)
+  none = jnp.zeros_like(valid)
+  assert float(losses.keypoint_position_loss(predicted, keypoints, rois, 4, none)) == 0.0

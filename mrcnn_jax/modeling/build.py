@@ -69,6 +69,8 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
                         "conv_dim": 512, "pooler_resolution": 14,
                         "loss_weight": 1.0,  # detectron2's ROI_KEYPOINT_HEAD.LOSS_WEIGHT
+                        # x loss_keypoint_position (MaskRCNN; not in the paper): 0 = off
+                        "position_loss_weight": 0.0,
                         "box_scale": 1.0,  # heatmaps over boxes scaled by this (see MaskRCNN)
                         "decode": "bicubic",  # or "local_mean" (see keypoint_head)
                         # Each keypoint's mirror partner, for test.flip: the data's
@@ -113,6 +115,9 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
           f"keypoint_flip_map in meta.json), got {flip_map!r}")
   if not all(float(s) > 0 for s in m.test.scales):
     raise ValueError(f"model.test.scales: expected positive image scales, got {m.test.scales!r}")
+  if not m.keypoint_head.position_loss_weight >= 0:
+    raise ValueError(f"model.keypoint_head.position_loss_weight: expected >= 0, got "
+                     f"{m.keypoint_head.position_loss_weight!r}")
   if m.roi.num_keypoint_rois < 1:
     raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
   dtype = DTYPES[m.dtype]
@@ -171,6 +176,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
       keypoint_loss_weight=m.keypoint_head.loss_weight,
+      keypoint_position_loss_weight=m.keypoint_head.position_loss_weight,
       keypoint_box_scale=m.keypoint_head.box_scale,
       keypoint_decode=m.keypoint_head.decode, keypoint_flip_map=flip_map,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,

@@ -92,6 +92,10 @@ class MaskRCNN(nn.Module):
   # the other losses' (measured on the shapes config: ~25x the box
   # classifier's after 400 steps); lower it where it swamps them.
   keypoint_loss_weight: float = 1.0
+  # Adds loss_keypoint_position (losses.keypoint_position_loss: L1 in heatmap
+  # cells of the "local_mean" decoding) times this (and keypoint_loss_weight);
+  # 0 = the paper's cross-entropy alone.
+  keypoint_position_loss_weight: float = 0.0
   # The keypoint head pools and predicts over each box scaled by this factor
   # about its centre (1.0: detectron2). A heatmap covers only its box, so
   # keypoints on the object's outline (a polygon's corners, which lie on its
@@ -242,15 +246,19 @@ class MaskRCNN(nn.Module):
               fg_boxes, rois["matched_gt"][:, :m], gt_boxes, gt["gt_masks"])
       out["loss_mask"] = loss_lib.mask_loss(mask_logits, mask_t, rois["foreground"][:, :m])
     if self.keypoint_head is not None:
-      out["loss_keypoint"] = self.keypoint_loss_weight * self._keypoint_loss(
-          roi_features, rois, gt["gt_keypoints"])
+      ce, position = self._keypoint_loss(roi_features, rois, gt["gt_keypoints"])
+      out["loss_keypoint"] = self.keypoint_loss_weight * ce
+      if self.keypoint_position_loss_weight:
+        out["loss_keypoint_position"] = (
+            self.keypoint_loss_weight * self.keypoint_position_loss_weight * position)
 
     out["loss"] = loss_lib.total(out)
     return out, self._diagnostics(rois, proposals, proposals_valid, gt_boxes,
                                   gt_valid & ~gt_crowd)
 
   def _keypoint_loss(self, roi_features, rois, gt_keypoints):
-    """The keypoint loss on the ``num_keypoint_rois`` slots ``target_ops.keypoint_rois`` picks."""
+    """The keypoint losses (cross-entropy, position or None) on the ``num_keypoint_rois``
+    slots ``target_ops.keypoint_rois`` picks."""
     n = min(self.num_keypoint_rois, self.roi_batch_size_per_image)
     kps = jnp.take_along_axis(gt_keypoints, rois["matched_gt"][:, :, None, None], axis=1)
     boxes = box_ops.scale(rois["boxes"], self.keypoint_box_scale)
@@ -262,7 +270,12 @@ class MaskRCNN(nn.Module):
                                              self.keypoint_pooler_resolution))
     kp_t = jax.vmap(lambda r, k: target_ops.keypoint_targets(r, k, heatmaps.shape[2]))(
         boxes, kps)
-    return loss_lib.keypoint_loss(heatmaps, kp_t["index"], kp_t["valid"] & counts[:, :, None])
+    valid = kp_t["valid"] & counts[:, :, None]
+    position = None
+    if self.keypoint_position_loss_weight:
+      decoded = jax.vmap(kp_lib.local_mean_keypoints)(heatmaps, boxes)
+      position = loss_lib.keypoint_position_loss(decoded, kps, boxes, heatmaps.shape[2], valid)
+    return loss_lib.keypoint_loss(heatmaps, kp_t["index"], valid), position
 
   def _mask_logits(self, roi_features, boxes, res5, m):
     if res5 is not None:  # C4: the mask head reads the box head's res5 output

@@ -146,6 +146,34 @@ def test_keypoint_loss_weight_scales_only_the_keypoint_loss(tiny):
     np.testing.assert_allclose(float(losses[name]), want, rtol=1e-5, err_msg=name)
 
 
+def test_keypoint_position_loss_trains_the_decoded_keypoints(tiny):
+  """keypoint_head.position_loss_weight adds loss_keypoint_position: the L1 distance in
+  heatmap cells between the "local_mean" decoding of the training heatmaps and the
+  keypoints (times both weights), the other losses as they were; off by default."""
+  _, params, tx, step, _, batch = tiny
+  _, _, base, _, _ = step(params, tx.init(params), *batch, KEY)
+  assert "loss_keypoint_position" not in base
+  found = {}
+  for weight in (0.5, 1.5):
+    cfg = tiny_config()
+    cfg.keypoint_head.update(position_loss_weight=weight, loss_weight=0.25)
+    model = build.build_model(cfg)
+    loss_fn = lambda p: model.apply({"params": p}, *batch, KEY, method="losses")[0]
+    losses = jax.jit(loss_fn)(params)
+    for name in base:
+      if name not in ("loss", "loss_keypoint"):
+        np.testing.assert_allclose(float(losses[name]), float(base[name]), rtol=1e-5)
+    np.testing.assert_allclose(float(losses["loss_keypoint"]),
+                               0.25 * float(base["loss_keypoint"]), rtol=1e-5)
+    found[weight] = float(losses["loss_keypoint_position"])
+  # Random heatmaps decode far from the keypoints: several cells of error per keypoint.
+  np.testing.assert_allclose(found[1.5], 3 * found[0.5], rtol=1e-5)
+  assert found[0.5] / (0.5 * 0.25) > 1.0
+  grads = jax.jit(jax.grad(lambda p: loss_fn(p)["loss_keypoint_position"]))(params)
+  assert float(jnp.max(jnp.abs(grads["keypoint_head"]["score_lowres"]["kernel"]))) > 0
+  assert float(jnp.max(jnp.abs(grads["box_head"]["predictor"]["cls_score"]["kernel"]))) == 0
+
+
 def test_keypoint_slots_go_to_instances_with_keypoints(tiny):
   """One keypoint slot, one image of three objects without keypoints and a triangle: for
   every sampling seed the slot holds a triangle RoI (a positive loss), whichever RoI the
