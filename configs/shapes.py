@@ -13,7 +13,9 @@ heads are on. The paper's sizes would not train in minutes on a CPU, so this
 config shrinks what the shapes allow: a ResNet-18 layout at half its width
 with GroupNorm trained from scratch, a 128-pixel canvas with anchors a
 quarter of COCO's, 64 channels in the FPN, narrow heads, and fewer
-proposals and RoIs. Every op and head is the same as in the COCO configs.
+proposals and RoIs. Every op and head is the same as in the COCO configs;
+the keypoint head also trains its sub-pixel decoding (position_loss_weight,
+below).
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.47
@@ -112,6 +114,25 @@ below, so the keypoint changes were also judged by their errors):
   an exponential moving average of the weights (decay 0.995, evaluated on
   the same run): 0.500 / 0.543 / 0.470, as little use as expected when the
   cosine schedule ends near zero. Not taken.
+- at 1700 steps with the views (2026-11-27, eleventh session, against the
+  same 0.506 / 0.547 / 0.476; keypoints AP50 / AP75 0.702 / 0.517):
+  the keypoint position loss (keypoint_head.position_loss_weight: the L1
+  distance in heatmap cells between the "local_mean" decoding of the
+  training heatmaps and the keypoints, as integral pose regression trains
+  its soft-argmax, beside the cross-entropy; taken) with weight 1: 0.513 /
+  0.563 / 0.497 (0.710 / 0.512), the step time unchanged; weight 3: 0.411 /
+  0.455 / 0.399 (its gradient swamps the shared backbone: loss_cls and
+  loss_mask above the others' from step 300); weight 1 counting only
+  keypoints decoded within the decoding window of the truth (7 cells, a
+  pure refinement loss): 0.513 / 0.563 / 0.477, so the gain comes from
+  keypoints decoded off the truth's peak being pulled toward it. A fine
+  branch in the keypoint head (the boxes pooled 28 x 28 from the stride-2
+  stem, two 3x3 convs of 16, its logits added before the upsampling, the
+  hope being that P2's stride 4 limits the precision): 0.523 / 0.572 /
+  0.476 for a 35% longer step (0.57 s); not kept. With the position loss,
+  views at scales (1.0, 1.5, 2.0) instead of (1.0, 1.5): keypoints 0.502,
+  evaluation 35 s -> 43 s; not taken (chosen on the validation split, and
+  for +0.005 the demo cannot spare the time).
 - keypoints are limited by where they are put, not by the detections:
   with the 1600-step checkpoint's predictions moved onto the ground truth,
   keypoint AP would be 0.83; with their errors halved, 0.54. The
