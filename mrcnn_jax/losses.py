@@ -1,8 +1,9 @@
 """The Mask R-CNN losses, named and normalised as detectron2 logs them.
 
 L = loss_rpn_cls + loss_rpn_loc + loss_cls + loss_box_reg + loss_mask
-(+ loss_keypoint) (Mask R-CNN, sec. 3) (+ loss_keypoint_position, optional). Every normaliser is a count over the
-whole batch, so a sharded batch gives the same numbers as one device. All
+(+ loss_keypoint) (Mask R-CNN, sec. 3) (+ loss_keypoint_position, not in
+the paper, off by default). Every normaliser is a count over the whole
+batch, so a sharded batch gives the same numbers as one device. All
 arithmetic is float32.
 """
 

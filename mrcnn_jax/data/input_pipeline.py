@@ -164,10 +164,6 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   options = tf.data.Options()
   options.threading.private_threadpool_size = d.get("threads", 0) or 0
   options.deterministic = True
-  # No autotuning: its model thread sleeps up to 60 s between rounds and the
-  # iterator's destructor waits for it, so a finished run took 20-60 s to exit
-  # (tf 2.21; seen in the demo). The map's AUTOTUNE then means one call per core.
-  options.autotune.enabled = False
   return ds.with_options(options).prefetch(d.get("prefetch", 2))
 
 
