@@ -18,8 +18,12 @@ the keypoint head also trains its sub-pixel decoding (position_loss_weight,
 below).
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
-scripts/demo.sh from a fresh clone (venv install included), 0.39-0.47
-s/step as the machine's speed varies: 1700 steps, 901 s (0.45 s/step),
+scripts/demo.sh from a fresh clone (venv install included), 0.39-0.49
+s/step as the machine's speed varies: 1700 steps, 925 s (0.44 s/step and a
+~60 s wait at the training process's exit), bbox / segm / keypoints AP
+0.513 / 0.563 / 0.497 (2026-11-27, with the keypoint position loss; a run
+whose input pipeline had tf.data autotuning off gave the same AP in 995 s,
+its step 13% slower). Before that loss: 1700 steps, 901 s (0.45 s/step),
 bbox / segm / keypoints AP 0.506 / 0.547 / 0.476 (2026-11-27, after the 1x1
 convolutions became matmuls; the run before, whose rounding differed: 819 s
 at 0.41 s/step, 0.523 / 0.577 / 0.485), with test-time

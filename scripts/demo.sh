@@ -6,7 +6,7 @@
 #   scripts/demo.sh [--config.x=y ...]     (extra flags go to train/evaluate/predict)
 #
 # About 15 minutes on a 2-core CPU from a fresh clone, venv install included
-# (819-910 s with test-time augmentation as the machine's speed varied;
+# (819-925 s with test-time augmentation as the machine's speed varied;
 # --config.total_steps=1600 saves ~45 s).
 # Reruns reuse the dataset and resume (or skip) training. DATA and WORKDIR
 # override where things go (default data/shapes and workdirs/shapes).
