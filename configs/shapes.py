@@ -124,7 +124,8 @@ below, so the keypoint changes were also judged by their errors):
   distance in heatmap cells between the "local_mean" decoding of the
   training heatmaps and the keypoints, as integral pose regression trains
   its soft-argmax, beside the cross-entropy; taken) with weight 1: 0.513 /
-  0.563 / 0.497 (0.710 / 0.512), the step time unchanged; weight 3: 0.411 /
+  0.563 / 0.497 (0.710 / 0.512), the step time unchanged; weight 1.5: 0.496
+  / 0.541 / 0.467; weight 3: 0.411 /
   0.455 / 0.399 (its gradient swamps the shared backbone: loss_cls and
   loss_mask above the others' from step 300); weight 1 counting only
   keypoints decoded within the decoding window of the truth (7 cells, a
