@@ -39,6 +39,7 @@ def get_config(arg=None):
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),  # torchvision
       "channel_order": "rgb", "flip": True, "scale_range": None,
       "filter_empty": True, "threads": 0, "prefetch": 2,
+      "parallel_calls": 0,  # decode calls in flight; 0 = tf.data autotuning
   })
   config.model = build.model_config(num_classes=80)  # R50-FPN, frozen BN, freeze_at 2
   config.optim = optim_config()  # SGD 0.02 @ 16, warm-up 1000, steps 60k/80k

@@ -52,11 +52,22 @@ class RecordFile:
     self.num_keypoints = len(self.meta["keypoint_names"])
     self.num_classes = len(self.meta["coco_ids"])
 
+  def close(self):
+    """Closes the shard files; ``read`` fails after this."""
+    fds, self._fds = getattr(self, "_fds", []), []
+    for fd in fds:
+      os.close(fd)
+
+  def __del__(self):  # so that RecordFile(d).meta does not leak the shards' descriptors
+    self.close()
+
   def __len__(self):
     return len(self.shard)
 
   def read(self, i: int) -> bytes:
     """Serialized example ``i`` (os.pread needs no shared file position)."""
+    if not self._fds:
+      raise ValueError(f"{self.directory}: read from a closed RecordFile")
     header = 12  # u64 length + u32 crc before the payload
     return os.pread(self._fds[self.shard[i]], int(self.length[i]), int(self.offset[i]) + header)
 
@@ -159,11 +170,20 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     }
     return out
 
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # parallel_calls 0: tf.data's autotuner picks the decode parallelism at run
+  # time. It runs a model thread that sleeps up to 60 s between rounds, and
+  # on TF 2.21 the iterator's destructor waits for it: up to a minute lost at
+  # every process exit. N > 0 fixes the parallelism and turns the tuner off.
+  parallel_calls = d.get("parallel_calls", 0)
+  if isinstance(parallel_calls, bool) or not isinstance(parallel_calls, int) or parallel_calls < 0:
+    raise ValueError(f"config.data.parallel_calls: expected an integer >= 0 (0 = tf.data "
+                     f"autotuning), got {parallel_calls!r}")
+  ds = ds.map(load, num_parallel_calls=parallel_calls or tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
   options = tf.data.Options()
   options.threading.private_threadpool_size = d.get("threads", 0) or 0
   options.deterministic = True
+  options.autotune.enabled = not parallel_calls
   return ds.with_options(options).prefetch(d.get("prefetch", 2))
 
 

@@ -248,7 +248,7 @@ class MaskRCNN(nn.Module):
     if self.keypoint_head is not None:
       ce, position = self._keypoint_loss(roi_features, rois, gt["gt_keypoints"])
       out["loss_keypoint"] = self.keypoint_loss_weight * ce
-      if self.keypoint_position_loss_weight:
+      if position is not None:
         out["loss_keypoint_position"] = (
             self.keypoint_loss_weight * self.keypoint_position_loss_weight * position)
 

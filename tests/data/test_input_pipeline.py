@@ -9,6 +9,8 @@ distinct areas (more than ``max_instances``).
 import contextlib
 import io
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -228,6 +230,43 @@ def test_training_order_is_the_documented_function_of_seed_and_step(shapes_datas
     perm = lambda e: np.random.default_rng([cfg.seed, e]).permutation(n)
     want = [records.image_id[usable[perm(p // n)[p % n]]] for p in positions]
     assert got.tolist() == want
+
+
+def test_record_files_close_their_shards(shapes_dataset):
+  _, tf_dir = shapes_dataset
+  open_fds = lambda: len(os.listdir("/proc/self/fd"))
+  before = open_fds()
+  for _ in range(5):  # the train and evaluate CLIs read a split's meta like this
+    assert RecordFile(str(tf_dir / "train")).meta["coco_ids"]
+  assert open_fds() == before
+  records = RecordFile(str(tf_dir / "train"))
+  assert records.read(0) and open_fds() > before
+  records.close()
+  assert open_fds() == before
+  with pytest.raises(ValueError, match="closed"):
+    records.read(0)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_fixed_parallel_calls_give_the_same_batches_with_autotuning_off(shapes_dataset, split):
+  _, tf_dir = shapes_dataset
+  autotuned = data_config(tf_dir, canvas_size=(64, 64), mask_size=8)  # parallel_calls 0
+  assert make_dataset(autotuned, split).options().autotune.enabled is not False
+  want = _batches(autotuned, split, 3)
+  for n in (1, 3):
+    fixed = data_config(tf_dir, canvas_size=(64, 64), mask_size=8, parallel_calls=n)
+    assert make_dataset(fixed, split).options().autotune.enabled is False
+    got = _batches(fixed, split, 3)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+      _assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_parallel_calls_must_be_a_count(shapes_dataset, bad):
+  _, tf_dir = shapes_dataset
+  with pytest.raises(ValueError, match=r"config\.data\.parallel_calls.*" + re.escape(repr(bad))):
+    make_dataset(data_config(tf_dir, parallel_calls=bad), "train")
 
 
 # ------------------------------------------------------------------ transforms

@@ -129,21 +129,33 @@ def test_bfloat16_losses_close_to_float32(tiny):
                                err_msg=name)
 
 
+def _keypoint_variant(params, batch, **keypoint_head):
+  """The losses function of the tiny model with keypoint_head fields overridden, and its values."""
+  cfg = tiny_config()
+  cfg.keypoint_head.update(keypoint_head)
+  model = build.build_model(cfg)
+  loss_fn = lambda p: model.apply({"params": p}, *batch, KEY, method="losses")[0]
+  return loss_fn, jax.jit(loss_fn)(params)
+
+
+def _assert_only_loss_keypoint_scaled(losses, base, factor):
+  """Each loss of ``base`` as it was, but loss_keypoint x factor (and the total)."""
+  for name in base:
+    if name not in ("loss", "loss_keypoint"):
+      np.testing.assert_allclose(float(losses[name]), float(base[name]), rtol=1e-5,
+                                 err_msg=name)
+  np.testing.assert_allclose(float(losses["loss_keypoint"]),
+                             factor * float(base["loss_keypoint"]), rtol=1e-5)
+
+
 def test_keypoint_loss_weight_scales_only_the_keypoint_loss(tiny):
   """keypoint_head.loss_weight (detectron2's LOSS_WEIGHT) multiplies loss_keypoint alone."""
   _, params, tx, step, _, batch = tiny
   _, _, base, _, _ = step(params, tx.init(params), *batch, KEY)
-  cfg = tiny_config()
-  cfg.keypoint_head.loss_weight = 0.25
-  weighted = build.build_model(cfg)
-  losses = jax.jit(lambda p: weighted.apply({"params": p}, *batch, KEY, method="losses")[0])(params)
-  for name in base:
-    want = float(base[name])
-    if name == "loss_keypoint":
-      want *= 0.25
-    elif name == "loss":
-      want -= 0.75 * float(base["loss_keypoint"])
-    np.testing.assert_allclose(float(losses[name]), want, rtol=1e-5, err_msg=name)
+  _, losses = _keypoint_variant(params, batch, loss_weight=0.25)
+  _assert_only_loss_keypoint_scaled(losses, base, 0.25)
+  np.testing.assert_allclose(float(losses["loss"]),
+                             float(base["loss"]) - 0.75 * float(base["loss_keypoint"]), rtol=1e-5)
 
 
 def test_keypoint_position_loss_trains_the_decoded_keypoints(tiny):
@@ -153,23 +165,16 @@ def test_keypoint_position_loss_trains_the_decoded_keypoints(tiny):
   _, params, tx, step, _, batch = tiny
   _, _, base, _, _ = step(params, tx.init(params), *batch, KEY)
   assert "loss_keypoint_position" not in base
-  found = {}
+  found, loss_fns = {}, {}
   for weight in (0.5, 1.5):
-    cfg = tiny_config()
-    cfg.keypoint_head.update(position_loss_weight=weight, loss_weight=0.25)
-    model = build.build_model(cfg)
-    loss_fn = lambda p: model.apply({"params": p}, *batch, KEY, method="losses")[0]
-    losses = jax.jit(loss_fn)(params)
-    for name in base:
-      if name not in ("loss", "loss_keypoint"):
-        np.testing.assert_allclose(float(losses[name]), float(base[name]), rtol=1e-5)
-    np.testing.assert_allclose(float(losses["loss_keypoint"]),
-                               0.25 * float(base["loss_keypoint"]), rtol=1e-5)
+    loss_fns[weight], losses = _keypoint_variant(params, batch, position_loss_weight=weight,
+                                                 loss_weight=0.25)
+    _assert_only_loss_keypoint_scaled(losses, base, 0.25)
     found[weight] = float(losses["loss_keypoint_position"])
   # Random heatmaps decode far from the keypoints: several cells of error per keypoint.
   np.testing.assert_allclose(found[1.5], 3 * found[0.5], rtol=1e-5)
   assert found[0.5] / (0.5 * 0.25) > 1.0
-  grads = jax.jit(jax.grad(lambda p: loss_fn(p)["loss_keypoint_position"]))(params)
+  grads = jax.jit(jax.grad(lambda p: loss_fns[1.5](p)["loss_keypoint_position"]))(params)
   assert float(jnp.max(jnp.abs(grads["keypoint_head"]["score_lowres"]["kernel"]))) > 0
   assert float(jnp.max(jnp.abs(grads["box_head"]["predictor"]["cls_score"]["kernel"]))) == 0
 
