@@ -205,10 +205,10 @@ def get_config(arg=None):
                              conv_dim=32, loss_weight=1.0 if tiny else 0.05, box_scale=1.4,
                              decode="local_mean", flip_map=(0, 2, 1),  # the base corners swap
                              position_loss_weight=1.0)  # trains the decoding: see the docstring
-  # Masks and keypoints averaged over the plain, mirrored, 1.5x and mirrored
-  # 1.5x views (boxes from the plain view): see the docstring.
+  # Masks and keypoints averaged over the plain, 1.5x and 2x views and their
+  # mirrors (boxes from the plain view): see the docstring.
   model.test.update(detections_per_image=20, score_threshold=0.05, flip=not tiny,
-                    scales=(1.0,) if tiny else (1.0, 1.5))
+                    scales=(1.0,) if tiny else (1.0, 1.5, 2.0))
   config.model = model
 
   config.optim = optim_config(
