@@ -19,11 +19,15 @@ below).
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.49
-s/step as the machine's speed varies: 1700 steps, 925 s (0.44 s/step and a
-~60 s wait at the training process's exit), bbox / segm / keypoints AP
-0.513 / 0.563 / 0.497 (2026-11-27, with the keypoint position loss; a run
-whose input pipeline had tf.data autotuning off gave the same AP in 995 s,
-its step 13% slower). Before that loss: 1700 steps, 901 s (0.45 s/step),
+s/step as the machine's speed varies: 1700 steps, bbox / segm / keypoints
+AP 0.513 / 0.564 / 0.502 in 905 s (0.449 s/step) and, with evaluation and
+the pictures side by side, 924 s (0.462 s/step; 2026-11-27, twelfth
+session: views at scales 1.0, 1.5 and 2.0, and no wait at the training
+process's exit since data.parallel_calls). With the views at 1.0 and 1.5
+and tf.data autotuning, whose thread the process waited for at exit for
+up to a minute: 0.513 / 0.563 / 0.497 in 925 s (0.44 s/step; with the
+keypoint position loss; autotuning off at one decode call per core: the
+same AP in 995 s, its step 13% slower). Before that loss: 1700 steps, 901 s (0.45 s/step),
 bbox / segm / keypoints AP 0.506 / 0.547 / 0.476 (2026-11-27, after the 1x1
 convolutions became matmuls; the run before, whose rounding differed: 819 s
 at 0.41 s/step, 0.523 / 0.577 / 0.485), with test-time
