@@ -50,7 +50,7 @@ echo "== training (progress bar, metric lines; TensorBoard: $workdir/tensorboard
 "$PY" -m mrcnn_jax.train --config="$config" --workdir="$workdir" "${flags[@]}"
 
 # Evaluation and the pictures run side by side: each spends much of its time
-# compiling on one core, so together they take ~15 s less than one after the other.
+# compiling on one core, so together they take ~12 s less than one after the other.
 echo "== evaluating on the validation split; drawing predictions for a few of its images"
 inputs="$workdir/predict_inputs"
 rm -rf "$inputs" && mkdir -p "$inputs"

@@ -23,6 +23,7 @@ padded with copies of record 0 flagged ``valid = False``.
 """
 
 import json
+import numbers
 import os
 import threading
 from typing import Optional
@@ -175,10 +176,12 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   # on TF 2.21 the iterator's destructor waits for it: up to a minute lost at
   # every process exit. N > 0 fixes the parallelism and turns the tuner off.
   parallel_calls = d.get("parallel_calls", 0)
-  if isinstance(parallel_calls, bool) or not isinstance(parallel_calls, int) or parallel_calls < 0:
+  if (isinstance(parallel_calls, bool) or not isinstance(parallel_calls, numbers.Integral)
+      or parallel_calls < 0):
     raise ValueError(f"config.data.parallel_calls: expected an integer >= 0 (0 = tf.data "
                      f"autotuning), got {parallel_calls!r}")
-  ds = ds.map(load, num_parallel_calls=parallel_calls or tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(load, num_parallel_calls=int(parallel_calls) or tf.data.AUTOTUNE,
+              deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
   options = tf.data.Options()
   options.threading.private_threadpool_size = d.get("threads", 0) or 0
