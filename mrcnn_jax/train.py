@@ -207,6 +207,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     stop.restore()
 
 
+def _programs(config, mesh):
+  """(model, optimiser, abstract state, replicated sharding, jitted init, jitted
+  train step): one definition for training and ``compile_programs``, so that
+  both compile the same programs."""
+  model = build.build_model(config)
+  # Trace the model once for shapes; the optimiser state's shapes follow from the params'.
+  shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(), config),
+                          jax.random.PRNGKey(0))
+  tx = optim.make_optimizer(config, shapes.params, build.frozen_parameters(config))
+  schedule = optim.learning_rate(config)
+  shapes = shapes.replace(opt_state=jax.eval_shape(tx.init, shapes.params))
+  rep = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+  state_sharding = jax.tree.map(lambda _: rep, abstract)
+  init = jax.jit(functools.partial(create_state, model, tx, config), out_shardings=state_sharding)
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+                    in_shardings=(state_sharding, sharding.batch_sharding(mesh), rep),
+                    out_shardings=(state_sharding, rep), donate_argnums=(0,))
+  return model, tx, abstract, rep, init, step_fn
+
+
+def compile_programs(config: ml_collections.ConfigDict) -> None:
+  """Compiles a run's initialisation and train step, needing neither data nor a workdir.
+
+  With JAX's persistent compilation cache on (``JAX_COMPILATION_CACHE_DIR``), a
+  later training process of the same config loads both instead of compiling
+  them (~30 s for configs/shapes.py on 2 cores): scripts/demo.sh runs this
+  (``--compile_only``) while it makes the dataset. Without the cache it only
+  checks that the config compiles.
+  """
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  _, _, abstract, _, init, step_fn = _programs(config, mesh)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # jax.random.PRNGKey's
+  init.lower(key).compile()
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       dummy_batch(config, config.batch_size))
+  step_fn.lower(abstract, batch, key).compile()
+
+
 def _train(config, workdir, stop) -> Dict[str, float]:
   t = config.train
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -222,17 +262,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
-  model = build.build_model(config)
   evaluate_lib.evaluator_options(config)  # a bad eval setting fails now, not after training
-  # Trace the model once for shapes; the optimiser state's shapes follow from the params'.
-  shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(), config),
-                          jax.random.PRNGKey(0))
-  tx = optim.make_optimizer(config, shapes.params, build.frozen_parameters(config))
-  schedule = optim.learning_rate(config)
-  shapes = shapes.replace(opt_state=jax.eval_shape(tx.init, shapes.params))
-  rep = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
-  state_sharding = jax.tree.map(lambda _: rep, abstract)
+  model, tx, abstract, rep, init, step_fn = _programs(config, mesh)
 
   checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
                                             best_metric=t.get("best_metric") or None)
@@ -258,8 +289,6 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     state = checkpointer.restore(abstract, start)
     logging.info("resumed from %s at step %d", workdir, start)
   else:
-    init = jax.jit(functools.partial(create_state, model, tx, config),
-                   out_shardings=state_sharding)
     state = init(jax.random.PRNGKey(config.seed))
     if config.get("init_checkpoint"):
       state = _load_initialisation(state, config, rep)
@@ -277,9 +306,6 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   data = iter(input_pipeline.make_dataset(
       config, "train", start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count()).as_numpy_iterator())
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
-                    in_shardings=(state_sharding, sharding.batch_sharding(mesh), rep),
-                    out_shardings=(state_sharding, rep), donate_argnums=(0,))
   key = jax.random.PRNGKey(config.seed)
 
   logger = MetricLogger(workdir, is_main)
@@ -394,6 +420,10 @@ def _define_flags():
       "num_processes": flags.DEFINE_integer("num_processes", None,
                                             "Processes in a multi-host run."),
       "process_id": flags.DEFINE_integer("process_id", None, "This process's index."),
+      "compile_only": flags.DEFINE_bool(
+          "compile_only", False, "Only compile the initialisation and the train step "
+          "(into JAX_COMPILATION_CACHE_DIR when set; see compile_programs) and exit; "
+          "reads no data and writes nothing to --workdir."),
   }
 
 
@@ -406,7 +436,10 @@ def main(argv, args):
   sharding.initialize_distributed(args["coordinator_address"].value,
                                   args["num_processes"].value, args["process_id"].value)
   try:
-    train_and_evaluate(config, workdir)
+    if args["compile_only"].value:
+      compile_programs(config)
+    else:
+      train_and_evaluate(config, workdir)
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3

@@ -20,6 +20,16 @@ workdir="${WORKDIR:-workdirs/shapes}"
 config=configs/shapes.py
 flags=(--config.data.train_dir="$data/tf/train" --config.data.eval_dir="$data/tf/val" "$@")
 
+# JAX's persistent compilation cache: training's two programs are compiled into
+# it on one core while the other makes the dataset (~20 s saved on 2 cores), and
+# reruns load every program they compiled before.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(dirname "$workdir")/jax_cache}"
+mkdir -p "$JAX_COMPILATION_CACHE_DIR"
+"$PY" -m mrcnn_jax.train --config="$config" --workdir="$workdir" --compile_only "${flags[@]}" \
+  > "$JAX_COMPILATION_CACHE_DIR/compile_only.log" 2>&1 &
+compile_ahead=$!
+trap 'kill "$compile_ahead" 2>/dev/null || true' EXIT  # if the data step fails
+
 # Objects of at least 16 px: at 128 px the default's smallest are 4-px diamonds
 # that no model tells from ellipses (see configs/shapes.py).
 generate=(--train 2000 --val 200 --size 128 --min_object_size 16 --seed 0)
@@ -46,6 +56,8 @@ for split in train val; do
   fi
 done
 
+wait "$compile_ahead" || echo "(compiling ahead failed: training compiles for itself;" \
+  "see $JAX_COMPILATION_CACHE_DIR/compile_only.log)"
 echo "== training (progress bar, metric lines; TensorBoard: $workdir/tensorboard)"
 "$PY" -m mrcnn_jax.train --config="$config" --workdir="$workdir" "${flags[@]}"
 

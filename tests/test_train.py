@@ -350,6 +350,28 @@ def test_two_processes_train_and_checkpoint(dataset, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_compile_only_fills_the_cache_that_training_then_loads(dataset, tmp_path):
+  """--compile_only needs no data and writes no workdir; with JAX's persistent cache, a
+  training run of the same flags compiles neither its initialisation nor its train step."""
+  cache = tmp_path / "cache"
+  env = {"JAX_COMPILATION_CACHE_DIR": str(cache),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  programs = lambda: sorted(p.name for p in cache.iterdir()
+                            if p.name.startswith(("jit_train_step-", "jit_create_state-")))
+  flags = ["--config=configs/shapes.py:tiny", *cli_flags(dataset, total_steps=2)]
+  proc = run_cli("train", [*flags, f"--workdir={tmp_path / 'unused'}", "--compile_only",
+                           f"--config.data.train_dir={tmp_path / 'nowhere'}"], env=env)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert not (tmp_path / "unused").exists()
+  compiled = programs()
+  assert [n.split("-")[0] for n in compiled] == ["jit_create_state", "jit_train_step"], compiled
+  proc = run_cli("train", [*flags, f"--workdir={tmp_path / 'run'}"], env=env)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert programs() == compiled  # the same two programs: loaded, not compiled anew
+
+
 def test_train_cli_names_a_missing_dataset(tmp_path):
   proc = run_cli("train", ["--config=configs/shapes.py:tiny", f"--workdir={tmp_path}",
                            f"--config.data.train_dir={tmp_path / 'nowhere'}"])
