@@ -240,7 +240,7 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   _, abstract, _, init, step_fn = _programs(config, mesh)
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # jax.random.PRNGKey's
+  key = jax.eval_shape(jax.random.PRNGKey, config.seed)  # what _train passes both
   init.lower(key).compile()
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        dummy_batch(config, config.batch_size))
