@@ -20,7 +20,9 @@ below).
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.49
 s/step as the machine's speed varies: 1700 steps, bbox / segm / keypoints
-AP 0.513 / 0.564 / 0.502 in 905 s (0.449 s/step), with evaluation and
+AP 0.513 / 0.564 / 0.502 in 847 s and 831 s (0.425 and 0.418 s/step;
+2026-11-28, installing with uv: ~25 s where pip took ~50 s); the day
+before, with pip, in 905 s (0.449 s/step), with evaluation and
 the pictures side by side 924 s (0.462 s/step), and compiling ahead too
 916 s (0.449 s/step; 2026-11-27, twelfth session: views at scales 1.0, 1.5 and 2.0, and no wait at the training
 process's exit since data.parallel_calls). With the views at 1.0 and 1.5
