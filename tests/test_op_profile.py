@@ -45,15 +45,23 @@ def test_hlo_op_names_by_hand():
 
 
 def test_top_ops_ranks_a_traced_program():
-  """A program of one big matmul and a small reduction: the matmul ranks first, named by its
-  JAX op; shares sum to at most 1; at most ``top`` rows."""
-  def f(a, b):
-    return a @ b, jnp.sum(b)
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(512, 512)), jnp.float32)
+  """A program of one big matmul and a tiny reduction: the matmul ranks first, named by its
+  JAX op; shares sum to at most 1; at most ``top`` rows.
+
+  The matmul (2 GFLOP, milliseconds) outweighs the 64-element sum (microseconds) by
+  orders of magnitude, and the traced step runs the program three times, so that a
+  thread preempted in the middle of the sum on a loaded machine cannot reorder them.
+  """
+  def f(a, c):
+    return a @ a, jnp.sum(c)
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
   jitted = jax.jit(f)
-  text = jitted.lower(a, a).compile().as_text()
-  jax.block_until_ready(jitted(a, a))
-  rows = op_profile.top_ops(lambda: jax.block_until_ready(jitted(a, a)), text, top=3)
+  text = jitted.lower(a, c).compile().as_text()
+  jax.block_until_ready(jitted(a, c))
+  rows = op_profile.top_ops(lambda: [jax.block_until_ready(jitted(a, c)) for _ in range(3)],
+                            text, top=3)
   assert 1 <= len(rows) <= 3
   assert rows[0]["ms"] > 0 and "dot_general" in rows[0]["op"], rows
   assert sum(r["share"] for r in rows) <= 1 + 1e-9
