@@ -22,7 +22,8 @@ fi
 # The install goes through uv (pinned below, itself installed from PyPI), which
 # fetches and unpacks wheels in parallel: the runtime requirements take ~20 s
 # instead of pip's ~45 s, bytecode included. Where uv cannot be installed or
-# fails (an index or proxy only pip is configured for), pip does it as before.
+# fails, and where pip is set to another index than PyPI (an index-url in its
+# configuration or PIP_INDEX_URL, which uv does not read), pip does it.
 _uv_version=0.13.9
 _stamp=".venv/.mrcnn-installed-$(cat "$@" setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
 if [[ ! -f "$_stamp" ]]; then
@@ -30,14 +31,15 @@ if [[ ! -f "$_stamp" ]]; then
   _args=()
   for _r in "$@"; do _args+=(-r "$_r"); done
   _pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-  if "${_pip[@]}" "uv==$_uv_version" \
+  if ! .venv/bin/python -m pip config list 2>/dev/null | grep -Eq '(^|[.])index-url=' \
+      && "${_pip[@]}" "uv==$_uv_version" \
       && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python \
            --compile-bytecode "${_args[@]}" \
       && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python \
            --no-deps -e .; then
     :
   else
-    echo "$(basename "$0"): installing with uv failed; installing with pip" >&2
+    echo "$(basename "$0"): installing with pip (uv failed or pip has its own index)" >&2
     "${_pip[@]}" "${_args[@]}"
     "${_pip[@]}" --no-deps -e .
   fi
