@@ -20,7 +20,7 @@ below).
 
 scripts/demo.sh from a fresh clone (venv install included), 0.39-0.49
 s/step as the machine's speed varies: 1700 steps, bbox / segm / keypoints
-AP 0.513 / 0.564 / 0.502 in 847 s and 831 s (0.425 and 0.418 s/step;
+AP 0.513 / 0.564 / 0.502 in 847, 831 and 833 s (0.425, 0.418, 0.419 s/step;
 2026-11-28, installing with uv: ~25 s where pip took ~50 s); the day
 before, with pip, in 905 s (0.449 s/step), with evaluation and
 the pictures side by side 924 s (0.462 s/step), and compiling ahead too
