@@ -31,17 +31,17 @@ if [[ ! -f "$_stamp" ]]; then
   _args=()
   for _r in "$@"; do _args+=(-r "$_r"); done
   _pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-  if ! .venv/bin/python -m pip config list 2>/dev/null | grep -Eq '(^|[.])index-url=' \
-      && "${_pip[@]}" "uv==$_uv_version" \
-      && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python \
-           --compile-bytecode "${_args[@]}" \
-      && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python \
-           --no-deps -e .; then
+  _uv=(.venv/bin/python -m uv pip install --quiet --python .venv/bin/python --compile-bytecode)
+  # The requirements, then the package itself without its (looser) setup.cfg ranges.
+  _install() { "$@" "${_args[@]}" && "$@" --no-deps -e .; }
+  # (Read whole, not piped into grep -q: under pipefail, pip's SIGPIPE would fail the test.)
+  _pip_config="$(.venv/bin/python -m pip config list 2>/dev/null || true)"
+  if ! grep -Eq '(^|[.])index-url=' <<< "$_pip_config" \
+      && "${_pip[@]}" "uv==$_uv_version" && _install "${_uv[@]}"; then
     :
   else
     echo "$(basename "$0"): installing with pip (uv failed or pip has its own index)" >&2
-    "${_pip[@]}" "${_args[@]}"
-    "${_pip[@]}" --no-deps -e .
+    _install "${_pip[@]}"
   fi
   touch "$_stamp"
 fi
