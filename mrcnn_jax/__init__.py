@@ -4,7 +4,12 @@ Static-shaped end to end, so one compiled program serves a whole run on CPU,
 GPU or TPU. See ``mrcnn_jax.ops`` for the parameter-free detection ops.
 """
 
+from mrcnn_jax import xla_flags
+
 __version__ = "0.1.0"
+
+# Before JAX starts a backend: XLA:CPU's own convolutions instead of YNNPACK's.
+xla_flags.prefer_xla_convolutions()
 
 
 def __getattr__(name):

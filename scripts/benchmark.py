@@ -458,6 +458,7 @@ def run(config, overrides: List[str]) -> Dict:
       "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
       "jax": jax.__version__, "torch": getattr(torch, "__version__", None),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),  # mrcnn_jax.xla_flags adds one on CPU
       "load_average_1m_before": os.getloadavg()[0]}}
   log(f"settings: {result['settings']}")
 

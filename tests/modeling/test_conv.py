@@ -1,4 +1,4 @@
-"""modeling/conv.py: the CPU weight gradient equals XLA's, and Conv is nn.Conv otherwise."""
+"""modeling/conv.py: 1x1 convs as matmuls on CPU equal XLA's, and Conv is nn.Conv otherwise."""
 
 import flax.linen as nn
 import jax
@@ -12,9 +12,8 @@ from mrcnn_jax.modeling import conv
 
 @pytest.fixture(autouse=True)
 def _always_fast_path(monkeypatch):
-  """These shapes are tiny: take the fast weight gradient whatever their size."""
+  """These shapes are tiny: take the matmul form whatever their size."""
   monkeypatch.setattr(conv, "MIN_MACS", 0)
-  monkeypatch.setattr(conv, "MIN_CHANNELS", 0)
 
 
 def _lax(x, w, strides, padding):
@@ -23,14 +22,12 @@ def _lax(x, w, strides, padding):
 
 
 @pytest.mark.parametrize("kernel,strides,padding", [
-    (3, (1, 1), ((1, 1), (1, 1))),   # the heads' and FPN's 3x3
     (1, (1, 1), "SAME"),             # laterals, predictors
     (1, (2, 2), ((0, 0), (0, 0))),   # ResNet's strided 1x1 shortcut
-    (1, (2, 3), ((1, 0), (2, 1))),   # a padded 1x1 (a matmul here), uneven strides
-    (3, (2, 2), ((1, 1), (1, 1))),   # ResNet's strided 3x3
-    (7, (2, 2), ((3, 3), (3, 3))),   # the stem
-    (3, (1, 2), ((0, 2), (1, 0))),   # uneven strides and padding
-    (2, (1, 1), "VALID"),
+    (1, (2, 3), ((1, 0), (2, 1))),   # a padded 1x1, uneven strides
+    (1, (3, 2), "SAME"),             # strides that do not divide the input
+    (3, (1, 1), ((1, 1), (1, 1))),   # larger kernels are lax's own
+    (2, (1, 2), "VALID"),
 ])
 def test_value_and_gradients_equal_xla(rng, kernel, strides, padding):
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 3)), jnp.float32)
@@ -62,39 +59,33 @@ def test_weight_gradient_by_hand():
 
 def test_bfloat16_gradient_dtype(rng):
   x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.bfloat16)
-  w = jnp.asarray(rng.normal(size=(3, 3, 4, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(1, 1, 4, 4)), jnp.bfloat16)
   f = lambda x, w: jnp.sum(conv.conv_general_dilated(
-      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
                            .astype(jnp.float32))
   gx, gw = jax.grad(f, (0, 1))(x, w)
   assert gx.dtype == gw.dtype == jnp.bfloat16
-  ref = jax.grad(lambda w: jnp.sum(_lax(x.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)))))(
+  ref = jax.grad(lambda w: jnp.sum(_lax(x.astype(jnp.float32), w, (1, 1), ((0, 0), (0, 0)))))(
       w.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(gw, np.float32), ref, rtol=3e-2, atol=3e-1)
 
 
-def test_small_convs_and_other_backends_use_lax(monkeypatch):
-  """Under MIN_MACS, kxk under MIN_CHANNELS, or off CPU: the convolution and its
-  gradient are lax's own."""
-  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
-  call = lambda: conv.conv_general_dilated(x, w, (1, 1), "SAME",
-                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  jaxpr = lambda: str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(
-      conv.conv_general_dilated(x, w, (1, 1), "SAME",
-                                dimension_numbers=("NHWC", "HWIO", "NHWC")))))(w))
-  assert "dot_general" in jaxpr()  # the per-tap matmuls
-  monkeypatch.setattr(conv, "MIN_MACS", 1 + 16 * 3 * 3 * 2 * 2)
-  assert "dot_general" not in jaxpr()
+def test_small_convs_larger_kernels_and_other_backends_use_lax(monkeypatch):
+  """Under MIN_MACS, kernels larger than 1x1, or off CPU: the convolution and
+  its gradients are lax's own."""
+  x = jnp.ones((1, 4, 4, 2))
+  call = lambda w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  jaxpr = lambda w: str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(call(v))))(w))
+  pointwise, wide = jnp.ones((1, 1, 2, 2)), jnp.ones((3, 3, 2, 2))
+  assert "dot_general" in jaxpr(pointwise) and "conv_general_dilated" not in jaxpr(pointwise)
+  assert "dot_general" not in jaxpr(wide)
+  monkeypatch.setattr(conv, "MIN_MACS", 1 + 16 * 2 * 2)
+  assert "dot_general" not in jaxpr(pointwise) and "conv_general_dilated" in jaxpr(pointwise)
   monkeypatch.setattr(conv, "MIN_MACS", 0)
-  monkeypatch.setattr(conv, "MIN_CHANNELS", 3)  # a 3x3 kernel over 2 input channels
-  assert "dot_general" not in jaxpr()
-  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2))  # 1x1: no channel minimum
-  assert "dot_general" in jaxpr()
-  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
-  monkeypatch.setattr(conv, "MIN_CHANNELS", 0)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert "dot_general" not in jaxpr()
-  np.testing.assert_allclose(call(), _lax(x, w, (1, 1), ((1, 1), (1, 1))))
+  assert "dot_general" not in jaxpr(pointwise)
+  np.testing.assert_allclose(call(pointwise), _lax(x, pointwise, (1, 1), ((0, 0), (0, 0))))
 
 
 def test_conv_module_is_nn_conv_with_the_same_parameters(rng):
