@@ -5,6 +5,11 @@ instructions of the compiled program by their time in the trace;
 ``hlo_op_names`` names each instruction by the JAX op it came from (the
 model code's module path and primitive), so that a slow convolution or copy
 points at a line of the model.
+
+A blind spot: XLA:CPU's own convolutions run asynchronously on Eigen's
+thread pool, and their trace event covers only the launch (measured: 2 ms of
+a 60-ms convolution), so they rank far below their cost; the benchmark's
+stage breakdown times them.
 """
 
 import collections
