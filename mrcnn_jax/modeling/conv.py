@@ -12,7 +12,7 @@ predictor (256->80 over 256 RoIs of 28x28) 49 / 229 -> 58 / 200; the RPN's
 NHWC/HWIO 1x1 convolutions (any stride and padding, no dilation, no groups)
 on the CPU backend: those are one matmul over the (padded, strided) pixels,
 with the weight gradient as one matmul that reads the output gradient
-transposed (``jax.custom_vjp``; autodiff's own form of it was 1.2-1.6x
+transposed (``jax.custom_vjp``; autodiff's own form of it was 1.1-1.6x
 slower). Larger kernels stay XLA's: with XLA's own convolutions their weight
 gradient beats one matmul per kernel tap (the mask head's 3x3 256->256,
 forward and gradients: 482 ms against 637 ms), which an earlier version of
