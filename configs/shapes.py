@@ -19,7 +19,8 @@ below).
 ``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
 
 scripts/demo.sh from a fresh clone (venv install included): 1900 steps,
-bbox / segm / keypoints AP 0.544 / 0.592 / 0.509 in 805 s (0.359 s/step;
+bbox / segm / keypoints AP 0.544 / 0.592 / 0.509 in 805 and 799 s (0.359
+and 0.356 s/step, two runs, the same AP;
 2026-11-28, fourteenth session, after XLA:CPU's convolutions moved from
 YNNPACK to XLA's own kernels, see mrcnn_jax/xla_flags.py: the step went
 ~0.42 -> ~0.36 s and its rounding changed). The same code at 1700 steps:

@@ -5,9 +5,9 @@
 #
 #   scripts/demo.sh [--config.x=y ...]     (extra flags go to train/evaluate/predict)
 #
-# About 14 minutes on a 2-core CPU from a fresh clone, venv install included
-# (831-847 s at 0.418-0.425 s/step, three runs; the step takes 0.42-0.46 s from
-# one hour to the next, i.e. +-30 s over the 1700 steps).
+# About 13.5 minutes on a 2-core CPU from a fresh clone, venv install included
+# (805 and 799 s at 0.359 and 0.356 s/step, two runs; the step's speed varies
+# by ~10% from one hour to the next, i.e. +-35 s over the 1900 steps).
 # Reruns reuse the dataset and resume (or skip) training. DATA and WORKDIR
 # override where things go (default data/shapes and workdirs/shapes).
 set -euo pipefail

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from mrcnn_jax import xla_flags
+
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +66,9 @@ def test_train_and_inference(result):
   assert _positive(r["peak"]["used_gflops"])
   assert _positive(r["memory"]["host_peak_mib_end"])
   assert _positive(r["memory"]["xla_train_buffers"]["temp_size_mib"])
+  child_env = dict(os.environ)  # the benchmark's, once its `import mrcnn_jax` added its flag
+  xla_flags.prefer_xla_convolutions(child_env)
+  assert r["settings"]["xla_flags"] == child_env.get("XLA_FLAGS", "")
 
 
 def test_op_profile(result):
