@@ -102,9 +102,8 @@ def _pointwise_fwd(x, w, strides, padding, precision):
 
 def _pointwise_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda v: _matmul(v, w, strides, padding, precision), x)
-  dx, = input_vjp(dy)
-  pixels = _pixels(x, strides, padding)
+  pixels, pixels_vjp = jax.vjp(lambda v: _pixels(v, strides, padding), x)
+  dx, = pixels_vjp(jnp.einsum("nhwo,co->nhwc", dy, w[0, 0], precision=precision))
   c, o = w.shape[2:]
   # [O, N*H*W] @ [N*H*W, C]: the output gradient transposed once, so that the
   # matmul reads both operands in the order XLA:CPU's matmul wants.
