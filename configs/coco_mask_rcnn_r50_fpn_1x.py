@@ -37,7 +37,8 @@ def get_config(arg=None):
       "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),  # torchvision
-      "channel_order": "rgb", "flip": True, "scale_range": None,
+      "channel_order": "rgb", "resize_rounding": "round",  # or "floor" (torchvision)
+      "flip": True, "scale_range": None,
       "filter_empty": True, "threads": 0, "prefetch": 2,
       "parallel_calls": 0,  # decode calls in flight; 0 = tf.data autotuning
   })

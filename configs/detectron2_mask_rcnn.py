@@ -17,22 +17,27 @@ normalisation) for detectron2-format files built from torchvision weights.
 
 What matches detectron2: the model-zoo backbones are MSRA's ResNets, so the
 stride sits in each block's 1x1 conv and the input is BGR, mean-subtracted
-(103.53, 116.28, 123.675) with std 1; shorter side 800, longer at most 1333
-(1344 x 1344 canvas); frozen BN; RPN 1000 per level before NMS and 1000 after
-at test (2000/1000 in training), NMS 0.7; ROIAlignV2 (aligned=True); box
-score threshold 0.05, NMS 0.5, 100 detections.
-What differs: detectron2's poolers use sampling_ratio=0 (adaptive:
-ceil(RoI size / output size) samples per bin), a data-dependent count that a
-static-shape program cannot have; 2 is used here, which equals it for RoIs
-between once and twice the output size on their level (e.g. 7-14 cells for
-the box head), and samples more (smaller RoIs) or fewer (larger) otherwise.
-detectron2's anchors are not rounded to whole pixels (ours are, as
-torchvision's); the difference is under half a pixel per side.
+(103.53, 116.28, 123.675) with std 1; shorter side 800, longer at most 1333,
+the size rounded half up (ResizeShortestEdge), in a 1344 x 1344 canvas whose
+padding is 0 after normalisation and masked at every convolution (each image
+seen as padded to a multiple of 32 alone); frozen BN; anchors at the nominal
+strides, not rounded; RPN 1000 per level before NMS and 1000 after at test
+(2000/1000 in training), NMS 0.7; ROIAlignV2 (aligned=True) with adaptive
+sampling (sampling_ratio=0: ceil(RoI size / output size) samples per bin);
+box score threshold 0.05, NMS 0.5, 100 detections.
+What differs: adaptive sampling is exact up to MAX_SAMPLES samples per bin
+and axis (RoIs up to 6 x 7 = 42 cells long on their level for the box head,
+84 for the mask head: any square RoI of a 1333-pixel image); longer ones
+average MAX_SAMPLES evenly spaced samples per bin. Pooling costs what a fixed
+ratio of MAX_SAMPLES costs. detectron2 resizes uint8 images with PIL's
+bilinear filter, which antialiases when shrinking; ours does not (sizes are
+the same, pixels differ where an image is shrunk).
 """
 
 from configs import torchvision_mask_rcnn
 
 MSRA_MEAN_BGR = (103.53, 116.28, 123.675)  # detectron2's PIXEL_MEAN for MSRA backbones
+MAX_SAMPLES = 6  # adaptive RoIAlign's grid: exact for ceil(1333 / 32 / 7) = 6
 
 
 def get_config(arg=None):
@@ -42,7 +47,10 @@ def get_config(arg=None):
   config = torchvision_mask_rcnn.get_config(None if arg == "torchvision_backbone" else arg)
   m = config.model
   m.rpn.update(post_nms_topk_train=1000, min_size=0.0)
-  m.roi.update(aligned=True, sampling_ratio=2)
+  m.roi.update(aligned=True, sampling_ratio=0, max_sampling_ratio=MAX_SAMPLES)
+  m.update(anchor_layout="detectron2", size_divisibility=32)
+  m.test.min_box_size = 0.0
+  config.data.resize_rounding = "round"
   if arg != "torchvision_backbone":
     config.data.update(mean=MSRA_MEAN_BGR, std=(1.0, 1.0, 1.0), channel_order="bgr")
     m.backbone.stride_in_1x1 = True

@@ -192,7 +192,8 @@ def get_config(arg=None):
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
       # ImageNet statistics on 0..255 RGB, as torchvision's transform does.
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),
-      "channel_order": "rgb", "flip": True, "scale_range": (0.8, 1.25),
+      "channel_order": "rgb", "resize_rounding": "round",  # or "floor" (torchvision)
+      "flip": True, "scale_range": (0.8, 1.25),
       "filter_empty": True, "threads": 0, "prefetch": 2,
       # A 128-px image decodes fast: a quarter of the cores keep ahead of the
       # step and leave the rest to XLA. Fixed, so tf.data's autotuner is off

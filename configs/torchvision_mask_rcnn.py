@@ -15,18 +15,20 @@
 ``:faster`` is fasterrcnn_resnet50_fpn (boxes only).
 
 What matches torchvision: RGB input normalised with ImageNet statistics;
-the shorter side resized to 800 with the longer at most 1333
-(GeneralizedRCNNTransform), placed in a 1344 x 1344 canvas (1333 rounded up
-to the 32-pixel multiple torchvision pads to); frozen BN; anchors 32..512
-with ratios 0.5/1/2 (rounded as torchvision rounds them); RPN 1000 boxes per
-level before NMS and 1000 after at test (2000/2000 in training), NMS 0.7,
-minimum size 1e-3; RoIAlign with aligned=False and sampling ratio 2, levels
-by FPN eq. 1 (canonical 224 at level 4); box score threshold 0.05, NMS 0.5,
-100 detections; keypoint heads at 14 x 14 -> 56 x 56 heatmaps.
-What differs: resized sizes are rounded to the nearest pixel where torchvision
-floors them (at most one pixel); masks are pasted as detectron2 pastes them
-(evaluation/coco.py); keypoints are decoded from the same bicubic interpolant
-on a static grid (modeling/keypoint_head.py). tests/parity/ measures both.
+the shorter side resized to 800 with the longer at most 1333, the size
+floored (GeneralizedRCNNTransform), placed in a 1344 x 1344 canvas (1333
+rounded up to 32) whose padding is 0 after normalisation and masked at every
+convolution, so each image is seen as torchvision sees it alone, padded to a
+multiple of 32; frozen BN; anchors 32..512 with ratios 0.5/1/2, rounded, at
+the stride torchvision derives per image (padded size // grid: 61 on P6 of an
+800-pixel image); RPN 1000 boxes per level before NMS and 1000 after at test
+(2000/2000 in training), NMS 0.7, minimum size 1e-3; RoIAlign with
+aligned=False and sampling ratio 2, levels by FPN eq. 1 (canonical 224 at
+level 4); box score threshold 0.05, NMS 0.5, boxes under 1e-2 dropped, 100
+detections; keypoint heads at 14 x 14 -> 56 x 56 heatmaps.
+What differs: masks are pasted as detectron2 pastes them (evaluation/coco.py);
+keypoints are decoded from the same bicubic interpolant on a static grid
+(modeling/keypoint_head.py). tests/parity/ measures both, at 800 x 1216.
 """
 
 from configs import coco_keypoint_rcnn_r50_fpn_1x
@@ -44,12 +46,15 @@ def get_config(arg=None):
   base = coco_keypoint_rcnn_r50_fpn_1x if arg == "keypoint" else coco_mask_rcnn_r50_fpn_1x
   config = base.get_config()
   config.data.update(canvas_size=(CANVAS, CANVAS), min_size=MIN_SIZE, max_size=MAX_SIZE,
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD, channel_order="rgb")
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD, channel_order="rgb",
+                     resize_rounding="floor")
   m = config.model
+  m.update(anchor_layout="torchvision", size_divisibility=32)
   m.mask_head.enabled = arg in (None, "mask")
   m.rpn.update(pre_nms_topk_train=2000, post_nms_topk_train=2000, pre_nms_topk_test=1000,
                post_nms_topk_test=1000, nms_threshold=0.7, min_size=1e-3)
   m.roi.update(aligned=False, sampling_ratio=2, canonical_box_size=224.0)
-  m.test.update(score_threshold=0.05, nms_threshold=0.5, detections_per_image=100)
+  m.test.update(score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
+                min_box_size=1e-2)
   config.init_keep = "all"
   return config

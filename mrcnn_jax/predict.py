@@ -106,8 +106,10 @@ class Predictor:
     size = tf.constant(rgb.shape[:2], tf.int32)
     scale = transforms.fit_scale(size, self.canvas, d.get("min_size", 0), d.get("max_size", 0))
     image, image_size, scale_yx = transforms.place_image(
-        tf.constant(rgb), self.canvas, scale, tf.zeros([2]), tf.constant(False))
-    image = transforms.normalize(image, d.mean, d.std, d.get("channel_order", "rgb"))
+        tf.constant(rgb), self.canvas, scale, tf.zeros([2]), tf.constant(False),
+        d.get("resize_rounding", "round"))
+    image = transforms.normalize(image, d.mean, d.std, d.get("channel_order", "rgb"),
+                                 image_size=image_size)
     info = {"image_size": image_size.numpy()[None].astype(np.int32),
             "original_size": np.asarray(rgb.shape[:2], np.int32)[None],
             "scale": np.stack([v.numpy() for v in scale_yx])[None].astype(np.float32)}
@@ -142,10 +144,12 @@ class Predictor:
       out["keypoints"] = one["keypoints"][keep].astype(np.float64) / np.array([sx, sy, 1.0])
     return out
 
-  def draw(self, image: np.ndarray, results: List[dict]) -> np.ndarray:
+  def draw(self, image: np.ndarray, results: List[dict], min_side: int = 512) -> np.ndarray:
+    """``image`` with ``results`` drawn; small images enlarged to ``min_side`` (0: native)."""
     return draw_lib.draw(to_rgb_array(image), results, self.names,
                          skeleton=self.meta.get("skeleton", ()),
-                         keypoint_category_ids=self.meta["keypoint_category_ids"])
+                         keypoint_category_ids=self.meta["keypoint_category_ids"],
+                         min_side=min_side)
 
 
 def _find_meta(config, checkpoint: str) -> Dict[str, Any]:
@@ -189,8 +193,12 @@ def picture_paths(paths: List[str], output: str) -> List[str]:
   return pictures
 
 
-def predict_files(predictor: Predictor, paths: List[str], output: str) -> str:
+def predict_files(predictor: Predictor, paths: List[str], output: str,
+                  picture_min_side: int = 512) -> str:
   """Runs ``predictor`` on each file; writes pictures and predictions.json; returns its path.
+
+  Pictures of images smaller than ``picture_min_side`` are enlarged to it
+  (``Predictor.draw``); 0 draws at the image's own size.
 
   Unreadable files are skipped and counted; raises ValueError when none was read.
   """
@@ -205,7 +213,7 @@ def predict_files(predictor: Predictor, paths: List[str], output: str) -> str:
       failed += 1
       continue
     out = predictor(rgb, image_id=image_id)
-    Image.fromarray(predictor.draw(rgb, out["results"])).save(picture)
+    Image.fromarray(predictor.draw(rgb, out["results"], picture_min_side)).save(picture)
     for r in out["results"]:
       r["file_name"] = os.path.basename(path)
     everything += out["results"]
@@ -230,6 +238,10 @@ def _define_flags():
       "output": flags.DEFINE_string("output", None, "Directory for pictures and JSON."),
       "score_threshold": flags.DEFINE_float("score_threshold", 0.5,
                                             "Keep detections scoring at least this."),
+      "picture_min_side": flags.DEFINE_integer(
+          "picture_min_side", 512, "Pictures of smaller images are enlarged (whole-pixel "
+          "zoom) until their longer side is at least this, so labels are legible; 0 draws "
+          "at the image's native size."),
   }
 
 
@@ -243,7 +255,9 @@ def main(argv, args):
     paths = _inputs(args["input"].value)
     predictor = Predictor(args["config"].value, args["checkpoint"].value,
                           args["score_threshold"].value)
-    predict_files(predictor, paths, args["output"].value)
+    if args["picture_min_side"].value < 0:
+      raise ValueError(f"--picture_min_side: expected >= 0, got {args['picture_min_side'].value}")
+    predict_files(predictor, paths, args["output"].value, args["picture_min_side"].value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

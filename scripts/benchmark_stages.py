@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax import losses as loss_lib
+from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling import rpn as rpn_lib
 from mrcnn_jax.ops import targets as target_ops
 
@@ -92,20 +93,25 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
 
   # backbone + FPN
   def backbone_fpn(p, images, cot):
-    f = lambda sub: apply(lambda m, x: m._features(x, True)[0], {**p, **sub}, images)
+    f = lambda sub: apply(lambda m, x, s: m._features(x, s, True)[0][0], {**p, **sub}, images,
+                          image_size)
     maps, vjp = jax.vjp(f, {k: p[k] for k in ("backbone", "fpn")})
     return maps, vjp(cot)
-  maps_shape = jax.eval_shape(lambda p, x: apply(lambda m, y: m._features(y, True)[0], p, x),
-                              params, images)
+  maps_shape = jax.eval_shape(
+      lambda p, x: apply(lambda m, y, s: m._features(y, s, True)[0][0], p, x, image_size),
+      params, images)
   (maps, _), out["backbone_fpn"] = _timed(
       backbone_fpn, (params, images, _cotangent(maps_shape, 1)), repeats)
   strides = [images.shape[1] // m.shape[1] for m in maps]
+  image_extent = (padding.extent(image_size, model.size_divisibility) if model.size_divisibility
+                  else jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32), (b, 2)))
 
   # RPN head and proposals
   def rpn_proposals(p, maps, image_size, cot):
     f = lambda sub, x: apply(lambda m, y: m.rpn_head(y), {**p, "rpn_head": sub}, x)
     (objectness, deltas), vjp = jax.vjp(f, p["rpn_head"], maps)
-    anchors = apply(lambda m, x: m._anchors(x, strides), p, maps)
+    anchors, valid = apply(lambda m, x: m._anchors(x, strides, image_extent), p, maps)
+    objectness = [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, valid)]
     proposals = rpn_lib.propose(objectness, deltas, anchors, image_size,
                                 model.rpn_pre_nms_topk_train, model.rpn_post_nms_topk_train,
                                 model.rpn_nms_threshold, model.rpn_min_size)
@@ -113,20 +119,20 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
   head_shape = jax.eval_shape(lambda p, x: apply(lambda m, y: m.rpn_head(y), p, x), params, maps)
   ((objectness, deltas), (proposals, _, proposals_valid), _), out["rpn_proposals"] = _timed(
       rpn_proposals, (params, maps, image_size, _cotangent(head_shape, 2)), repeats)
-  all_anchors = jnp.asarray(np.concatenate(apply(lambda m, x: m._anchors(x, strides),
-                                                 params, maps)))
+  all_anchors, all_valid = (jnp.concatenate(x, axis=1) for x in apply(
+      lambda m, x: m._anchors(x, strides, image_extent), params, maps))
 
   # Targets and sampling (the same calls as MaskRCNN.losses)
   m_rois = min(model.num_mask_rois, model.roi_batch_size_per_image)
   mask_size = 2 * model.mask_pooler_resolution
 
-  def targets_sampling(proposals, proposals_valid, gt, anchors, key):
+  def targets_sampling(proposals, proposals_valid, gt, anchors, anchors_valid, key):
     rpn_key, roi_key = jax.random.split(key)
     boxes, valid, crowd = gt["gt_boxes"].astype(jnp.float32), gt["gt_valid"], gt["gt_is_crowd"]
-    rpn_t = jax.vmap(lambda gb, gv, gc, k: target_ops.rpn_targets(
-        anchors, gb, gv, gc, k, model.rpn_iou_thresholds, model.rpn_batch_size_per_image,
-        model.rpn_positive_fraction, model.crowd_ioa_threshold))(
-            boxes, valid, crowd, jax.random.split(rpn_key, b))
+    rpn_t = jax.vmap(lambda a, av, gb, gv, gc, k: target_ops.rpn_targets(
+        a, gb, gv, gc, k, model.rpn_iou_thresholds, model.rpn_batch_size_per_image,
+        model.rpn_positive_fraction, model.crowd_ioa_threshold, anchors_valid=av))(
+            anchors, anchors_valid, boxes, valid, crowd, jax.random.split(rpn_key, b))
     rois = jax.vmap(lambda p, pv, gb, gcl, gv, gc, k: target_ops.roi_targets(
         p, pv, gb, gcl, gv, gc, k, model.num_classes, model.roi_batch_size_per_image,
         model.roi_positive_fraction, model.roi_iou_threshold, model.crowd_ioa_threshold))(
@@ -138,13 +144,13 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
     return rpn_t, rois, mask_t
   gt = {k: v for k, v in batch.items() if k.startswith("gt_")}
   (rpn_t, rois, mask_t), out["targets_sampling"] = _timed(
-      targets_sampling, (proposals, proposals_valid, gt, all_anchors, key), repeats)
+      targets_sampling, (proposals, proposals_valid, gt, all_anchors, all_valid, key), repeats)
 
   # RoIAlign
   roi_strides = strides[:-1]
 
   def pool(maps, box_rois, mask_rois):
-    feats = (maps, roi_strides)
+    feats = (maps, roi_strides, image_extent if model.size_divisibility else None)
     return (model.apply({}, feats, box_rois, model.box_pooler_resolution,
                         method=lambda m, f, r, s: m._pool(f, r, s)),
             model.apply({}, feats, mask_rois, model.mask_pooler_resolution,

@@ -438,10 +438,12 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   if malformed:
     log.append(f"{malformed} annotations are not objects with an integer image_id; skipped")
     problems["annotation"] += malformed
-  orphans = sum(len(v) for k, v in anns_by_image.items() if k not in images_by_id)
+  orphans = [a for k, v in anns_by_image.items() if k not in images_by_id for a in v]
+  for ann in orphans:  # each named in problems.txt, as other skips are
+    log.append(f"annotation id {ann.get('id')}: image_id {ann['image_id']} is not in "
+               f"images; skipped")
   if orphans:
-    log.append(f"{orphans} annotations refer to image ids not in images; skipped")
-    problems["orphan annotations"] += orphans
+    problems["orphan annotations"] += len(orphans)
   if not images:
     raise DatasetError(f"{annotations}: no usable entry in 'images'")
 

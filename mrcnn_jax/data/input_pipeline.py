@@ -120,6 +120,10 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   local = global_batch // process_count
   canvas = tuple(d.canvas_size)
   flip_map = records.meta["keypoint_flip_map"]
+  rounding = d.get("resize_rounding", "round")
+  if rounding not in transforms.ROUNDINGS:
+    raise ValueError(f"config.data.resize_rounding: expected one of {transforms.ROUNDINGS}, "
+                     f"got {rounding!r}")
 
   # This process's positions: in every global batch (step s), the slice
   # [s * global_batch + process_index * local, ... + local). Pure tf.data
@@ -156,14 +160,16 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       scale_range = tuple(d.scale_range) if d.get("scale_range") else None
       scale, offset, flip = transforms.random_geometry(
           ex["original_size"], canvas, seed, d.get("flip", True), scale_range,
-          d.get("min_size", 0), d.get("max_size", 0))
+          d.get("min_size", 0), d.get("max_size", 0), rounding)
     else:
       scale = transforms.fit_scale(ex["original_size"], canvas, d.get("min_size", 0),
                                    d.get("max_size", 0))
       offset, flip = tf.zeros([2]), tf.constant(False)
-    ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map)
+    ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map,
+                                   rounding)
     out = transforms.pad_instances(ex, d.max_instances)
-    out["images"] = transforms.normalize(ex["image"], d.mean, d.std)  # channels ordered at decode
+    out["images"] = transforms.normalize(ex["image"], d.mean, d.std,  # channels ordered at decode
+                                         image_size=ex["image_size"])
     out["image_info"] = {
         "image_size": ex["image_size"], "original_size": ex["original_size"],
         "scale": ex["scale"], "image_id": tf.cast(ex["image_id"], tf.int32),

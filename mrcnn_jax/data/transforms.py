@@ -87,15 +87,17 @@ def decode_image(ex: Dict[str, tf.Tensor], channel_order: str = "rgb") -> Dict[s
 
 def fit_scale(size: tf.Tensor, canvas: Tuple[int, int], min_size: float = 0,
               max_size: float = 0) -> tf.Tensor:
-  """The scale for an image of ``size`` (h, w), aspect kept.
+  """The scale (float64) for an image of ``size`` (h, w), aspect kept.
 
   By default the largest that fits the canvas. With ``min_size`` > 0 it is
   detectron2's ResizeShortestEdge / torchvision's GeneralizedRCNNTransform
   rule instead: shorter side to ``min_size`` unless the longer side would
   pass ``max_size`` (0: no limit), and never beyond the canvas (make the
-  canvas at least ``max_size`` square, e.g. 1344 for 800/1333).
+  canvas at least ``max_size`` square, e.g. 1344 for 800/1333). Computed in
+  float64, as both references compute it in Python floats: in float32,
+  800 / 480 rounds down and 480 x it floors to 799.
   """
-  size = tf.cast(size, tf.float32)
+  size = tf.cast(size, tf.float64)
   scale = tf.minimum(canvas[0] / size[0], canvas[1] / size[1])
   if min_size > 0:
     scale = tf.minimum(scale, min_size / tf.reduce_min(size))
@@ -104,9 +106,23 @@ def fit_scale(size: tf.Tensor, canvas: Tuple[int, int], min_size: float = 0,
   return scale
 
 
+# How a resized size becomes whole pixels: "round" half up (detectron2's
+# ResizeShortestEdge: int(x + 0.5)), "floor" (torchvision: interpolate with
+# recompute_scale_factor=True floors the output size).
+ROUNDINGS = ("round", "floor")
+
+
+def resized_size(size: tf.Tensor, scale: tf.Tensor, rounding: str = "round") -> tf.Tensor:
+  """``size`` (h, w) times ``scale`` in whole pixels (float64, at least 1), per ``rounding``."""
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {rounding!r}")
+  scaled = tf.cast(size, tf.float64) * tf.cast(scale, tf.float64)
+  return tf.maximum(tf.floor(scaled + 0.5) if rounding == "round" else tf.floor(scaled), 1.0)
+
+
 def random_geometry(size: tf.Tensor, canvas: Tuple[int, int], seed: tf.Tensor,
                     flip: bool, scale_range: Optional[Tuple[float, float]],
-                    min_size: float = 0, max_size: float = 0):
+                    min_size: float = 0, max_size: float = 0, rounding: str = "round"):
   """Draws (scale, crop offset (y, x), flip) for one training image; stateless in ``seed``.
 
   ``scale_range`` (large-scale jitter, Ghiasi et al. 2021): the base scale
@@ -116,8 +132,9 @@ def random_geometry(size: tf.Tensor, canvas: Tuple[int, int], seed: tf.Tensor,
   seeds = tf.random.experimental.stateless_split(seed, 4)
   scale = fit_scale(size, canvas, min_size, max_size)
   if scale_range is not None:
-    scale *= tf.random.stateless_uniform([], seeds[0], scale_range[0], scale_range[1])
-  scaled = tf.round(tf.cast(size, tf.float32) * scale)
+    scale *= tf.cast(tf.random.stateless_uniform([], seeds[0], scale_range[0], scale_range[1]),
+                     tf.float64)
+  scaled = tf.cast(resized_size(size, scale, rounding), tf.float32)
   room = tf.maximum(scaled - tf.constant(canvas, tf.float32), 0.0)
   offset = tf.floor(room * tf.random.stateless_uniform([2], seeds[1]))
   do_flip = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else tf.constant(False)
@@ -125,16 +142,18 @@ def random_geometry(size: tf.Tensor, canvas: Tuple[int, int], seed: tf.Tensor,
 
 
 def place_image(image: tf.Tensor, canvas: Tuple[int, int], scale: tf.Tensor,
-                offset: tf.Tensor, flip: tf.Tensor):
+                offset: tf.Tensor, flip: tf.Tensor, rounding: str = "round"):
   """Resizes ``image`` [h, w, 3] by ``scale``, flips, crops at ``offset`` (y, x), pads.
 
   The one place pixels are resampled, for training, evaluation and
-  prediction alike. Returns (image [H, W, 3] float32 0..255 zero-padded to the
-  canvas, (h, w) of the image inside the canvas, (sy, sx) the exact scale
-  after rounding the resized size to whole pixels).
+  prediction alike. The resized size is whole pixels per ``rounding`` (see
+  ``resized_size``). Returns (image [H, W, 3] float32 0..255 zero-padded to
+  the canvas (``normalize`` with ``image_size`` makes the padding 0 in
+  normalised space), (h, w) of the image inside the canvas, (sy, sx) the
+  exact scale after rounding the resized size to whole pixels).
   """
+  new_hw = tf.cast(resized_size(tf.shape(image)[:2], scale, rounding), tf.float32)
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  new_hw = tf.maximum(tf.round(hw * scale), 1.0)
   sy, sx = new_hw[0] / hw[0], new_hw[1] / hw[1]
   oy, ox = tf.cast(offset[0], tf.int32), tf.cast(offset[1], tf.int32)
   # Float input: the same bits as resizing the uint8 image (the kernel reads
@@ -149,7 +168,8 @@ def place_image(image: tf.Tensor, canvas: Tuple[int, int], scale: tf.Tensor,
 
 def apply_geometry(ex: Dict[str, tf.Tensor], canvas: Tuple[int, int], scale: tf.Tensor,
                    offset: tf.Tensor, flip: tf.Tensor, mask_size: int,
-                   keypoint_flip_map: Sequence[int]) -> Dict[str, tf.Tensor]:
+                   keypoint_flip_map: Sequence[int], rounding: str = "round"
+                   ) -> Dict[str, tf.Tensor]:
   """Resizes by ``scale``, crops at ``offset`` (y, x), flips; maps every target alike.
 
   Returns the example with ``image`` [H, W, 3] float32 (0..255, zero padded),
@@ -158,7 +178,7 @@ def apply_geometry(ex: Dict[str, tf.Tensor], canvas: Tuple[int, int], scale: tf.
   [N, M, M] in canvas coordinates; ``valid`` marks instances still visible.
   """
   h0, w0 = tf.unstack(tf.cast(ex["original_size"], tf.float32))
-  image, visible_hw, (sy, sx) = place_image(ex["image"], canvas, scale, offset, flip)
+  image, visible_hw, (sy, sx) = place_image(ex["image"], canvas, scale, offset, flip, rounding)
   oy, ox = offset[0], offset[1]
   vis_h, vis_w = tf.cast(visible_hw[0], tf.float32), tf.cast(visible_hw[1], tf.float32)
 
@@ -225,8 +245,14 @@ def _masks_from_crops(pngs: tf.Tensor, windows: tf.Tensor, source: tf.Tensor,
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
-              channel_order: str = "rgb") -> tf.Tensor:
-  """(image - mean) / std on 0..255 RGB input; ``channel_order="bgr"`` for detectron2 weights."""
+              channel_order: str = "rgb", image_size: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """(image - mean) / std on 0..255 RGB input; ``channel_order="bgr"`` for detectron2 weights.
+
+  With ``image_size`` (h, w of the image at the canvas's top left) everything
+  outside it is 0 after normalisation: torchvision and detectron2 pad the
+  normalised batch with zeros, so the padding reads as the mean colour, not
+  as black (-2.1 in ImageNet units).
+  """
   if channel_order == "bgr":
     image = tf.reverse(image, [-1])  # what image[..., ::-1] gives, ~6x faster on CPU
   elif channel_order != "rgb":
@@ -238,7 +264,14 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float],
     # op on the full canvas was the pipeline's largest cost.
     mean = np.broadcast_to(mean, image.shape.as_list())
     std = np.broadcast_to(std, image.shape.as_list())
-  return (image - tf.constant(mean)) / tf.constant(std)
+  image = (image - tf.constant(mean)) / tf.constant(std)
+  if image_size is not None:
+    # A crop and a zero pad: two copies, cheaper than a broadcast select on CPU.
+    h, w = image_size[0], image_size[1]
+    full, static = tf.shape(image), image.shape
+    image = tf.ensure_shape(
+        tf.pad(image[:h, :w], [[0, full[0] - h], [0, full[1] - w], [0, 0]]), static)
+  return image
 
 
 def pad_instances(ex: Dict[str, tf.Tensor], max_instances: int) -> Dict[str, tf.Tensor]:

@@ -27,7 +27,8 @@ def category_colour(category_id: int) -> tuple:
 
 def draw(image: np.ndarray, results: Sequence[Mapping], names: Mapping[int, str],
          skeleton: Sequence[Sequence[int]] = (), keypoint_category_ids: Sequence[int] = (),
-         score_threshold: float = 0.0, keypoint_threshold: float = 0.0) -> np.ndarray:
+         score_threshold: float = 0.0, keypoint_threshold: float = 0.0,
+         min_side: int = 0) -> np.ndarray:
   """Returns a copy of ``image`` with ``results`` drawn on it.
 
   Args:
@@ -41,9 +42,12 @@ def draw(image: np.ndarray, results: Sequence[Mapping], names: Mapping[int, str]
     score_threshold: results with a lower score are not drawn.
     keypoint_threshold: keypoints with v (the predicted score) <= this are
       not drawn, nor are their skeleton lines.
+    min_side: a picture whose longer side is under this is enlarged (by an
+      integer factor, nearest neighbour, so pixels stay sharp) until it is at
+      least this, so boxes, labels and keypoints are legible; 0: native size.
 
   Returns:
-    ``[H, W, 3]`` uint8.
+    ``[H', W', 3]`` uint8: ``[H, W]`` times that factor.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -62,13 +66,17 @@ def draw(image: np.ndarray, results: Sequence[Mapping], names: Mapping[int, str]
       colour = np.array(category_colour(r["category_id"]), np.float32)
       canvas[mask] = (1 - MASK_ALPHA) * canvas[mask] + MASK_ALPHA * colour
   out = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+  zoom = max(1, -(-int(min_side) // max(height, width))) if min_side > 0 else 1
+  if zoom > 1:
+    out = out.resize((width * zoom, height * zoom), Image.NEAREST)
+    height, width = height * zoom, width * zoom
   pen = ImageDraw.Draw(out)
-  font = ImageFont.load_default(size=max(8, round((height * width) ** 0.5 / 50)))
+  font = ImageFont.load_default(size=max(12, round((height * width) ** 0.5 / 50)))
   line = max(1, round(min(height, width) / 300))
   kp_cats = {int(c) for c in keypoint_category_ids}
   for r in results:
     colour = category_colour(r["category_id"])
-    x, y, w, h = r["bbox"]
+    x, y, w, h = (zoom * v for v in r["bbox"])
     pen.rectangle([x, y, x + w, y + h], outline=colour, width=line)
     label = f"{names.get(r['category_id'], str(r['category_id']))} {r['score']:.2f}"
     left, top, right, bottom = pen.textbbox((0, 0), label, font=font)
@@ -79,7 +87,7 @@ def draw(image: np.ndarray, results: Sequence[Mapping], names: Mapping[int, str]
     if "keypoints" in r and int(r["category_id"]) in kp_cats:
       kps = np.asarray(r["keypoints"], np.float64).reshape(-1, 3)
       # Back to continuous coordinates: COCO's keypoint (i, j) is pixel (i, j)'s centre.
-      xy, shown = kps[:, :2] + 0.5, kps[:, 2] > keypoint_threshold
+      xy, shown = (kps[:, :2] + 0.5) * zoom, kps[:, 2] > keypoint_threshold
       for a, b in skeleton:
         a, b = a - 1, b - 1
         if 0 <= a < len(kps) and 0 <= b < len(kps) and shown[a] and shown[b]:

@@ -41,6 +41,13 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       # One tuple of sizes per RPN level: P2..P6, or C4's single level.
       "anchor_sizes": ((32, 64, 128, 256, 512),) if c4 else anchor_ops.FPN_SIZES,
       "aspect_ratios": anchor_ops.ASPECT_RATIOS,
+      # "detectron2" (nominal strides, unrounded corners) or "torchvision"
+      # (rounded; stride = padded image size // grid): ops/anchors.py.
+      "anchor_layout": "detectron2",
+      # Each image is seen as padded to a multiple of this (the references'
+      # size_divisibility): features outside are masked (modeling/padding.py);
+      # 0 sees the whole canvas.
+      "size_divisibility": 32,
       "rpn": {
           # detectron2: per level for FPN; C4 has one level with more anchors.
           "pre_nms_topk_train": 12000 if c4 else 2000,
@@ -55,7 +62,10 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
           "batch_size_per_image": 512, "positive_fraction": 0.25, "iou_threshold": 0.5,
           "num_mask_rois": 128,  # = 512 * 0.25: every foreground RoI
           "num_keypoint_rois": 128,  # those with a visible keypoint first
-          "crowd_ioa_threshold": 0.7, "sampling_ratio": 2, "aligned": True,
+          "crowd_ioa_threshold": 0.7, "aligned": True,
+          # 0: adaptive (detectron2), exact up to max_sampling_ratio samples per
+          # bin and axis (ops/roi_align.py), at that ratio's cost.
+          "sampling_ratio": 2, "max_sampling_ratio": 4,
           "canonical_box_size": 224.0,  # FPN eq. 1; scale with the image size
       },
       "box_head": {
@@ -78,6 +88,7 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
                         "flip_map": ()},
       "test": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 100,
                "max_candidates": 4000,
+               "min_box_size": 0.0,  # sides under this are dropped (torchvision: 1e-2)
                # Test-time augmentation (MaskRCNN.detect): mirrored views, views
                # at other image scales, and whether the views vote on the boxes
                # (else they only feed the mask and keypoint heads). Each view
@@ -118,6 +129,15 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
   if not m.keypoint_head.position_loss_weight >= 0:
     raise ValueError(f"model.keypoint_head.position_loss_weight: expected >= 0, got "
                      f"{m.keypoint_head.position_loss_weight!r}")
+  if m.anchor_layout not in anchor_ops.LAYOUTS:
+    raise ValueError(f"model.anchor_layout: expected one of {anchor_ops.LAYOUTS}, got "
+                     f"{m.anchor_layout!r}")
+  if m.size_divisibility < 0:
+    raise ValueError(f"model.size_divisibility: expected >= 0, got {m.size_divisibility}")
+  if m.roi.sampling_ratio < 0 or m.roi.max_sampling_ratio < 1:
+    raise ValueError(f"model.roi.sampling_ratio / max_sampling_ratio: expected >= 0 (0 = "
+                     f"adaptive) and >= 1, got {m.roi.sampling_ratio} and "
+                     f"{m.roi.max_sampling_ratio}")
   if m.roi.num_keypoint_rois < 1:
     raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
   dtype = DTYPES[m.dtype]
@@ -154,7 +174,8 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       box_head=box_head, fpn=fpn, mask_head=mask_head, keypoint_head=keypoint_head,
       num_classes=m.num_classes,
       anchor_sizes=tuple(tuple(s) for s in m.anchor_sizes),
-      aspect_ratios=tuple(m.aspect_ratios),
+      aspect_ratios=tuple(m.aspect_ratios), anchor_layout=m.anchor_layout,
+      size_divisibility=m.size_divisibility,
       rpn_pre_nms_topk_train=m.rpn.pre_nms_topk_train,
       rpn_post_nms_topk_train=m.rpn.post_nms_topk_train,
       rpn_pre_nms_topk_test=m.rpn.pre_nms_topk_test,
@@ -171,7 +192,8 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       box_pooler_resolution=m.box_head.pooler_resolution,
       mask_pooler_resolution=m.mask_head.pooler_resolution,
       keypoint_pooler_resolution=m.keypoint_head.pooler_resolution,
-      sampling_ratio=m.roi.sampling_ratio, aligned=m.roi.aligned,
+      sampling_ratio=m.roi.sampling_ratio, max_sampling_ratio=m.roi.max_sampling_ratio,
+      aligned=m.roi.aligned,
       canonical_box_size=m.roi.canonical_box_size,
       rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
       box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
@@ -181,7 +203,8 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       keypoint_decode=m.keypoint_head.decode, keypoint_flip_map=flip_map,
       score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
       detections_per_image=m.test.detections_per_image,
-      max_candidates=m.test.max_candidates, test_flip=m.test.flip,
+      max_candidates=m.test.max_candidates, min_box_size=m.test.min_box_size,
+      test_flip=m.test.flip,
       test_scales=tuple(float(s) for s in m.test.scales),
       test_augment_boxes=m.test.augment_boxes)
 

@@ -4,13 +4,17 @@ A 1x1 lateral conv per input level, top-down nearest-neighbour upsampling
 added to the laterals, a 3x3 output conv per level, and P6 as a stride-2
 subsample of P5 (torchvision's LastLevelMaxPool, a 1x1 max pool). Parameter
 names: ``lateral{k}`` / ``output{k}`` for level k = 2..5.
+
+Given an image extent (padding.py), each output conv's input and each
+output are zeroed outside it, so the RPN's 3x3 conv reads zeros there too.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling.conv import Conv
 
 # detectron2 and torchvision initialise FPN convs with kaiming_uniform(a=1).
@@ -31,15 +35,19 @@ class FPN(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
+  def __call__(self, features: Dict[str, jnp.ndarray],
+               image_extent: Optional[jnp.ndarray] = None) -> Dict[str, jnp.ndarray]:
     levels = sorted(int(k[1:]) for k in features)
     out, top = {}, None
     for k in reversed(levels):
       lateral = Conv(self.channels, (1, 1), kernel_init=fpn_init, dtype=self.dtype,
                      name=f"lateral{k}")(features[f"c{k}"])
       top = lateral if top is None else lateral + upsample_nearest(top, lateral.shape[1:3])
-      out[f"p{k}"] = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                          kernel_init=fpn_init, dtype=self.dtype, name=f"output{k}")(top)
+      mask = padding.valid_mask(top, image_extent, 2 ** k)
+      top = padding.zero_outside(top, mask)
+      out[f"p{k}"] = padding.zero_outside(
+          Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=fpn_init,
+               dtype=self.dtype, name=f"output{k}")(top), mask)
     if self.top_block:
       out[f"p{levels[-1] + 1}"] = out[f"p{levels[-1]}"][:, ::2, ::2]
     return {k: out[k] for k in sorted(out)}

@@ -24,10 +24,10 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mrcnn_jax import losses as loss_lib
 from mrcnn_jax.modeling import keypoint_head as kp_lib
+from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling import rpn as rpn_lib
 from mrcnn_jax.ops import anchors as anchor_ops
 from mrcnn_jax.ops import boxes as box_ops
@@ -51,6 +51,13 @@ class MaskRCNN(nn.Module):
   # Anchors: one tuple of sizes per RPN level (FPN P2..P6; C4 has one level).
   anchor_sizes: Sequence[Sequence[float]] = anchor_ops.FPN_SIZES
   aspect_ratios: Sequence[float] = anchor_ops.ASPECT_RATIOS
+  # "detectron2" (nominal strides, unrounded) or "torchvision" (rounded, each
+  # image's padded size // its grid as the stride): see ops/anchors.py.
+  anchor_layout: str = "detectron2"
+  # Each image's size is rounded up to this (the references' padding); the
+  # backbone, FPN, RPN, anchors and RoIAlign see only that extent, so results
+  # do not depend on the canvas (modeling/padding.py). 0: the whole canvas.
+  size_divisibility: int = 32
   # RPN (detectron2 R50-FPN: 2000/1000 pre-NMS per level, 1000 post-NMS per image).
   rpn_pre_nms_topk_train: int = 2000
   rpn_post_nms_topk_train: int = 1000
@@ -75,7 +82,8 @@ class MaskRCNN(nn.Module):
   box_pooler_resolution: int = 7  # 14 for C4 (res5 halves it)
   mask_pooler_resolution: int = 14
   keypoint_pooler_resolution: int = 14
-  sampling_ratio: int = 2
+  sampling_ratio: int = 2  # 0: adaptive (detectron2), up to max_sampling_ratio
+  max_sampling_ratio: int = 4
   aligned: bool = True
   # FPN level of a RoI: 4 + log2(sqrt(area) / canonical_box_size) (FPN paper,
   # eq. 1: 224, ImageNet's size, for ~800-pixel images). Scale it with the
@@ -113,6 +121,7 @@ class MaskRCNN(nn.Module):
   nms_threshold: float = 0.5
   detections_per_image: int = 100
   max_candidates: int = 4000
+  min_box_size: float = 0.0  # detections with a side under this are dropped (torchvision 1e-2)
   # Test-time augmentation (see ``detect``): mirrored views, views at these
   # image scales (1.0, the plain view, is always one), and whether they also
   # vote on the boxes or only feed the mask and keypoint heads.
@@ -121,45 +130,70 @@ class MaskRCNN(nn.Module):
   test_augment_boxes: bool = False
 
   # ------------------------------------------------------------------ stage 1
-  def _features(self, images: Array, train: bool):
-    """Returns (RPN feature maps, their strides, RoI feature maps, their strides)."""
-    c = self.backbone(images, train=train)
+  def _extent(self, image_size: Array) -> Optional[Array]:
+    """Each image's extent ``[B, 2]`` (masked padding, see padding.py), or None."""
+    if not self.size_divisibility:
+      return None
+    return padding.extent(image_size, self.size_divisibility)
+
+  def _features(self, images: Array, image_size: Optional[Array], train: bool):
+    """Returns ((RPN feature maps, their strides), RoI features).
+
+    RoI features are (maps, their strides, image extent or None), what
+    ``_pool`` reads. ``image_size`` None (``initialize``) masks nothing.
+    """
+    image_extent = None if image_size is None else self._extent(image_size)
+    c = self.backbone(images, train=train, image_extent=image_extent)
     if self.fpn is None:  # C4: RPN and RoIs both read C4 (stride 16)
-      return [c["c4"]], [16], [c["c4"]], [16]
-    p = self.fpn(c)
+      return ([c["c4"]], [16]), ([c["c4"]], [16], image_extent)
+    p = self.fpn(c, image_extent=image_extent)
     names = sorted(p, key=lambda n: int(n[1:]))
     rpn_maps = [p[n] for n in names]
     strides = [2 ** int(n[1:]) for n in names]
     # RoIs read P2..P5; P6 serves only the RPN (FPN paper, sec. 4.2).
-    return rpn_maps, strides, rpn_maps[:-1], strides[:-1]
+    return (rpn_maps, strides), (rpn_maps[:-1], strides[:-1], image_extent)
 
-  def _anchors(self, maps, strides):
+  def _anchors(self, maps, strides, image_extent: Array):
+    """Per level: anchors ``[B, A_l, 4]`` and valid ``[B, A_l]`` (see ops/anchors.py).
+
+    ``image_extent [B, 2]``: each image's padded size (the canvas's size
+    where padding is not masked).
+    """
     if len(self.anchor_sizes) != len(maps):
       raise ValueError(f"anchor_sizes: expected one tuple per RPN level ({len(maps)}), "
                        f"got {len(self.anchor_sizes)}")
-    out = []
+    anchors, valid = [], []
     for m, stride, sizes in zip(maps, strides, self.anchor_sizes):
-      cells = anchor_ops.cell_anchors(sizes, self.aspect_ratios)
-      out.append(anchor_ops.grid_anchors(m.shape[1:3], (stride, stride), cells))
-    return out
+      a, v = jax.vmap(lambda e: anchor_ops.image_anchors(
+          m.shape[1:3], stride, sizes, self.aspect_ratios, e, self.anchor_layout))(image_extent)
+      anchors.append(a)
+      valid.append(v)
+    return anchors, valid
 
   def _rpn(self, images, image_size, train: bool, training_counts: bool):
-    rpn_maps, rpn_strides, roi_maps, roi_strides = self._features(images, train)
+    (rpn_maps, rpn_strides), roi_features = self._features(images, image_size, train)
     objectness, deltas = self.rpn_head(rpn_maps)
-    anchors = self._anchors(rpn_maps, rpn_strides)
+    image_extent = roi_features[2]
+    if image_extent is None:  # every position of the canvas exists
+      image_extent = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32),
+                                      (images.shape[0], 2))
+    anchors, anchors_valid = self._anchors(rpn_maps, rpn_strides, image_extent)
     pre, post = ((self.rpn_pre_nms_topk_train, self.rpn_post_nms_topk_train) if training_counts
                  else (self.rpn_pre_nms_topk_test, self.rpn_post_nms_topk_test))
+    # Anchors the image does not have never propose (-inf never passes the top-k as valid).
     proposals, _, proposals_valid = rpn_lib.propose(
-        objectness, deltas, anchors, image_size, pre, post,
-        self.rpn_nms_threshold, self.rpn_min_size)
-    return (roi_maps, roi_strides), (objectness, deltas, anchors), (proposals, proposals_valid)
+        [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, anchors_valid)], deltas,
+        anchors, image_size, pre, post, self.rpn_nms_threshold, self.rpn_min_size)
+    return roi_features, (objectness, deltas, anchors, anchors_valid), (proposals,
+                                                                       proposals_valid)
 
   def _pool(self, roi_features, boxes: Array, resolution: int) -> Array:
     """RoIAlign of ``boxes [B, R, 4]`` -> ``[B, R, S, S, C]``."""
-    maps, strides = roi_features  # one map (C4) or the FPN levels
+    maps, strides, image_extent = roi_features  # one map (C4) or the FPN levels
     return roi_ops.multilevel_roi_align_batch(
         maps, boxes, strides, resolution, self.sampling_ratio, self.aligned,
-        canonical_box_size=self.canonical_box_size)
+        canonical_box_size=self.canonical_box_size, image_extent=image_extent,
+        max_sampling_ratio=self.max_sampling_ratio)
 
   def _box_head(self, roi_features, boxes, train):
     """Returns (logits, deltas, res5 features or None)."""
@@ -177,7 +211,7 @@ class MaskRCNN(nn.Module):
     ``model.init(key, images, method="initialize")`` gives the same variables
     as initialising through ``losses`` at a fraction of the compile time.
     """
-    rpn_maps, _, *roi_features = self._features(images, train=False)
+    (rpn_maps, _), roi_features = self._features(images, None, train=False)
     self.rpn_head(rpn_maps)
     one_box = jnp.zeros((images.shape[0], 1, 4), jnp.float32)
     _, _, res5 = self._box_head(roi_features, one_box, train=False)
@@ -209,17 +243,18 @@ class MaskRCNN(nn.Module):
     """
     b = images.shape[0]
     rpn_key, roi_key = jax.random.split(rng)
-    roi_features, (objectness, deltas, anchors), (proposals, proposals_valid) = self._rpn(
-        images, image_info["image_size"], train, training_counts=True)
+    roi_features, (objectness, deltas, anchors, anchors_valid), (proposals, proposals_valid) = (
+        self._rpn(images, image_info["image_size"], train, training_counts=True))
     gt_boxes, gt_valid = gt["gt_boxes"].astype(jnp.float32), gt["gt_valid"]
     gt_crowd = gt["gt_is_crowd"]
 
     # RPN losses over all levels' anchors at once.
-    all_anchors = jnp.asarray(np.concatenate(anchors))
-    rpn_t = jax.vmap(lambda gb, gv, gc, k: target_ops.rpn_targets(
-        all_anchors, gb, gv, gc, k, self.rpn_iou_thresholds, self.rpn_batch_size_per_image,
-        self.rpn_positive_fraction, self.crowd_ioa_threshold))(
-            gt_boxes, gt_valid, gt_crowd, jax.random.split(rpn_key, b))
+    all_anchors = jnp.concatenate(anchors, axis=1)  # (B, A, 4)
+    rpn_t = jax.vmap(lambda a, av, gb, gv, gc, k: target_ops.rpn_targets(
+        a, gb, gv, gc, k, self.rpn_iou_thresholds, self.rpn_batch_size_per_image,
+        self.rpn_positive_fraction, self.crowd_ioa_threshold, anchors_valid=av))(
+            all_anchors, jnp.concatenate(anchors_valid, axis=1), gt_boxes, gt_valid, gt_crowd,
+            jax.random.split(rpn_key, b))
     out = loss_lib.rpn_losses(jnp.concatenate(objectness, axis=1),
                               jnp.concatenate(deltas, axis=1), all_anchors, rpn_t,
                               self.rpn_batch_size_per_image, self.rpn_loss_type,
@@ -326,14 +361,14 @@ class MaskRCNN(nn.Module):
           deltas = deltas * jnp.asarray([-1.0, 1.0, 1.0, 1.0], deltas.dtype)
         candidates.append((logits, deltas, view.from_view(proposals), proposals_valid))
       else:
-        _, _, *roi_features = self._features(view_images, train=False)
+        _, roi_features = self._features(view_images, view_size, train=False)
       views.append((roi_features, view))
     logits, deltas, proposals, proposals_valid = (
         jnp.concatenate(parts, axis=1) for parts in zip(*candidates))
     size = image_size.astype(jnp.float32)
     dets = jax.vmap(lambda lg, dl, p, pv, s: postprocess.detect(
         lg, dl, p, pv, (s[0], s[1]), self.score_threshold, self.nms_threshold,
-        self.detections_per_image, self.max_candidates))(logits, deltas, proposals,
+        self.detections_per_image, self.max_candidates, self.min_box_size))(logits, deltas, proposals,
                                                          proposals_valid, size)
     out = {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
     masks, heatmaps = self._views_heads(views, dets["boxes"], dets["classes"])

@@ -8,6 +8,10 @@
 - ``"bn"``: BatchNorm. Under ``jax.jit`` over a sharded batch its statistics
   are those of the whole global batch (synchronised BN) with no extra code.
 - ``"none"``: identity (convs then carry a bias).
+
+Every norm takes an optional ``mask=`` (``x``'s shape, True where valid):
+GroupNorm and BatchNorm then take their statistics over the valid positions
+only (see padding.py); the others ignore it.
 """
 
 import math
@@ -26,7 +30,8 @@ class FrozenBatchNorm(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    del mask  # fixed statistics: nothing to mask
     c = x.shape[-1]
     stat = lambda name, init: self.variable("batch_stats", name, init, (c,), jnp.float32).value
     scale = stat("scale", jnp.ones)
@@ -57,5 +62,5 @@ def make_norm(kind: str, channels: int, train: bool, dtype, name: str,
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         dtype=dtype, scale_init=scale_init, name=name)
   if kind == "none":
-    return lambda x: x
+    return lambda x, mask=None: x
   raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")

@@ -6,18 +6,24 @@ moves it to the first 1x1 conv as in the original MSRA weights detectron2
 ships. Parameter names mirror torchvision's (``layer1/0/conv1`` for
 ``layer1.0.conv1``), with norms named ``norm1..3`` whatever their kind.
 
+Given an image extent (see padding.py), the stem's input, the max pool's
+input and output and every block's output are zeroed outside it, and norms
+take their statistics inside it, so an image's features do not depend on
+its canvas.
+
 Stages are frozen the detectron2 way (``freeze_at``: 0 nothing, 1 the stem,
 2 the stem and res2, ...): their outputs pass through ``stop_gradient``, and
 ``frozen_prefixes`` names their parameters so the optimiser can leave them
 untouched (weight decay included).
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling.conv import Conv, msra_init
 from mrcnn_jax.modeling.norm import make_norm
 
@@ -65,26 +71,42 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, image_extent=None, in_stride: int = 1):
+    """``x`` at ``in_stride`` (zero outside ``image_extent`` if given) -> the block's output.
+
+    The output is zeroed outside the extent too, so the next block's 3x3
+    convs read zeros there.
+    """
     bias = self.norm == "none"
-    norm = lambda c, name, zero=False: make_norm(self.norm, c, self.train, self.dtype, name,
-                                                 zero_init=zero and self.zero_init_residual)
+    mask_in = padding.valid_mask(x, image_extent, in_stride)
+    mask_out = padding.valid_mask(x[:, ::self.stride, ::self.stride], image_extent,
+                                  in_stride * self.stride)
+
+    def norm(c, name, y, mask, zero=False):
+      layer = make_norm(self.norm, c, self.train, self.dtype, name,
+                        zero_init=zero and self.zero_init_residual)
+      return layer(y, mask=padding.norm_mask(y, mask))
+
     if self.kind == "bottleneck":
       out_c = self.width * 4
       s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-      y = nn.relu(norm(self.width, "norm1")(
-          conv(self.width, 1, s1, bias, self.dtype, "conv1")(x)))
-      y = nn.relu(norm(self.width, "norm2")(
-          conv(self.width, 3, s3, bias, self.dtype, "conv2")(y)))
-      y = norm(out_c, "norm3", True)(conv(out_c, 1, 1, bias, self.dtype, "conv3")(y))
+      mask_mid = mask_out if self.stride_in_1x1 else mask_in
+      y = nn.relu(norm(self.width, "norm1",
+                       conv(self.width, 1, s1, bias, self.dtype, "conv1")(x), mask_mid))
+      y = padding.zero_outside(y, mask_mid)  # conv2 is 3x3
+      y = nn.relu(norm(self.width, "norm2",
+                       conv(self.width, 3, s3, bias, self.dtype, "conv2")(y), mask_out))
+      y = norm(out_c, "norm3", conv(out_c, 1, 1, bias, self.dtype, "conv3")(y), mask_out, True)
     else:
       out_c = self.width
-      y = nn.relu(norm(out_c, "norm1")(conv(out_c, 3, self.stride, bias, self.dtype, "conv1")(x)))
-      y = norm(out_c, "norm2", True)(conv(out_c, 3, 1, bias, self.dtype, "conv2")(y))
+      y = nn.relu(norm(out_c, "norm1", conv(out_c, 3, self.stride, bias, self.dtype,
+                                            "conv1")(x), mask_out))
+      y = padding.zero_outside(y, mask_out)
+      y = norm(out_c, "norm2", conv(out_c, 3, 1, bias, self.dtype, "conv2")(y), mask_out, True)
     if self.stride != 1 or x.shape[-1] != out_c:
-      x = norm(out_c, "downsample_norm")(
-          conv(out_c, 1, self.stride, bias, self.dtype, "downsample_conv")(x))
-    return nn.relu(y + x)
+      x = norm(out_c, "downsample_norm",
+               conv(out_c, 1, self.stride, bias, self.dtype, "downsample_conv")(x), mask_out)
+    return padding.zero_outside(nn.relu(y + x), mask_out)
 
 
 class Stage(nn.Module):
@@ -100,11 +122,13 @@ class Stage(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, image_extent=None, in_stride: int = 1):
     for i in range(self.num_blocks):
-      x = Block(self.kind, self.width, self.stride if i == 0 else 1, self.norm,
+      stride = self.stride if i == 0 else 1
+      x = Block(self.kind, self.width, stride, self.norm,
                 self.stride_in_1x1, self.zero_init_residual, self.train, self.dtype,
-                name=str(i))(x)
+                name=str(i))(x, image_extent, in_stride)
+      in_stride *= stride
     return x
 
 
@@ -120,19 +144,30 @@ class ResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray, train: bool = False) -> Dict[str, jnp.ndarray]:
+  def __call__(self, images: jnp.ndarray, train: bool = False,
+               image_extent: Optional[jnp.ndarray] = None) -> Dict[str, jnp.ndarray]:
+    """``image_extent [B, 2]``: masked padding outside it (padding.py); None: none."""
     kind, blocks = arch(self.depth)
     x = images.astype(self.dtype)
+    x = padding.zero_outside(x, padding.valid_mask(x, image_extent, 1))
     x = conv(self.width, 7, 2, self.norm == "none", self.dtype, "conv1")(x)
-    x = nn.relu(make_norm(self.norm, self.width, train, self.dtype, "norm1")(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    mask = padding.valid_mask(x, image_extent, 2)
+    x = nn.relu(make_norm(self.norm, self.width, train, self.dtype, "norm1")(
+        x, mask=padding.norm_mask(x, mask)))
+    # Zeros, not -inf, outside: after the ReLU they never win the max (as
+    # the references' -inf padding never does).
+    x = nn.max_pool(padding.zero_outside(x, mask), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    # The pool's windows at the extent's edge reach inside it: zero what lies past it.
+    x = padding.zero_outside(x, padding.valid_mask(x, image_extent, 4))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     outputs = {}
+    stride = 4
     for i in range(self.num_stages):
       x = Stage(kind, blocks[i], self.width * 2 ** i, 1 if i == 0 else 2, self.norm,
                 self.stride_in_1x1, self.zero_init_residual, train, self.dtype,
-                name=f"layer{i + 1}")(x)
+                name=f"layer{i + 1}")(x, image_extent, stride)
+      stride *= 1 if i == 0 else 2
       if self.freeze_at >= i + 2:
         x = jax.lax.stop_gradient(x)
       outputs[f"c{i + 2}"] = x

@@ -49,7 +49,7 @@ def propose(objectness: Sequence[jnp.ndarray], deltas: Sequence[jnp.ndarray],
 
   Args:
     objectness, deltas: per level ``[B, A_l]`` and ``[B, A_l, 4]``.
-    anchors: per level ``[A_l, 4]`` (shared by the batch).
+    anchors: per level ``[B, A_l, 4]`` (each image's own, ops/anchors.py).
     image_size: ``[B, 2]`` (height, width) of each image in the canvas.
 
   Returns:
@@ -58,9 +58,9 @@ def propose(objectness: Sequence[jnp.ndarray], deltas: Sequence[jnp.ndarray],
   objectness = [jax.lax.stop_gradient(o) for o in objectness]
   deltas = [jax.lax.stop_gradient(d) for d in deltas]
 
-  def one(obj, dlt, size):
-    return proposal_ops.generate_proposals(obj, dlt, anchors, (size[0], size[1]),
+  def one(obj, dlt, anc, size):
+    return proposal_ops.generate_proposals(obj, dlt, anc, (size[0], size[1]),
                                            pre_nms_topk, post_nms_topk, nms_threshold,
                                            min_size)
 
-  return jax.vmap(one)(objectness, deltas, image_size.astype(jnp.float32))
+  return jax.vmap(one)(objectness, deltas, list(anchors), image_size.astype(jnp.float32))

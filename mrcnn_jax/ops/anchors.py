@@ -1,7 +1,17 @@
-"""Anchor boxes for a fixed canvas, laid out as torchvision's AnchorGenerator.
+"""Anchor boxes, laid out as torchvision's AnchorGenerator or detectron2's.
 
-The canvas is static, so anchors are NumPy constants computed once at trace
-time. Layout (it must match for imported RPN weights to line up): for each
+``multilevel_anchors`` gives a whole canvas's anchors as NumPy constants;
+``image_anchors`` gives one image's anchors inside a larger static canvas as
+each source lays them for that image alone (its size padded to a multiple of
+32, see modeling/padding.py), with which of the canvas's anchors exist for it:
+- ``"torchvision"``: corners rounded to integers, and the stride of each
+  level is (padded image size) // (its feature grid), e.g. 800 // 13 = 61 on
+  P6 of an 800-pixel image, not 64;
+- ``"detectron2"``: corners not rounded, the nominal stride 2**level.
+Positions past the image's own feature grid exist in neither source, so
+they are marked invalid.
+
+Layout (it must match for imported RPN weights to line up): for each
 level, positions in row-major order (y outer, x inner), and at each position
 the ``len(aspect_ratios) * len(sizes)`` cell anchors with the aspect ratio as
 the outer loop. Cell anchors are centred on the position's top-left pixel
@@ -13,6 +23,7 @@ not round; the difference is under half a pixel).
 import math
 from typing import Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.ops.checks import check_shape
@@ -79,6 +90,44 @@ def multilevel_anchors(canvas_size: Tuple[int, int],
     cells = cell_anchors(level_sizes, aspect_ratios, round_corners)
     out.append(grid_anchors(grid, level_stride, cells))
   return out
+
+
+LAYOUTS = ("detectron2", "torchvision")
+
+
+def image_anchors(grid_size: Tuple[int, int], stride: int, sizes: Sequence[float],
+                  aspect_ratios: Sequence[float], image_extent: jnp.ndarray,
+                  layout: str = "detectron2") -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """One level's anchors for one image over a ``(Hf, Wf)`` canvas grid.
+
+  Args:
+    grid_size: the level's feature grid over the whole canvas.
+    stride: the level's nominal stride.
+    sizes, aspect_ratios: as for ``cell_anchors``.
+    image_extent: ``(2,)`` int, the image's (height, width) padded to a
+      multiple of 32 (may be traced); the whole canvas for the canvas's anchors.
+    layout: ``"detectron2"`` or ``"torchvision"`` (see the module docstring).
+
+  Returns:
+    anchors ``[Hf * Wf * A, 4]`` float32 and valid ``[Hf * Wf * A]`` bool
+    (the anchor exists for this image), in ``grid_anchors``' order.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"anchor layout: expected one of {LAYOUTS}, got {layout!r}")
+  cells = jnp.asarray(cell_anchors(sizes, aspect_ratios, layout == "torchvision"))
+  hf, wf = grid_size
+  image_grid = -(-jnp.asarray(image_extent, jnp.int32) // stride)  # (2,) its own feature grid
+  if layout == "torchvision":
+    step = (image_extent // jnp.maximum(image_grid, 1)).astype(jnp.float32)  # (sy, sx)
+  else:
+    step = jnp.full((2,), stride, jnp.float32)
+  rows, cols = jnp.arange(hf), jnp.arange(wf)
+  ys, xs = jnp.meshgrid(rows * step[0], cols * step[1], indexing="ij")
+  shifts = jnp.stack([xs, ys, xs, ys], axis=-1).reshape(-1, 1, 4)
+  anchors = (shifts + cells[None]).reshape(-1, 4)
+  inside = (rows[:, None] < image_grid[0]) & (cols[None, :] < image_grid[1])  # (Hf, Wf)
+  valid = jnp.repeat(inside.reshape(-1), cells.shape[0])
+  return anchors, valid
 
 
 def num_anchors_per_location(sizes: Sequence[float],

@@ -36,7 +36,8 @@ def detect(class_logits: jnp.ndarray, box_deltas: jnp.ndarray, proposals: jnp.nd
     nms_threshold: IoU threshold of the class-aware NMS.
     detections_per_image: D.
     max_candidates: (RoI, class) pairs that enter the NMS, best first.
-    min_size: boxes with a side not above this are dropped.
+    min_size: boxes with a side under this are dropped (torchvision's
+      remove_small_boxes, 1e-2 there; detectron2 drops none: 0).
     weights: box-head delta weights.
 
   Returns:
@@ -64,7 +65,7 @@ def detect(class_logits: jnp.ndarray, box_deltas: jnp.ndarray, proposals: jnp.nd
   threshold = jnp.broadcast_to(jnp.asarray(score_threshold, jnp.float32), (num_classes,))
   wh = boxes[..., 2:] - boxes[..., :2]
   ok = ((scores > threshold[None, :]) & proposals_valid[:, None]
-        & jnp.all(wh > min_size, axis=-1) & jnp.all(jnp.isfinite(boxes), axis=-1))
+        & jnp.all(wh >= min_size, axis=-1) & jnp.all(jnp.isfinite(boxes), axis=-1))
 
   flat_scores = jnp.where(ok, scores, -1.0).reshape(-1)
   top_scores, top = jax.lax.top_k(flat_scores, min(max_candidates, flat_scores.shape[0]))

@@ -8,9 +8,19 @@ that pixel centres sit at ``i + 0.5`` (detectron2's default and ours);
 ``aligned=False`` reproduces the original Mask R-CNN implementation, which
 also stretches RoIs smaller than one pixel to one.
 
-Only a fixed ``sampling_ratio`` is supported: the adaptive choice
-(``sampling_ratio=0``, ``ceil(roi_size / S)`` samples) gives a data-dependent
-shape.
+``sampling_ratio=0`` is the adaptive choice (detectron2's poolers):
+``ceil(roi_size / S)`` samples per bin along each axis, per RoI. Its shape
+would depend on the data, so a fixed grid of ``max_sampling_ratio`` samples
+per bin and axis is laid and the samples past each RoI's own count get
+weight 0: exact whenever the adaptive count is within the maximum; above it
+(RoIs more than ``max_sampling_ratio * S`` cells long on their level) the
+bin averages ``max_sampling_ratio`` evenly spaced samples instead. The cost
+is that of a fixed ratio of ``max_sampling_ratio``.
+
+``extent`` (per-RoI valid height and width of its map, default the map's
+size) is where the map ends for the border rules: an image in a larger
+static canvas reads its features as the references read their own, smaller
+map (see modeling/padding.py).
 
 Implementation: every map the RoIs may read is flattened into one table
 ``[sum(H_i * W_i), C]``; each RoI carries the offset, size and scale of its map,
@@ -51,7 +61,7 @@ CPU_CHUNK_BYTES = 1_600_000
 
 def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: Size,
               spatial_scale: float = 1.0, sampling_ratio: int = 2,
-              aligned: bool = True) -> jnp.ndarray:
+              aligned: bool = True, max_sampling_ratio: int = 4) -> jnp.ndarray:
   """Pools ``boxes [R, 4]`` (image coordinates) from ``features [H, W, C]``.
 
   Args:
@@ -60,7 +70,8 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: Size,
       the map (1/stride).
     output_size: S or (Sh, Sw).
     spatial_scale: map pixels per image pixel.
-    sampling_ratio: g, samples per bin along each axis (fixed, > 0).
+    sampling_ratio: g, samples per bin along each axis; 0 = adaptive, with
+      at most ``max_sampling_ratio`` (see module docstring).
     aligned: half-pixel offset (see module docstring).
 
   Returns:
@@ -76,7 +87,8 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: Size,
       map_height=jnp.full((r,), h, jnp.int32),
       map_width=jnp.full((r,), w, jnp.int32),
       spatial_scale=jnp.full((r,), spatial_scale, jnp.float32),
-      output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
+      output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+      max_sampling_ratio=max_sampling_ratio)
 
 
 def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int,
@@ -99,14 +111,15 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
                          strides: Sequence[int], output_size: Size,
                          sampling_ratio: int = 2, aligned: bool = True,
                          canonical_level: int = CANONICAL_LEVEL,
-                         canonical_box_size: float = CANONICAL_BOX_SIZE) -> jnp.ndarray:
+                         canonical_box_size: float = CANONICAL_BOX_SIZE,
+                         max_sampling_ratio: int = 4) -> jnp.ndarray:
   """Pools each RoI from its own FPN level, all levels in one gather.
 
   Args:
     features: one ``[Hl, Wl, C]`` map per level, finest first.
     boxes: ``[R, 4]`` xyxy in image pixels.
     strides: each level's stride, powers of two (level = log2(stride)).
-    output_size, sampling_ratio, aligned: as for ``roi_align``.
+    output_size, sampling_ratio, aligned, max_sampling_ratio: as for ``roi_align``.
     canonical_level, canonical_box_size: see ``assign_levels``.
 
   Returns:
@@ -117,14 +130,17 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
     check_shape(f"features[{i}]", f, (None, None, None))
   return multilevel_roi_align_batch(
       [f[None] for f in features], boxes[None], strides, output_size, sampling_ratio,
-      aligned, canonical_level, canonical_box_size)[0]
+      aligned, canonical_level, canonical_box_size,
+      max_sampling_ratio=max_sampling_ratio)[0]
 
 
 def multilevel_roi_align_batch(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
                                strides: Sequence[int], output_size: Size,
                                sampling_ratio: int = 2, aligned: bool = True,
                                canonical_level: int = CANONICAL_LEVEL,
-                               canonical_box_size: float = CANONICAL_BOX_SIZE) -> jnp.ndarray:
+                               canonical_box_size: float = CANONICAL_BOX_SIZE,
+                               image_extent: Optional[jnp.ndarray] = None,
+                               max_sampling_ratio: int = 4) -> jnp.ndarray:
   """``multilevel_roi_align`` for a batch: every image's levels in one table.
 
   Args:
@@ -132,7 +148,10 @@ def multilevel_roi_align_batch(features: Sequence[jnp.ndarray], boxes: jnp.ndarr
       level serves a single-map design such as C4).
     boxes: ``[B, R, 4]`` xyxy in image pixels; image b's RoIs read image b.
     strides, output_size, sampling_ratio, aligned, canonical_level,
-    canonical_box_size: as for ``multilevel_roi_align``.
+    canonical_box_size, max_sampling_ratio: as for ``multilevel_roi_align``.
+    image_extent: ``[B, 2]`` int (height, width) in image pixels where each
+      image's maps end (modeling/padding.py), ``ceil(extent / stride)`` cells
+      on a level; None: the whole map.
 
   Returns:
     ``[B, R, Sh, Sw, C]``.
@@ -164,13 +183,21 @@ def multilevel_roi_align_batch(features: Sequence[jnp.ndarray], boxes: jnp.ndarr
   i = i - levels[0]
   as_array = lambda v, dtype: jnp.asarray(v, dtype)[i]
   image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
+  map_height, map_width = as_array(heights, jnp.int32), as_array(widths, jnp.int32)
+  extent_height = extent_width = None
+  if image_extent is not None:
+    check_shape("image_extent", image_extent, ("B", 2), dims)
+    cells = -(-image_extent.astype(jnp.int32)[image] // as_array(strides, jnp.int32)[:, None])
+    extent_height = jnp.minimum(cells[:, 0], map_height)
+    extent_width = jnp.minimum(cells[:, 1], map_width)
   out = roi_align_packed(
       table, boxes,
       map_offset=image * per_image + as_array(offsets[:-1], jnp.int32),
-      map_height=as_array(heights, jnp.int32),
-      map_width=as_array(widths, jnp.int32),
+      map_height=map_height, map_width=map_width,
       spatial_scale=as_array([1.0 / s for s in strides], jnp.float32),
-      output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
+      output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+      extent_height=extent_height, extent_width=extent_width,
+      max_sampling_ratio=max_sampling_ratio)
   return out.reshape(b, r, *out.shape[1:])
 
 
@@ -178,7 +205,10 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
                      map_height: jnp.ndarray, map_width: jnp.ndarray,
                      spatial_scale: jnp.ndarray, output_size: Size,
                      sampling_ratio: int = 2, aligned: bool = True,
-                     rois_per_chunk: Optional[int] = None) -> jnp.ndarray:
+                     rois_per_chunk: Optional[int] = None,
+                     extent_height: Optional[jnp.ndarray] = None,
+                     extent_width: Optional[jnp.ndarray] = None,
+                     max_sampling_ratio: int = 4) -> jnp.ndarray:
   """RoIAlign over several maps packed in one table; each RoI names its map.
 
   Args:
@@ -197,21 +227,25 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
   """
   dims = check_shape("table", table, ("T", "C"))
   check_shape("boxes", boxes, ("R", 4), dims)
+  extent_height = map_height if extent_height is None else extent_height
+  extent_width = map_width if extent_width is None else extent_width
   for name, v in (("map_offset", map_offset), ("map_height", map_height),
-                  ("map_width", map_width), ("spatial_scale", spatial_scale)):
+                  ("map_width", map_width), ("spatial_scale", spatial_scale),
+                  ("extent_height", extent_height), ("extent_width", extent_width)):
     check_shape(name, v, ("R",), dims)
-  if sampling_ratio <= 0:
-    raise ValueError(f"sampling_ratio: expected a fixed count > 0 (static shapes), "
-                     f"got {sampling_ratio}")
+  if sampling_ratio < 0 or (sampling_ratio == 0 and max_sampling_ratio < 1):
+    raise ValueError(f"sampling_ratio: expected a fixed count > 0, or 0 (adaptive) with "
+                     f"max_sampling_ratio >= 1; got {sampling_ratio} and {max_sampling_ratio}")
   sh, sw = (output_size, output_size) if isinstance(output_size, int) else output_size
-  g = sampling_ratio
+  adaptive = sampling_ratio == 0
+  g = max_sampling_ratio if adaptive else sampling_ratio
   r, c = boxes.shape[0], table.shape[1]
   if rois_per_chunk is None:
     sample_bytes = sh * g * sw * g * c * 4
     rois_per_chunk = (max(1, CPU_CHUNK_BYTES // sample_bytes)
                       if jax.default_backend() == "cpu" else 0)
-  per_roi = (boxes, map_offset, map_height, map_width, spatial_scale)
-  pool = lambda args: _pool(table, *args, sh, sw, g, aligned)
+  per_roi = (boxes, map_offset, map_width, spatial_scale, extent_height, extent_width)
+  pool = lambda args: _pool(table, *args, sh, sw, g, aligned, adaptive)
   if rois_per_chunk <= 0 or r <= rois_per_chunk:
     return pool(per_roi)
   chunks = -(-r // rois_per_chunk)
@@ -222,7 +256,8 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
   return out.reshape(chunks * rois_per_chunk, sh, sw, c)[:r]
 
 
-def _pool(table, boxes, map_offset, map_height, map_width, spatial_scale, sh, sw, g, aligned):
+def _pool(table, boxes, map_offset, map_width, spatial_scale, extent_height, extent_width,
+          sh, sw, g, aligned, adaptive):
   """``roi_align_packed``'s arithmetic for one chunk of RoIs."""
   r, c = boxes.shape[0], table.shape[1]
   offset = 0.5 if aligned else 0.0
@@ -232,8 +267,8 @@ def _pool(table, boxes, map_offset, map_height, map_width, spatial_scale, sh, sw
   if not aligned:
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
 
-  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(scaled[:, 1], roi_h, sh, g, map_height)
-  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(scaled[:, 0], roi_w, sw, g, map_width)
+  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(scaled[:, 1], roi_h, sh, g, extent_height, adaptive)
+  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(scaled[:, 0], roi_w, sw, g, extent_width, adaptive)
 
   base = map_offset[:, None, None]
   stride = map_width[:, None, None]
@@ -243,24 +278,38 @@ def _pool(table, boxes, map_offset, map_height, map_width, spatial_scale, sh, sw
       idx = base + yi[:, :, None] * stride + xi[:, None, :]  # (R, Sh*g, Sw*g)
       weight = wy[:, :, None] * wx[:, None, :]
       out = out + table[idx].astype(jnp.float32) * weight[..., None]
-  out = out.reshape(r, sh, g, sw, g, c).mean(axis=(2, 4))  # (R, Sh, Sw, C)
+  out = out.reshape(r, sh, g, sw, g, c)
+  # Adaptive: the weights already hold each sample's share (1 / count per axis).
+  out = out.sum(axis=(2, 4)) if adaptive else out.mean(axis=(2, 4))  # (R, Sh, Sw, C)
   return out.astype(table.dtype)
 
 
-def _sample_axis(start, length, bins, g, size):
+def _sample_axis(start, length, bins, g, size, adaptive=False):
   """Bilinear corners and weights of the ``bins * g`` samples along one axis.
 
   Args:
     start: ``[R]`` first edge of each RoI in map pixels; length: ``[R]``.
-    bins: S; g: samples per bin; size: ``[R]`` int map extent on this axis.
+    bins: S; g: samples per bin (with ``adaptive``, the most a RoI may use);
+    size: ``[R]`` int map extent on this axis.
+    adaptive: each RoI uses ``ceil(length / bins)`` (at most g) of the g
+      samples per bin, and the weights include the 1 / count of the bin's mean.
 
   Returns:
     low, high ``[R, S*g]`` int32 corner coordinates and their weights
-    ``[R, S*g]``; a sample out of range has both weights 0.
+    ``[R, S*g]``; a sample out of range or unused has both weights 0.
   """
   k = jnp.arange(bins * g)
-  frac = (k // g).astype(jnp.float32) + ((k % g).astype(jnp.float32) + 0.5) / g
-  pos = start[:, None] + (length / bins)[:, None] * frac[None, :]  # (R, S*g)
+  bin_index, sub = (k // g).astype(jnp.float32), (k % g).astype(jnp.float32)
+  if adaptive:
+    # torchvision's roi_bin_grid = ceil(roi_size / pooled_size); 0 reads nothing.
+    count = jnp.ceil(jnp.where(jnp.isfinite(length), length, 0.0) / bins)
+    count = jnp.clip(count, 0.0, g)[:, None]  # (R, 1)
+    frac = bin_index[None, :] + (sub[None, :] + 0.5) / jnp.maximum(count, 1.0)
+    share = jnp.where(sub[None, :] < count, 1.0 / jnp.maximum(count, 1.0), 0.0)  # (R, S*g)
+  else:
+    frac = (bin_index + (sub + 0.5) / g)[None, :]
+    share = 1.0
+  pos = start[:, None] + (length / bins)[:, None] * frac  # (R, S*g)
   size = size[:, None]
   inside = (pos >= -1.0) & (pos <= size.astype(jnp.float32))
   pos = jnp.maximum(pos, 0.0)
@@ -271,4 +320,5 @@ def _sample_axis(start, length, bins, g, size):
   frac_hi = jnp.where(at_edge, 0.0, pos - low.astype(jnp.float32))
   # A NaN position fails `inside` and reads nothing; clip keeps gathers in range.
   low, high = jnp.clip(low, 0, size - 1), jnp.clip(high, 0, size - 1)
-  return low, high, jnp.where(inside, 1.0 - frac_hi, 0.0), jnp.where(inside, frac_hi, 0.0)
+  return (low, high, jnp.where(inside, 1.0 - frac_hi, 0.0) * share,
+          jnp.where(inside, frac_hi, 0.0) * share)

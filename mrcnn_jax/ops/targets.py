@@ -7,7 +7,7 @@ anchors and proposals lying inside them are ignored rather than called
 background.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,8 @@ def rpn_targets(anchors: jnp.ndarray, gt_boxes: jnp.ndarray, gt_valid: jnp.ndarr
                 iou_thresholds: Sequence[float] = (0.3, 0.7),
                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                 crowd_ioa_threshold: float = 0.7,
-                weights: Sequence[float] = box_ops.RPN_WEIGHTS) -> Dict[str, jnp.ndarray]:
+                weights: Sequence[float] = box_ops.RPN_WEIGHTS,
+                anchors_valid: Optional[jnp.ndarray] = None) -> Dict[str, jnp.ndarray]:
   """Objectness and box targets for every anchor (Faster R-CNN, sec. 3.1.2).
 
   Anchors with IoU >= 0.7 with an object, and each object's best anchors, are
@@ -47,6 +48,8 @@ def rpn_targets(anchors: jnp.ndarray, gt_boxes: jnp.ndarray, gt_valid: jnp.ndarr
     anchors: ``[A, 4]``.
     gt_boxes: ``[G, 4]``; gt_valid, gt_is_crowd: ``[G]`` bool.
     key: PRNG key for the sampling.
+    anchors_valid: ``[A]`` bool, the anchors the image has (ops/anchors.py
+      image_anchors); the others are never matched nor sampled. None: all.
 
   Returns:
     dict with ``objectness [A]`` float (1 positive, 0 otherwise),
@@ -58,11 +61,16 @@ def rpn_targets(anchors: jnp.ndarray, gt_boxes: jnp.ndarray, gt_valid: jnp.ndarr
   check_shape("anchors", anchors, ("A", 4))
   _, objects, crowd = _check_gt(gt_boxes, gt_valid, gt_is_crowd)
   iou = box_ops.pairwise_iou(anchors, gt_boxes)  # (A, G)
+  if anchors_valid is not None:
+    check_shape("anchors_valid", anchors_valid, ("A",), {"A": anchors.shape[0]})
+    iou = jnp.where(anchors_valid[:, None], iou, -1.0)  # never an object's best anchor
   matched, labels = matching.match(
       iou, objects, iou_thresholds,
       (matching.NEGATIVE, matching.IGNORE, matching.POSITIVE),
       allow_low_quality_matches=True)
   labels = matching.ignore_crowd(labels, anchors, gt_boxes, crowd, crowd_ioa_threshold)
+  if anchors_valid is not None:
+    labels = jnp.where(anchors_valid, labels, matching.IGNORE)
   index, valid, is_pos = sampling.sample_balanced(labels, batch_size_per_image,
                                                   positive_fraction, key)
   num = anchors.shape[0]

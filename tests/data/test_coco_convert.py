@@ -153,6 +153,22 @@ def test_bad_input_is_reported_skipped_and_counted(bad_dataset, capsys):
   assert 100 < deep.mean() < 155
 
 
+def test_orphan_annotations_are_named(bad_dataset):
+  """Annotations of image ids not in 'images' are skipped, counted, and each named."""
+  images, ann_path, out = bad_dataset
+  data = json.loads(ann_path.read_text())
+  orphan = dict(data["annotations"][0], id=9001, image_id=12345)
+  data["annotations"] += [orphan, dict(orphan, id=9002)]
+  ann_path.write_text(json.dumps(data))
+  assert coco.main(["--images", str(images), "--annotations", str(ann_path),
+                    "--output", str(out), "--shards", "1", "--workers", "1"]) == 0
+  assert json.loads((out / "meta.json").read_text())["summary"]["problems"][
+      "orphan annotations"] == 2
+  log = (out / "problems.txt").read_text()
+  for ann_id in (9001, 9002):
+    assert f"annotation id {ann_id}: image_id 12345 is not in images; skipped" in log
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "malformed JSON at line 1"),
     ("[]", "expected a JSON object"),

@@ -400,6 +400,31 @@ def test_draw_changes_pixels_where_results_are(shapes_val):
   np.testing.assert_array_equal(draw_lib.draw(image, [], names), image)
 
 
+def test_draw_enlarges_small_images(shapes_val):
+  """min_side: a 128-px image is drawn 4x (nearest neighbour) with its results scaled."""
+  gt, meta = shapes_val
+  image_id = sorted(gt.getImgIds())[0]
+  (dets, info), = _gt_as_detections(gt, meta, [image_id], 128, 10, np.random.default_rng(5))
+  results = ev.image_results(dets, info["scale"], info["original_size"], image_id,
+                             meta["coco_ids"], meta["keypoint_category_ids"])
+  h, w = info["original_size"]
+  image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+  names = dict(zip(meta["coco_ids"], meta["names"]))
+  zoom = -(-512 // max(h, w))
+  big = draw_lib.draw(image, results, names, min_side=512)
+  assert big.shape == (h * zoom, w * zoom, 3) and max(big.shape[:2]) >= 512
+  np.testing.assert_array_equal(draw_lib.draw(image, [], names, min_side=512),
+                                image.repeat(zoom, 0).repeat(zoom, 1))
+  native = draw_lib.draw(image, results, names)
+  changed = np.any(big != image.repeat(zoom, 0).repeat(zoom, 1), axis=2)
+  for r in results:  # each box's outline lies on the enlarged box
+    x, y, bw, bh = (int(round(zoom * v)) for v in r["bbox"])
+    assert changed[y:y + bh + 1, x].any() and changed[y, x:x + bw + 1].any()
+  assert native.shape == image.shape
+  with pytest.raises(ValueError):
+    draw_lib.draw(image[..., :2], [], names, min_side=512)
+
+
 def test_benchmark_smoke():
   from tests.evaluation import benchmark_coco_eval
   added, evaluated, metrics = benchmark_coco_eval.run(num_images=4, size=64, dets=20)

@@ -91,12 +91,12 @@ def test_mirrored_view_heads_equal_the_heads_on_the_mirrored_image(setup):
   classes = jnp.asarray([[2, 0], [1, 2]], jnp.int32)
 
   def flip_view(module, images, size):
-    view_images, _, view = mrcnn._view_images(images, size, 1.0, True)
-    _, _, *features = module._features(view_images, train=False)
+    view_images, view_size, view = mrcnn._view_images(images, size, 1.0, True)
+    _, features = module._features(view_images, view_size, train=False)
     return module._views_heads([(features, view)], boxes, classes)
 
   def plain(module, images, boxes):
-    _, _, *features = module._features(images, train=False)
+    _, features = module._features(images, info["image_size"], train=False)
     return module._detection_heads(features, boxes, classes)
 
   masks, heatmaps = jax.jit(lambda p: model.apply({"params": p}, images, info["image_size"],

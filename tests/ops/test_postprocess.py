@@ -56,7 +56,7 @@ def _np_detect(class_logits, box_deltas, proposals, proposals_valid, image_size,
       box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
       box[0::2] = np.clip(box[0::2], 0, width)
       box[1::2] = np.clip(box[1::2], 0, height)
-      if probs[r, c] > threshold[c] and min(box[2:] - box[:2]) > min_size:
+      if probs[r, c] > threshold[c] and min(box[2:] - box[:2]) >= min_size:
         candidates.append((probs[r, c], c, r, box))
   candidates.sort(key=lambda t: -t[0])
   kept = []

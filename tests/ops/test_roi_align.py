@@ -50,12 +50,15 @@ def _roi_align_reference(features, boxes, output_size, spatial_scale, sampling_r
     if not aligned:  # malformed RoIs are forced to 1x1
       roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
     bin_h, bin_w = roi_h / sh, roi_w / sw
+    # sampling_ratio 0: torchvision's adaptive grid, ceil(roi_size / pooled_size).
+    gy = g if g > 0 else int(np.ceil(roi_h / sh))
+    gx = g if g > 0 else int(np.ceil(roi_w / sw))
     for ph, pw in itertools.product(range(sh), range(sw)):
-      for iy, ix in itertools.product(range(g), range(g)):
-        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / g
-        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / g
+      for iy, ix in itertools.product(range(gy), range(gx)):
+        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gy
+        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gx
         out[r, ph, pw] += _bilinear_reference(features, y, x)
-      out[r, ph, pw] /= g * g
+      out[r, ph, pw] /= max(gy * gx, 1)
   return out
 
 
@@ -326,15 +329,79 @@ def test_bfloat16_features(rng):
   np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_sampling_ratio_must_be_positive(rng):
-  """The adaptive sampling_ratio=0 has a data-dependent shape and is refused."""
+def test_adaptive_sampling_hand_case():
+  """sampling_ratio=0: a 2-wide, 3-tall bin takes 2 x 3 samples (ceil of its size)."""
+  f = _linear_features(6, 8, 1)
+  box = np.array([[1, 1, 3, 4]], np.float32)  # one bin, aligned=False
+  # x samples 1.5 2.5, y samples 1.5 2.5 3.5: mean x 2, mean y 2.5 -> 2 + 25.
+  got = roi_align(f, box, 1, 1.0, 0, aligned=False, max_sampling_ratio=4)
+  np.testing.assert_allclose(got[0, 0, 0], [27.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_sampling_matches_numpy_reference(rng, aligned):
+  """sampling_ratio=0 equals torchvision's adaptive loop while counts stay within the maximum."""
+  features = rng.normal(size=_MAP_SIZE + (3,)).astype(np.float32)
+  boxes = _grid_boxes(rng, 1.0)
+  got = roi_align(features, boxes, (3, 2), 1.0, 0, aligned, max_sampling_ratio=8)
+  expected = _roi_align_reference(features, boxes, (3, 2), 1.0, 0, aligned)
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adaptive_sampling_above_the_maximum_takes_the_maximum(rng):
+  """A RoI needing more samples than max_sampling_ratio gets exactly max_sampling_ratio."""
+  features = rng.normal(size=(40, 40, 2)).astype(np.float32)
+  box = np.array([[1.0, 2.0, 37.0, 33.0]], np.float32)  # ceil(36/2) = 18 > 4 samples
+  got = roi_align(features, box, 2, 1.0, 0, max_sampling_ratio=4)
+  np.testing.assert_allclose(got, roi_align(features, box, 2, 1.0, 4), atol=1e-5)
+  assert np.abs(got - roi_align(features, box, 2, 1.0, 0, max_sampling_ratio=18)).max() > 1e-3
+
+
+def test_adaptive_sampling_matches_torchvision(torch, torchvision, rng):
+  """torchvision.ops.roi_align with sampling_ratio=0 on RoIs of many sizes."""
+  features = rng.normal(size=(24, 20, 3)).astype(np.float32)
+  boxes = np.concatenate([_grid_boxes(rng, 0.5), random_boxes(rng, 8, 40.0, 2.0, 38.0)])
+  boxes = boxes.astype(np.float32)
+  f_torch = torch.from_numpy(features).permute(2, 0, 1)[None]
+  for aligned in (True, False):
+    expected = torchvision.ops.roi_align(f_torch, [torch.from_numpy(boxes)], (7, 7), 0.5, 0,
+                                         aligned).permute(0, 2, 3, 1).numpy()
+    got = roi_align(features, boxes, 7, 0.5, 0, aligned, max_sampling_ratio=8)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_ratio_must_not_be_negative(rng):
+  """A negative ratio, or adaptive with no samples, is refused naming sampling_ratio."""
   features = np.zeros((4, 4, 1), np.float32)
   boxes = np.array([[0, 0, 2, 2]], np.float32)
-  for sampling_ratio in (0, -1):
-    with pytest.raises(ValueError, match="sampling_ratio"):
-      roi_align(features, boxes, 2, 1.0, sampling_ratio)
   with pytest.raises(ValueError, match="sampling_ratio"):
-    multilevel_roi_align([features], boxes, (4,), 2, sampling_ratio=0)
+    roi_align(features, boxes, 2, 1.0, -1)
+  with pytest.raises(ValueError, match="sampling_ratio"):
+    multilevel_roi_align([features], boxes, (4,), 2, sampling_ratio=0, max_sampling_ratio=0)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_extent_reads_as_the_smaller_map(rng, sampling_ratio):
+  """An image in a larger canvas, with its extent given, pools as from its own map alone.
+
+  The canvas holds other values past the extent (as a padded canvas's
+  features do); RoIs across the extent's edge must clamp there, as
+  torchvision's kernel clamps at the edge of the image's own map.
+  """
+  strides = (4, 8)
+  small = [rng.normal(size=(2, 40 // s, 48 // s, 3)).astype(np.float32) for s in strides]
+  big = [rng.normal(size=(2, 64 // s, 64 // s, 3)).astype(np.float32) for s in strides]
+  for b, s in zip(big, small):
+    b[:, :s.shape[1], :s.shape[2]] = s
+  boxes = np.stack([random_boxes(rng, 12, 48.0, 1.0, 40.0) for _ in range(2)])
+  boxes[:, :3] = [[30, 20, 47.9, 39.9], [44, 36, 48, 40], [0, 0, 48, 40]]  # at the edge
+  boxes = boxes.astype(np.float32)
+  pool = lambda maps, **kw: multilevel_roi_align_batch(
+      maps, boxes, strides, 3, sampling_ratio, True, canonical_box_size=16.0, **kw)
+  expected = pool(small)
+  got = pool(big, image_extent=jnp.asarray([[40, 48], [40, 48]]))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  assert np.abs(pool(big) - expected).max() > 1e-3  # without the extent, the canvas shows
 
 
 def test_shape_errors_name_the_argument():

@@ -41,18 +41,19 @@ def _scale_to(torch, layer, outputs, target_std):
   layer.bias.mul_(factor)
 
 
-def images_uint8(seed=0, count=2):
-  """Fixed test images ``[count, H, W, 3]`` uint8: smooth colour fields plus rectangles."""
+def images_uint8(seed=0, count=2, height=H, width=W):
+  """Fixed test images ``[count, height, width, 3]`` uint8: smooth colour fields plus rectangles."""
   rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[0:H, 0:W] / 40.0
+  yy, xx = np.mgrid[0:height, 0:width] / 40.0
   out = []
+  rects = max(6, 6 * height * width // (H * W))  # as dense at any size
   for _ in range(count):
-    img = np.zeros((H, W, 3))
+    img = np.zeros((height, width, 3))
     for c in range(3):
       a, b, p = rng.uniform(0.3, 1.5, 3)
       img[..., c] = 127 + 90 * np.sin(a * xx + p) * np.cos(b * yy - p)
-    for _ in range(6):
-      x0, y0 = rng.integers(0, W - 40), rng.integers(0, H - 40)
+    for _ in range(rects):
+      x0, y0 = rng.integers(0, width - 40), rng.integers(0, height - 40)
       w, h = rng.integers(20, 120, 2)
       img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
     out.append(np.clip(img, 0, 255).astype(np.uint8))

@@ -33,9 +33,8 @@ def assert_close(name, ours, theirs, rel=REL_TOL):
 
 def _stages(m, x, proposals, keypoint):
   """Our side of ``parity.stages_torchvision`` (a method for ``model.apply``)."""
-  rpn_maps, _, roi_maps, roi_strides = m._features(x, train=False)
+  (rpn_maps, _), roi = m._features(x, None, train=False)  # the canvas is the image
   objectness, deltas = m.rpn_head(rpn_maps)
-  roi = (roi_maps, roi_strides)
   logits, box_deltas, _ = m._box_head(roi, proposals, False)
   out = {"fpn": rpn_maps, "objectness": objectness, "deltas": deltas, "logits": logits,
          "box_deltas": box_deltas}
