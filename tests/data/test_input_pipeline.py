@@ -145,6 +145,33 @@ def test_batches_are_static_and_keep_the_largest_instances(tiny):
   assert not batch["gt_is_crowd"].any()
 
 
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_padding_is_zero_after_normalisation(tiny, split):
+  """Outside each image's size the batch is exactly 0 (the references pad the
+  normalised image with 0), and inside it is the normalised image."""
+  _, tf_dir = tiny
+  config = tiny_config(tf_dir, canvas_size=(96, 128), scale_range=(0.5, 0.9))
+  batch = _batches(config, split, 1)[0]
+  images, sizes = batch["images"], batch["image_info"]["image_size"]
+  assert any(h < 96 or w < 128 for h, w in sizes), "no padding to check"
+  for image, (h, w) in zip(images, sizes):
+    assert not image[h:].any() and not image[:, w:].any()
+    assert image[:h, :w].std() > 0.1
+
+
+@pytest.mark.parametrize("rounding,expected", [("round", [[800, 1067]]), ("floor", [[800, 1066]])])
+def test_resize_rounding_follows_each_reference(rounding, expected):
+  """A 480 x 640 photo at 800 / 1333: 1066.67 wide, rounded by detectron2 and floored by
+  torchvision; the short side is exactly 800 in float64 (in float32 it floors to 799)."""
+  scale = transforms.fit_scale(tf.constant([480, 640]), (1344, 1344), 800, 1333)
+  size = transforms.resized_size(tf.constant([480, 640]), scale, rounding)
+  assert size.numpy().astype(int).tolist() == expected[0]
+  half = transforms.resized_size(tf.constant([3, 5]), 0.5, rounding).numpy().tolist()
+  assert half == ([2.0, 3.0] if rounding == "round" else [1.0, 2.0])  # 1.5 and 2.5 round up
+  with pytest.raises(ValueError, match="rounding"):
+    transforms.resized_size(tf.constant([3, 5]), 0.5, "nearest")
+
+
 def test_filter_empty_only_affects_training(tiny):
   _, tf_dir = tiny
   seen = lambda cfg: {int(i) for b in _batches(cfg, "train", 6, batch_size=2)
