@@ -97,14 +97,6 @@ def _stages(m, x, image_size, proposals, keypoint):
   return out
 
 
-def _box_iou(a, b):
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-  area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)
-  return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 @pytest.mark.parametrize("arch", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
 def test_real_size_matches_torchvision(torch, torchvision, converted, arch):
   """Every stage within 1e-4 of its magnitude, >= 99% of proposals and detections matched."""
@@ -149,11 +141,13 @@ def _compare(theirs, final, box_masks, image, config, checkpoint, keypoint, name
         got = ours[output][level].reshape(1, a[1], a[2], c // 4, 4)[:, :h, :w]
       assert_close(f"RPN {output} P{level + 2}", got, ref)
 
-  # Proposals: torchvision's 1000 found among ours (same boxes to 1e-2 px).
+  # Proposals: the reference's 1000 found among ours, every corner within 0.02 px
+  # (decoding in float32 at 1000-px magnitudes moves corners by ~1e-3 px; an IoU
+  # criterion would fail the many sub-pixel-thin proposals random weights give).
   ref = theirs["proposals"].numpy()
   got = ours["proposals"][0][ours["proposals_valid"][0]]
-  iou = _box_iou(ref, got)
-  found = np.mean(iou.max(axis=1) >= 0.999)
+  distance = np.abs(ref[:, None, :] - got[None, :, :]).max(axis=-1)  # (P, P) px
+  found = np.mean(distance.min(axis=1) <= 0.02)
   print(f"{name}: proposals reference {len(ref)}, ours {len(got)}, found {found:.4f}")
   assert len(got) == len(ref) and found >= MATCH_FRACTION, (len(got), len(ref), found)
 
