@@ -233,8 +233,9 @@ def test_bfloat16_export_and_refused_arguments(workdir, tmp_path):
   program = jax.export.deserialize(
       bytearray((tmp_path / "bf16" / manifest["functions"][0]["file"]).read_bytes()))
   assert "bf16" in program.mlir_module()
-  assert [str(a.dtype) for a in program.out_avals] == [
-      o["dtype"] for o in manifest["signature"]["outputs"]]
+  dtypes = {o["name"]: o["dtype"] for o in manifest["signature"]["outputs"]}
+  assert [str(a.dtype) for a in program.out_avals] == list(dtypes.values())
+  assert dtypes["boxes"] == dtypes["scores"] == "float32"  # decoding and NMS stay float32
   with pytest.raises(ValueError, match="platforms: expected distinct names"):
     export.export(small_config(), str(workdir), str(tmp_path / "x"), platforms=("gpu",))
   with pytest.raises(FileNotFoundError, match="no such directory"):
