@@ -240,3 +240,20 @@ def test_bfloat16_export_and_refused_arguments(workdir, tmp_path):
     export.export(small_config(), str(workdir), str(tmp_path / "x"), platforms=("gpu",))
   with pytest.raises(FileNotFoundError, match="no such directory"):
     export.export(small_config(), str(tmp_path / "no_checkpoint"), str(tmp_path / "y"))
+
+
+def test_benchmark_script_times_both_predictors(workdir, exported, tmp_path):
+  out = tmp_path / "bench.json"
+  proc = run([os.path.join("scripts", "benchmark_export.py"), "--config=configs/shapes.py:tiny",
+              "--config.data.canvas_size=64,64", f"--checkpoint={workdir}",
+              f"--exported={exported}", "--runs=2", f"--output={out}"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.load(open(out))
+  assert result["artifact"]["platforms"] == ["cpu", "cuda", "tpu"]
+  assert result["artifact"]["program_bytes"] == os.path.getsize(
+      exported / artifact.program_file(CANVAS))
+  for name in ("live", "exported"):
+    assert result[f"{name}_call"]["runs"] == 2 and result[f"{name}_call"]["median_s"] > 0
+    assert result[f"{name}_first_call_s"] > 0
+  assert result["detections"]["live"] == result["detections"]["exported"]
+  assert result["max_score_difference"] < 1e-5
