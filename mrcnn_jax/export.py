@@ -37,6 +37,19 @@ from mrcnn_jax import artifact, checkpointing, predict
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 INPUT_NAMES = ("images", "image_size")
+# What each input and output holds, for the manifest (MaskRCNN.detect's contract).
+MEANING = {
+    "images": "the canvases: each image resized and normalised as 'preprocessing' says, "
+              "top-left aligned, the rest pad_value",
+    "image_size": "(height, width) of each image inside its canvas, pixels",
+    "boxes": "x1, y1, x2, y2 in canvas pixels; original = canvas / scale (sx, sy)",
+    "scores": "class probability of each detection",
+    "classes": "contiguous class index i: classes.coco_ids[i], classes.names[i]",
+    "valid": "which of the fixed detection slots hold a detection",
+    "masks": "mask probabilities over each box (S x S), to paste into the box",
+    "keypoints": "x, y, score per keypoint; canvas pixels, continuous coordinates "
+                 "(COCO's integer convention: original - 0.5)",
+}
 
 
 def export(config, checkpoint: str, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -75,6 +88,8 @@ def export(config, checkpoint: str, output: str, platforms: Sequence[str] = DEFA
     signature = {"inputs": artifact.describe_avals(INPUT_NAMES, args),
                  "outputs": artifact.describe_avals(sorted(outputs),
                                                     [outputs[k] for k in sorted(outputs)])}
+    for entry in signature["inputs"] + signature["outputs"]:
+      entry["meaning"] = MEANING[entry["name"]]
   m, meta = config.model, live.meta
   manifest = {
       "project": "mrcnn_jax",

@@ -76,11 +76,15 @@ def main(argv):
   del argv
   config = _CONFIG.value
   checkpointing.quiet_orbax_logs()
-  scratch = tempfile.mkdtemp(prefix="benchmark_export_")
+  with tempfile.TemporaryDirectory(prefix="benchmark_export_") as scratch:
+    _benchmark(config, scratch)
+
+
+def _benchmark(config, scratch: str):
   checkpoint = _CHECKPOINT.value
   if checkpoint == "init":
     checkpoint = _initial_checkpoint(config, os.path.join(scratch, "init"))
-  result = {"config": str(config.data.canvas_size), "checkpoint": _CHECKPOINT.value,
+  result = {"canvas": list(config.data.canvas_size), "checkpoint": _CHECKPOINT.value,
             "load_average": os.getloadavg(), "cpus": os.cpu_count()}
   directory = _EXPORTED.value
   if directory is None:

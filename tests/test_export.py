@@ -143,9 +143,11 @@ def test_manifest_lists_every_platform_and_each_program_deserializes(exported, w
   assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
   assert manifest["batch_size"] == BATCH and manifest["canvases"] == [list(CANVAS)]
   assert manifest["parameters"] == "embedded" and manifest["compute_dtype"] == "float32"
-  assert manifest["signature"]["inputs"] == [
+  assert [{k: v for k, v in i.items() if k != "meaning"}
+          for i in manifest["signature"]["inputs"]] == [
       {"name": "images", "shape": [BATCH, *CANVAS, 3], "dtype": "float32"},
       {"name": "image_size", "shape": [BATCH, 2], "dtype": "int32"}]
+  assert all(o["meaning"] for o in manifest["signature"]["outputs"])
   outputs = {o["name"]: o["shape"] for o in manifest["signature"]["outputs"]}
   assert outputs["masks"] == [BATCH, 20, 28, 28] and outputs["keypoints"] == [BATCH, 20, 3, 3]
   p = manifest["preprocessing"]
