@@ -77,6 +77,9 @@ def read_manifest(directory: str) -> Dict[str, Any]:
   if not isinstance(manifest, dict):
     raise ArtifactError(f"{path}: not a valid manifest (a JSON object expected)")
   version = manifest.get("format_version")
+  if manifest.get("project") != "mrcnn_jax":
+    raise ArtifactError(f"{path}: not a manifest of mrcnn_jax (project "
+                        f"{manifest.get('project')!r})")
   if version != FORMAT_VERSION:
     raise ArtifactError(f"{path}: format_version {version!r} is not one this mrcnn_jax reads "
                         f"({FORMAT_VERSION}); export the model again with this version")
@@ -165,7 +168,12 @@ class ExportedModel:
       if fill:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fill, axis=0)])
         sizes = np.concatenate([sizes, np.repeat(sizes[-1:], fill, axis=0)])
-      out = jax.device_get(self._calls[canvas](chunk, sizes))
+      try:
+        out = jax.device_get(self._calls[canvas](chunk, sizes))
+      except Exception as e:  # pylint: disable=broad-except  # e.g. StableHLO too new to compile
+        raise ArtifactError(f"{_join(self.directory, program_file(canvas))}: cannot run with "
+                            f"jax {jax.__version__} on {_running_platform()} "
+                            f"({_one_line(e)})") from e
       outs.append({k: v[:b - fill] for k, v in out.items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 

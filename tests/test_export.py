@@ -199,6 +199,7 @@ def test_bad_inputs_and_bad_artifacts_are_named_in_one_line(exported, tmp_path):
       "truncated": (lambda d: (d / program).write_bytes((d / program).read_bytes()[:1000]),
                     f"{program}: corrupted"),
       "newer_format": (edit_manifest(format_version=99), "format_version 99 is not one"),
+      "other_project": (edit_manifest(project="elsewhere"), "not a manifest of mrcnn_jax"),
       "old_jax": (edit_manifest(calling_convention_version=1),
                   "calling convention 1.*reads conventions"),
       "not_json": (lambda d: (d / artifact.MANIFEST).write_text("{"), "not a valid manifest"),
