@@ -94,7 +94,8 @@ def read_manifest(directory: str) -> Dict[str, Any]:
   missing = [k for k in ("functions", "platforms", "batch_size", "preprocessing", "classes")
              if k not in manifest]
   if missing or not manifest["functions"]:
-    raise ArtifactError(f"{path}: not a valid manifest (missing {', '.join(missing) or 'functions'})")
+    raise ArtifactError(f"{path}: not a valid manifest (missing "
+                        f"{', '.join(missing) or 'functions'})")
   return manifest
 
 

@@ -144,7 +144,8 @@ class Predictor:
 
   def __init__(self, config, checkpoint: str, score_threshold: float = 0.5,
                meta: Optional[Dict[str, Any]] = None):
-    from mrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top  # not from_exported's
+    # Here, not at the top: from_exported needs no Flax module.
+    from mrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
     self.config = config
     self.score_threshold = score_threshold
     self.canvas = tuple(config.data.canvas_size)

@@ -28,8 +28,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mrcnn_jax  # noqa: E402  pylint: disable=wrong-import-position
-from mrcnn_jax import checkpointing, export, predict  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+import mrcnn_jax  # noqa: E402
+from mrcnn_jax import checkpointing, export, predict  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py", "Experiment config.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "init", "A checkpoint, or 'init'.")
