@@ -2,6 +2,7 @@
 
     python -m mrcnn_jax.predict --config=configs/shapes.py --checkpoint=workdirs/shapes \\
         --input=IMAGE_OR_DIR --output=DIR [--score_threshold=0.5]
+    python -m mrcnn_jax.predict --exported=EXPORT_DIR --input=... --output=... [...]
 
 writes DIR/predictions.json (COCO results format, plus each image's
 ``file_name``) and DIR/<image name>.png with masks, boxes, class names,
@@ -9,6 +10,13 @@ scores and keypoints drawn. The same as a Python API:
 
     predictor = mrcnn_jax.Predictor(config, "workdirs/shapes")
     out = predictor(image)  # any [H, W], [H, W, 1|3|4] uint8/uint16/float array
+
+From an exported model (``python -m mrcnn_jax.export``), with no config,
+checkpoint or Flax module: the preprocessing and the result mapping read
+their settings from its manifest, and the results are the live model's:
+
+    python -m mrcnn_jax.predict --exported=DIR --input=IMAGE_OR_DIR --output=OUT
+    predictor = mrcnn_jax.Predictor.from_exported(DIR)
 
 Class names come from the training workdir's meta.json (or the eval split).
 Any size and mode works: the image goes through the same resize, pad and
@@ -32,12 +40,11 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mrcnn_jax import checkpointing
+from mrcnn_jax import artifact, checkpointing
 from mrcnn_jax.data import coco as coco_data
 from mrcnn_jax.data import input_pipeline, transforms
 from mrcnn_jax.evaluation import coco as coco_eval
 from mrcnn_jax.evaluation import draw as draw_lib
-from mrcnn_jax.modeling import build
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -77,6 +84,54 @@ def read_image(path: str) -> np.ndarray:
     raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
+def preprocessing_of(config) -> Dict[str, Any]:
+  """The host-side preprocessing of ``config`` as plain data (an export's manifest keeps it).
+
+  ``resize``: the scale rule (``fit_scale``: fit the canvas, or shortest
+  edge ``min_size`` capped by ``max_size``), the rounding of the resized
+  size, bilinear without antialiasing; ``mean``/``std`` in the model's
+  channel order, on 0..255 values; ``pad_value``: each channel's value,
+  in normalised space, of the canvas outside the image.
+  """
+  d = config.data
+  min_size = d.get("min_size", 0)
+  return {
+      "input": "RGB, 0..255 (uint8 after to_rgb_array)",
+      "resize": {"rule": "shortest_edge" if min_size > 0 else "fit_canvas",
+                 "min_size": min_size, "max_size": d.get("max_size", 0),
+                 "rounding": d.get("resize_rounding", "round"), "interpolation": "bilinear",
+                 "antialias": False},
+      "channel_order": d.get("channel_order", "rgb"),
+      "mean": [float(v) for v in d.mean], "std": [float(v) for v in d.std],
+      # 0 after normalisation, as torchvision and detectron2 pad (transforms.normalize).
+      "pad_value": [0.0, 0.0, 0.0],
+  }
+
+
+def preprocess(rgb: np.ndarray, canvas, preprocessing: Dict[str, Any]):
+  """``[H, W, 3]`` uint8 -> (normalised canvas [1, H', W', 3], image_info) as
+  ``preprocessing`` (``preprocessing_of``'s dict, or an export's manifest) says."""
+  p = preprocessing
+  rounding = p["resize"]["rounding"]
+  if rounding not in transforms.ROUNDINGS or p["channel_order"] not in ("rgb", "bgr"):
+    raise ValueError(f"preprocessing: resize rounding {rounding!r}, channel order "
+                     f"{p['channel_order']!r}: this mrcnn_jax knows {transforms.ROUNDINGS} and "
+                     f"'rgb'/'bgr'")
+  size = tf.constant(rgb.shape[:2], tf.int32)
+  scale = transforms.fit_scale(size, canvas, p["resize"]["min_size"], p["resize"]["max_size"])
+  image, image_size, scale_yx = transforms.place_image(
+      tf.constant(rgb), canvas, scale, tf.zeros([2]), tf.constant(False), rounding)
+  image = transforms.normalize(image, p["mean"], p["std"], p["channel_order"]).numpy()
+  h, w = image_size.numpy()
+  pad = np.asarray(p["pad_value"], np.float32)
+  image[h:] = pad
+  image[:, w:] = pad
+  info = {"image_size": np.asarray([[h, w]], np.int32),
+          "original_size": np.asarray(rgb.shape[:2], np.int32)[None],
+          "scale": np.stack([v.numpy() for v in scale_yx])[None].astype(np.float32)}
+  return image[None], info
+
+
 class Predictor:
   """``image -> dict`` with a trained model; compiled once for the config's canvas.
 
@@ -85,40 +140,53 @@ class Predictor:
   ``category_ids [N]`` (COCO ids), ``names``, and with the heads on
   ``masks [N, H, W]`` bool and ``keypoints [N, Kp, 3]`` (x, y, score);
   ``results`` is the same in COCO results format.
+
+  ``Predictor.from_exported(DIR)`` gives the same from an exported model.
   """
 
   def __init__(self, config, checkpoint: str, score_threshold: float = 0.5,
                meta: Optional[Dict[str, Any]] = None):
+    # Here, not at the top: from_exported needs no Flax module.
+    from mrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
     self.config = config
     self.score_threshold = score_threshold
     self.canvas = tuple(config.data.canvas_size)
-    checkpoint = checkpointing.resolve(checkpoint)  # a missing checkpoint is named first
+    self.preprocessing = preprocessing_of(config)
+    self.checkpoint = checkpoint = checkpointing.resolve(checkpoint)  # a missing one named first
     self.meta = meta or _find_meta(config, checkpoint)
     self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
     build.check_dataset(config, self.meta, "the checkpoint's meta.json or the eval split")
-    model = build.build_model(config)
+    self.model = build.build_model(config)
     self.variables = jax.device_put(checkpointing.load_variables(checkpoint))
-    self._detect = jax.jit(functools.partial(model.apply, method="detect"))
+    jitted = jax.jit(functools.partial(self.model.apply, method="detect"))
+    self.detect = lambda images, info: jax.device_get(jitted(self.variables, images, info))
+
+  @classmethod
+  def from_exported(cls, directory: str, score_threshold: float = 0.5) -> "Predictor":
+    """A Predictor over an export directory (``artifact.load``; its errors are
+    ``artifact.ArtifactError``): the same results as the live model it came from."""
+    exported = artifact.load(directory)
+    if len(exported.canvases) != 1:  # the manifest allows several; one canvas per config today
+      raise artifact.ArtifactError(f"{directory}: {len(exported.canvases)} canvases; this "
+                                   f"Predictor serves one")
+    self = cls.__new__(cls)
+    self.config = None
+    self.score_threshold = score_threshold
+    self.canvas = exported.canvases[0]
+    self.preprocessing = exported.manifest["preprocessing"]
+    self.meta = exported.meta
+    self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
+    self.detect = exported.detect
+    return self
 
   def preprocess(self, rgb: np.ndarray):
     """``[H, W, 3]`` uint8 -> (normalised canvas [1, H', W', 3], image_info)."""
-    d = self.config.data
-    size = tf.constant(rgb.shape[:2], tf.int32)
-    scale = transforms.fit_scale(size, self.canvas, d.get("min_size", 0), d.get("max_size", 0))
-    image, image_size, scale_yx = transforms.place_image(
-        tf.constant(rgb), self.canvas, scale, tf.zeros([2]), tf.constant(False),
-        d.get("resize_rounding", "round"))
-    image = transforms.normalize(image, d.mean, d.std, d.get("channel_order", "rgb"),
-                                 image_size=image_size)
-    info = {"image_size": image_size.numpy()[None].astype(np.int32),
-            "original_size": np.asarray(rgb.shape[:2], np.int32)[None],
-            "scale": np.stack([v.numpy() for v in scale_yx])[None].astype(np.float32)}
-    return image.numpy()[None], info
+    return preprocess(rgb, self.canvas, self.preprocessing)
 
   def __call__(self, image: np.ndarray, image_id: int = 0) -> Dict[str, Any]:
     rgb = to_rgb_array(image)
     images, info = self.preprocess(rgb)
-    dets = jax.device_get(self._detect(self.variables, images, info))
+    dets = self.detect(images, info)
     one = {k: v[0] for k, v in dets.items()}
     sy, sx = info["scale"][0]
     results = coco_eval.image_results(one, info["scale"][0], info["original_size"][0],
@@ -234,6 +302,8 @@ def _define_flags():
                                                 lock_config=True),
       "checkpoint": flags.DEFINE_string("checkpoint", None, "Checkpoint step dir, its "
                                         "parent, or a training workdir (latest step)."),
+      "exported": flags.DEFINE_string("exported", None, "An export directory (python -m "
+                                      "mrcnn_jax.export), instead of --config and --checkpoint."),
       "input": flags.DEFINE_string("input", None, "An image file or a directory of images."),
       "output": flags.DEFINE_string("output", None, "Directory for pictures and JSON."),
       "score_threshold": flags.DEFINE_float("score_threshold", 0.5,
@@ -247,14 +317,20 @@ def _define_flags():
 
 def main(argv, args):
   del argv
-  for name in ("config", "checkpoint", "input", "output"):
+  exported = args["exported"].value
+  if exported and (args["config"].value is not None or args["checkpoint"].value is not None):
+    raise app.UsageError("give --exported, or --config and --checkpoint, not both")
+  for name in ("input", "output") + (() if exported else ("config", "checkpoint")):
     if args[name].value is None:
       raise app.UsageError(f"--{name} is required")
   checkpointing.quiet_orbax_logs()
   try:
     paths = _inputs(args["input"].value)
-    predictor = Predictor(args["config"].value, args["checkpoint"].value,
-                          args["score_threshold"].value)
+    if exported:
+      predictor = Predictor.from_exported(exported, args["score_threshold"].value)
+    else:
+      predictor = Predictor(args["config"].value, args["checkpoint"].value,
+                            args["score_threshold"].value)
     if args["picture_min_side"].value < 0:
       raise ValueError(f"--picture_min_side: expected >= 0, got {args['picture_min_side'].value}")
     predict_files(predictor, paths, args["output"].value, args["picture_min_side"].value)

@@ -1,7 +1,9 @@
-"""predict's file handling: picture names, never writing over an input, unreadable inputs."""
+"""predict's file handling (picture names, never writing over an input, unreadable inputs)
+and its preprocessing as data."""
 
 import os
 
+import numpy as np
 import pytest
 
 from mrcnn_jax import predict
@@ -26,3 +28,34 @@ def test_no_readable_input_is_an_error(tmp_path):
   bad.write_bytes(b"not an image")
   with pytest.raises(ValueError, match="none of the 1 input files could be read"):
     predict.predict_files(None, [str(bad)], str(tmp_path / "out"))
+
+
+def test_preprocess_reads_its_settings_as_data():
+  """The resize, normalisation and pad value come from a plain dict (an export's
+  manifest holds the same), so the exported predictor's preprocessing is the live one."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  settings = predict.preprocessing_of(shapes.get_config("tiny"))
+  mean, std = np.array(settings["mean"]), np.array(settings["std"])
+  # Padding is 0 in normalised space, as the references pad.
+  assert settings["pad_value"] == [0.0, 0.0, 0.0]
+  rgb = np.full((20, 40, 3), 200, np.uint8)
+  images, info = predict.preprocess(rgb, (32, 32), settings)
+  assert images.shape == (1, 32, 32, 3) and images.dtype == np.float32
+  np.testing.assert_array_equal(info["image_size"], [[16, 32]])  # scale 0.8 fits the width
+  np.testing.assert_allclose(info["scale"], [[0.8, 0.8]])
+  np.testing.assert_allclose(images[0, :16], np.broadcast_to((200 - mean) / std, (16, 32, 3)),
+                             rtol=1e-5)
+  assert np.all(images[0, 16:] == 0)
+  # Another pad value (an older export's) is used as given; the image is unchanged.
+  other = [-1.0, -2.0, -3.0]
+  padded, _ = predict.preprocess(rgb, (32, 32), {**settings, "pad_value": other})
+  np.testing.assert_array_equal(padded[0, 16:], np.broadcast_to(np.float32(other), (16, 32, 3)))
+  np.testing.assert_array_equal(padded[0, :16], images[0, :16])
+  # The resize rounding is the settings' (13 x 32 / 21 = 19.8: 20 rounded, 19 floored).
+  odd = np.full((13, 21, 3), 200, np.uint8)
+  sizes = [predict.preprocess(odd, (40, 32), {**settings, "resize": {
+      **settings["resize"], "rounding": r}})[1]["image_size"].tolist() for r in ("round", "floor")]
+  assert sizes == [[[20, 32]], [[19, 32]]], sizes
+  with pytest.raises(ValueError, match="resize rounding 'nearest'"):
+    predict.preprocess(rgb, (32, 32), {**settings, "resize": {**settings["resize"],
+                                                               "rounding": "nearest"}})

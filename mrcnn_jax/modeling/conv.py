@@ -10,7 +10,9 @@ predictor (256->80 over 256 RoIs of 28x28) 49 / 229 -> 58 / 200; the RPN's
 
 ``conv_general_dilated`` is ``lax.conv_general_dilated`` except for plain
 NHWC/HWIO 1x1 convolutions (any stride and padding, no dilation, no groups)
-on the CPU backend: those are one matmul over the (padded, strided) pixels,
+on CPU (``lax.platform_dependent``: the platform the program is compiled
+for decides, so a program exported for CPU, GPU and TPU keeps each its
+own form): those are one matmul over the (padded, strided) pixels,
 with the weight gradient as one matmul that reads the output gradient
 transposed (``jax.custom_vjp``; autodiff's own form of it was 1.1-1.6x
 slower). Larger kernels stay XLA's: with XLA's own convolutions their weight
@@ -49,20 +51,27 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   if not kwargs and feature_group_count == 1 and not dilated:
     pads = _pointwise_padding(lhs, rhs, window_strides, padding, dimension_numbers)
+  conv = lambda x, w: lax.conv_general_dilated(x, w, window_strides, padding, lhs_dilation,
+                                               rhs_dilation, dimension_numbers,
+                                               feature_group_count, precision=precision,
+                                               **kwargs)
   if pads is None:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision, **kwargs)
-  return _pointwise(lhs, rhs, tuple(window_strides), pads, precision)
+    return conv(lhs, rhs)
+  # Chosen when the program is lowered (or, for a program exported for several
+  # platforms, compiled) for its platform, not by the backend that traced it.
+  return lax.platform_dependent(
+      lhs, rhs, cpu=lambda x, w: _pointwise(x, w, tuple(window_strides), pads, precision),
+      default=conv)
 
 
 def _pointwise_padding(lhs, rhs, strides, padding, dimension_numbers):
   """Explicit ((top, bottom), (left, right)) where the matmul form applies.
 
-  It applies on the CPU backend to NHWC/HWIO 2-D convolutions with a 1x1
-  kernel, non-negative padding and at least ``MIN_MACS`` multiply-adds; else None.
+  It applies to NHWC/HWIO 2-D convolutions with a 1x1 kernel, non-negative
+  padding and at least ``MIN_MACS`` multiply-adds (on CPU: see
+  ``conv_general_dilated``); else None.
   """
-  if (jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.shape[:2] != (1, 1)
+  if (lhs.ndim != 4 or rhs.shape[:2] != (1, 1)
       or dimension_numbers is None
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):

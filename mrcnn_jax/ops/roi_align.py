@@ -38,6 +38,7 @@ forward + backward: R18-FPN at 128 px (8 images x 128 RoIs, C=64) 178 ms
 GPU/TPU one gather serves all RoIs.
 """
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -220,7 +221,8 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
     output_size, sampling_ratio, aligned: as for ``roi_align``.
     rois_per_chunk: RoIs pooled per ``lax.map`` step; 0 pools all at once;
       None (default) chunks to ``CPU_CHUNK_BYTES`` on CPU and pools all at
-      once elsewhere (see the module docstring). The result is the same.
+      once elsewhere (see the module docstring; ``lax.platform_dependent``,
+      so the platform compiled for decides). The result is the same.
 
   Returns:
     ``[R, Sh, Sw, C]`` in the dtype of ``table``.
@@ -240,20 +242,31 @@ def roi_align_packed(table: jnp.ndarray, boxes: jnp.ndarray, map_offset: jnp.nda
   adaptive = sampling_ratio == 0
   g = max_sampling_ratio if adaptive else sampling_ratio
   r, c = boxes.shape[0], table.shape[1]
-  if rois_per_chunk is None:
-    sample_bytes = sh * g * sw * g * c * 4
-    rois_per_chunk = (max(1, CPU_CHUNK_BYTES // sample_bytes)
-                      if jax.default_backend() == "cpu" else 0)
   per_roi = (boxes, map_offset, map_width, spatial_scale, extent_height, extent_width)
   pool = lambda args: _pool(table, *args, sh, sw, g, aligned, adaptive)
+  if rois_per_chunk is None:
+    sample_bytes = sh * g * sw * g * c * 4
+    chunk = max(1, CPU_CHUNK_BYTES // sample_bytes)
+    if r <= chunk:
+      return pool(per_roi)
+    # Chunks on CPU only, decided for the platform the program is compiled for
+    # (a program exported for CPU, GPU and TPU keeps each its own form).
+    return jax.lax.platform_dependent(
+        per_roi, cpu=functools.partial(_pool_chunked, pool, rois_per_chunk=chunk), default=pool)
   if rois_per_chunk <= 0 or r <= rois_per_chunk:
     return pool(per_roi)
+  return _pool_chunked(pool, per_roi, rois_per_chunk)
+
+
+def _pool_chunked(pool, per_roi, rois_per_chunk):
+  """``pool`` over ``rois_per_chunk`` RoIs at a time (``lax.map``); the same result."""
+  r = per_roi[0].shape[0]
   chunks = -(-r // rois_per_chunk)
   pad = chunks * rois_per_chunk - r  # padding repeats the last RoI; dropped below
   per_roi = [jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), mode="edge").reshape(
       chunks, rois_per_chunk, *v.shape[1:]) for v in per_roi]
   out = jax.lax.map(pool, per_roi)
-  return out.reshape(chunks * rois_per_chunk, sh, sw, c)[:r]
+  return out.reshape(chunks * rois_per_chunk, *out.shape[2:])[:r]
 
 
 def _pool(table, boxes, map_offset, map_width, spatial_scale, extent_height, extent_width,

@@ -70,22 +70,29 @@ def test_bfloat16_gradient_dtype(rng):
   np.testing.assert_allclose(np.asarray(gw, np.float32), ref, rtol=3e-2, atol=3e-1)
 
 
-def test_small_convs_larger_kernels_and_other_backends_use_lax(monkeypatch):
-  """Under MIN_MACS, kernels larger than 1x1, or off CPU: the convolution and
-  its gradients are lax's own."""
+def test_small_convs_larger_kernels_and_other_platforms_use_lax(monkeypatch):
+  """Under MIN_MACS, kernels larger than 1x1, or lowered for GPU or TPU: the
+  convolution and its gradients are lax's own. The platform decides at
+  lowering, so one program lowered for several keeps each one's form."""
   x = jnp.ones((1, 4, 4, 2))
   call = lambda w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  jaxpr = lambda w: str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(call(v))))(w))
+
+  def ops(w, platforms=("cpu",)):
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(call(v))))  # traced anew: MIN_MACS changes
+    text = grad.trace(w).lower(lowering_platforms=platforms).as_text()
+    return {op for op in ("dot_general", "convolution") if f"stablehlo.{op}" in text}
+
   pointwise, wide = jnp.ones((1, 1, 2, 2)), jnp.ones((3, 3, 2, 2))
-  assert "dot_general" in jaxpr(pointwise) and "conv_general_dilated" not in jaxpr(pointwise)
-  assert "dot_general" not in jaxpr(wide)
+  assert ops(pointwise) == {"dot_general"}
+  assert ops(wide) == {"convolution"}
+  for platform in ("cuda", "rocm", "tpu"):
+    assert ops(pointwise, (platform,)) == {"convolution"}, platform
+  assert ops(pointwise, ("cpu", "cuda", "tpu")) == {"dot_general", "convolution"}
+  exported = jax.export.export(jax.jit(call), platforms=("cuda", "cpu"))(pointwise)
+  np.testing.assert_allclose(exported.call(pointwise), _lax(x, pointwise, (1, 1), ((0, 0), (0, 0))))
   monkeypatch.setattr(conv, "MIN_MACS", 1 + 16 * 2 * 2)
-  assert "dot_general" not in jaxpr(pointwise) and "conv_general_dilated" in jaxpr(pointwise)
-  monkeypatch.setattr(conv, "MIN_MACS", 0)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert "dot_general" not in jaxpr(pointwise)
-  np.testing.assert_allclose(call(pointwise), _lax(x, pointwise, (1, 1), ((0, 0), (0, 0))))
+  assert ops(pointwise) == {"convolution"}
 
 
 def test_conv_module_is_nn_conv_with_the_same_parameters(rng):

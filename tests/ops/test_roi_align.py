@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from mrcnn_jax.ops.roi_align import (assign_levels, multilevel_roi_align,
+from mrcnn_jax.ops.roi_align import (CPU_CHUNK_BYTES, assign_levels, multilevel_roi_align,
                                      multilevel_roi_align_batch, roi_align, roi_align_packed)
 from tests.conftest import random_boxes
 
@@ -317,6 +317,26 @@ def test_chunked_pooling_is_the_same(rng, rois_per_chunk):
   np.testing.assert_allclose(got, roi_align(features, boxes, (3, 2), 0.5), atol=1e-6, rtol=0)
   np.testing.assert_allclose(jax.grad(loss)(table, rois_per_chunk), jax.grad(loss)(table, 0),
                              atol=1e-5, rtol=0)
+
+
+def test_default_chunking_is_decided_by_the_platform_lowered_for(rng):
+  """rois_per_chunk=None chunks (a loop) in the CPU program only; one program
+  lowered for several platforms gets each one's form and the same numbers."""
+  table = jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)
+  boxes = jnp.asarray(random_boxes(rng, 40, canvas=6.0, max_size=3.0))
+  args = dict(map_offset=jnp.zeros(40, jnp.int32), map_height=jnp.full(40, 8, jnp.int32),
+              map_width=jnp.full(40, 8, jnp.int32), spatial_scale=jnp.ones(40),
+              output_size=7, sampling_ratio=2)
+  assert 40 > CPU_CHUNK_BYTES // (14 * 14 * 256 * 4)  # more RoIs than one chunk holds
+  f = jax.jit(lambda t, b: roi_align_packed(t, b, **args))
+  loops = lambda platforms: f.trace(table, boxes).lower(
+      lowering_platforms=platforms).as_text().count("stablehlo.while")
+  assert loops(("cpu",)) == 1 and loops(("cuda",)) == loops(("tpu",)) == 0
+  assert loops(("cpu", "cuda", "tpu")) == 1
+  exported = jax.export.export(f, platforms=("tpu", "cpu"))(table, boxes)
+  np.testing.assert_allclose(exported.call(table, boxes),
+                             roi_align_packed(table, boxes, rois_per_chunk=0, **args),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_features(rng):
