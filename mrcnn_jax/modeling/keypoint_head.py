@@ -141,11 +141,10 @@ def heatmaps_to_keypoints(heatmaps: jnp.ndarray, boxes: jnp.ndarray) -> jnp.ndar
   pixels = jnp.ceil(size)  # the RoI-sized map's width and height
   offsets = jnp.arange(-HALF_WINDOW, HALF_WINDOW + 1, dtype=jnp.float32)
 
-  def window(cell, extent):
-    """RoI pixels around map cell ``cell`` (DK,): indices, validity, bicubic weights (DK, S, m)."""
-    step = jnp.maximum(jnp.ceil(extent / (HALF_WINDOW * m)), 1.0)[:, None]
-    centre = jnp.round((cell + 0.5) * extent / m - 0.5)[:, None]  # the pixel nearest the cell
-    j = centre + step * offsets
+  def window(centre, step, extent):
+    """RoI pixels ``centre + step * offsets`` (centre, step: (DK,)): indices, validity,
+    bicubic weights (DK, S, m)."""
+    j = centre[:, None] + step[:, None] * offsets
     ok = (j >= 0) & (j < extent[:, None])
     j = jnp.clip(j, 0, extent[:, None] - 1)
     coords = (j + 0.5) * (m / extent[:, None]) - 0.5  # pixel centres in map coordinates
@@ -153,19 +152,36 @@ def heatmaps_to_keypoints(heatmaps: jnp.ndarray, boxes: jnp.ndarray) -> jnp.ndar
 
   rows = jnp.arange(d * k)
 
-  def search(best, cell):
-    """Keeps the best sampled pixel so far, over one more peak's window."""
-    jx, okx, wx = window((cell % m).astype(jnp.float32), pixels[:, 0])
-    jy, oky, wy = window((cell // m).astype(jnp.float32), pixels[:, 1])
+  def best_pixel(cx, cy, sx, sy):
+    """The highest of the window's sampled pixels: (value, x, y), each (DK,)."""
+    jx, okx, wx = window(cx, sx, pixels[:, 0])
+    jy, oky, wy = window(cy, sy, pixels[:, 1])
     values = jnp.einsum("nsa,nat->nst", wy, jnp.einsum("nab,ntb->nat", maps, wx))  # (DK, S, S)
     values = jnp.where(oky[:, :, None] & okx[:, None, :], values, -jnp.inf).reshape(d * k, -1)
     i = jnp.argmax(values, axis=1)
-    found = (values[rows, i], jx[rows, i % jx.shape[1]], jy[rows, i // jx.shape[1]])
+    return values[rows, i], jx[rows, i % jx.shape[1]], jy[rows, i // jx.shape[1]]
+
+  # Around each peak, pixels `step` apart: every pixel while a cell spans at most
+  # HALF_WINDOW pixels, every step-th on larger boxes, refined below.
+  step = jnp.maximum(jnp.ceil(pixels / (HALF_WINDOW * m)), 1.0)  # (DK, 2)
+  nearest = lambda cell, extent: jnp.round((cell + 0.5) * extent / m - 0.5)  # cell -> pixel
+
+  def search(best, cell):
+    """Keeps the best sampled pixel so far, over one more peak's window."""
+    found = best_pixel(nearest((cell % m).astype(jnp.float32), pixels[:, 0]),
+                       nearest((cell // m).astype(jnp.float32), pixels[:, 1]),
+                       step[:, 0], step[:, 1])
     better = found[0] > best[0]
     return tuple(jnp.where(better, f, b) for f, b in zip(found, best)), None
 
   start = (jnp.full((d * k,), -jnp.inf), jnp.zeros((d * k,)), jnp.zeros((d * k,)))
-  (peak, x_pixel, y_pixel), _ = jax.lax.scan(search, start, top.T)
+  best, _ = jax.lax.scan(search, start, top.T)
+  # Every pixel around the best one: where the search skipped pixels (boxes over
+  # HALF_WINDOW * m pixels), the maximum lies between the samples around it.
+  ones = jnp.ones((d * k,), jnp.float32)
+  refined = best_pixel(best[1], best[2], ones, ones)
+  better = refined[0] > best[0]
+  peak, x_pixel, y_pixel = (jnp.where(better, r, b) for r, b in zip(refined, best))
   score = 1.0 / jnp.sum(jnp.exp(maps - peak[:, None, None]), axis=(1, 2))
   x = boxes[:, 0] + (x_pixel + 0.5) * size[:, 0] / pixels[:, 0]
   y = boxes[:, 1] + (y_pixel + 0.5) * size[:, 1] / pixels[:, 1]
