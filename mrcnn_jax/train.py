@@ -150,6 +150,12 @@ class MetricLogger:
         self.tf.summary.scalar(k, v)
     self.writer.flush()
 
+  def event(self, step: int, record: Dict[str, Any]) -> None:
+    """A non-numeric record (a fault and what was done) in metrics.jsonl."""
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+      self.jsonl.flush()
+
   def close(self):
     if self.enabled:
       self.jsonl.close()
@@ -265,28 +271,19 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   evaluate_lib.evaluator_options(config)  # a bad eval setting fails now, not after training
   model, abstract, rep, init, step_fn = _programs(config, mesh)
 
-  checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
-                                            best_metric=t.get("best_metric") or None)
-  start = checkpointer.latest_step()
+  try:
+    checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
+                                              best_metric=t.get("best_metric") or None)
+  except OSError as e:  # an unwritable or full workdir
+    raise SetupError(f"--workdir {workdir}: cannot create its checkpoint directories "
+                     f"({checkpointing.cause(e)})") from None
+  start, state, bad = _restore(checkpointer, abstract, workdir, config.total_steps)
+  if start is not None and state is None:  # at total_steps already
+    checkpointer.close()
+    logging.warning("%s is at step %d >= total_steps %d: nothing to train", workdir, start,
+                    config.total_steps)
+    return {}
   if start is not None:
-    # Checked before restoring: orbax fails on the first array that differs.
-    stored = checkpointing.stored_param_shapes(checkpointer.step_dir(start))
-    wanted = checkpointing.param_shapes(abstract.params)
-    differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
-    if differ:
-      checkpointer.close()
-      k = differ[0]
-      raise SetupError(
-          f"--workdir {workdir}: its checkpoint at step {start} does not fit this config "
-          f"({len(differ)} parameters differ, e.g. {k}: stored {stored.get(k)}, this config "
-          f"{wanted.get(k)}); resume with the config it was trained with (its config.json) "
-          f"or choose a new --workdir")
-    if start >= config.total_steps:  # before reading the state back: nothing needs it
-      checkpointer.close()
-      logging.warning("%s is at step %d >= total_steps %d: nothing to train", workdir, start,
-                      config.total_steps)
-      return {}
-    state = checkpointer.restore(abstract, start)
     logging.info("resumed from %s at step %d", workdir, start)
   else:
     state = init(jax.random.PRNGKey(config.seed))
@@ -294,11 +291,15 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       state = _load_initialisation(state, config, rep)
     start = 0
   if is_main:  # after a restore, so a config that does not fit leaves these as they were
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    # Class names and keypoint metadata travel with the checkpoints (predict reads them).
-    with open(os.path.join(workdir, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=1)
+    try:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+      # Class names and keypoint metadata travel with the checkpoints (predict reads them).
+      with open(os.path.join(workdir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    except OSError as e:
+      checkpointer.close()
+      raise SetupError(f"--workdir {workdir}: cannot write ({checkpointing.cause(e)})") from None
   nparams = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("model: %.2fM parameters; %d devices, %d processes", nparams / 1e6,
                jax.device_count(), jax.process_count())
@@ -309,14 +310,23 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   key = jax.random.PRNGKey(config.seed)
 
   logger = MetricLogger(workdir, is_main)
+  for b in bad:
+    logger.event(start, {"event": "corrupt_checkpoint", "corrupt_step": b.step,
+                         "path": b.path, "moved_to": b.moved_to, "reason": b.reason})
+  on_save_failure = t.get("checkpoint_failures", "stop")
+  if on_save_failure not in ("stop", "warn"):
+    raise SetupError(f"train.checkpoint_failures: expected 'stop' or 'warn', got "
+                     f"{on_save_failure!r}")
   total = config.total_steps
   progress = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                        disable=not is_main or not t.get("progress", True),
                        dynamic_ncols=True)
   pending, previous_run = [], None
   last_log, eval_metrics, step = time.time(), {}, start
+  failed = True
   try:
     for step in range(start + 1, total + 1):
+      _check_saves(checkpointer, on_save_failure, logger, step - 1)
       batch = sharding.global_batch(next(data), mesh)
       state, metrics = step_fn(state, batch, key)
       pending.append(metrics)
@@ -358,11 +368,88 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     # One compiled program per run is the static-shape contract (DESIGN.md).
     logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
     logging.info("train step compiled %d time(s)", step_fn._cache_size())
+    checkpointer.wait()  # the last save's failure is this run's failure
+    failed = False
   finally:
     progress.close()
-    checkpointer.close()
+    if failed:  # already failing: what went wrong is reported, not a second error
+      checkpointer.abandon()
+    else:
+      checkpointer.close()
     logger.close()
   return eval_metrics
+
+
+def _check_saves(checkpointer, on_failure: str, logger, step: int) -> None:
+  """A failed save is noticed at the step boundary after it failed: raised
+  (``train.checkpoint_failures="stop"``) or logged and counted ("warn")."""
+  try:
+    checkpointer.check_saves()
+  except checkpointing.SaveError as e:
+    if on_failure == "stop":
+      raise
+    logging.warning("%s; training goes on (train.checkpoint_failures=warn)", e)
+    logger.event(step, {"event": "checkpoint_save_failed", "reason": str(e)})
+
+
+def _agree(ok: bool) -> bool:
+  """True when ``ok`` on every process (one process's bad read fails all)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _restore(checkpointer, abstract, workdir: str, total_steps: int):
+  """(step, state, bad checkpoints) from the newest checkpoint that restores.
+
+  Newest first: a checkpoint whose metadata cannot be read, whose parameter
+  shapes do not fit, or whose arrays cannot be read is passed over; once an
+  older one restores, each passed-over one is renamed to ``<step>.corrupt``
+  (process 0; never deleted), warned about, and returned for metrics.jsonl.
+  Every process takes the same decisions (``_agree``). None valid: a
+  ``SetupError`` where they merely do not fit this config (nothing renamed),
+  else a ``CheckpointError`` naming each. (step, None, ...) when the newest
+  valid step is at ``total_steps`` already (nothing read). (None, None, [])
+  for a fresh workdir.
+  """
+  bad, found = [], None
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    why = checkpointer.problem(step, abstract)
+    if _agree(why is None):
+      if step >= total_steps and not bad:
+        return step, None, []
+      state, why = checkpointer.try_restore(abstract, step)
+      if _agree(why is None):
+        found = (step, state)
+        break
+    bad.append(checkpointing.BadCheckpoint(step, checkpointer.step_dir(step),
+                                           why or "cannot be read on another process"))
+  if found is None:
+    if not bad:
+      return None, None, []
+    misfit = next((b for b in bad if b.reason.startswith("misfit: ")), None)
+    if misfit is not None:
+      checkpointer.close()
+      raise SetupError(
+          f"--workdir {workdir}: its checkpoint at step {misfit.step} does not fit this config "
+          f"({misfit.reason[len('misfit: '):]}); resume with the config it was trained with "
+          f"(its config.json) or choose a new --workdir")
+    checkpointer.close()
+    raise checkpointing.CheckpointError(
+        f"--workdir {workdir}: no checkpoint can be restored: " + "; ".join(
+            f"step {b.step} ({b.path}): {b.reason}" for b in bad)
+        + "; move them aside or choose a new --workdir")
+  for b in bad:
+    b.moved_to = checkpointer.move_aside(b.step)
+    logging.warning("checkpoint at step %d (%s) is unusable: %s; moved to %s, resuming from step %d",
+                    b.step, b.path, b.reason, b.moved_to, found[0])
+  if bad:
+    if jax.process_count() > 1:  # the renames are done before anyone lists the directory
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("checkpoints moved aside")
+    checkpointer.reload()
+  return found[0], found[1], bad
 
 
 def _evaluate(model, state, config, mesh, workdir, logger, step):
@@ -443,7 +530,11 @@ def main(argv, args):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except (FileNotFoundError, build.DataMismatchError, SetupError) as e:  # e.g. no data
+  except checkpointing.SaveError as e:
+    print(f"train: {e}", file=sys.stderr)
+    return 4
+  except (FileNotFoundError, build.DataMismatchError, SetupError,
+          checkpointing.CheckpointError) as e:  # e.g. no data
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
