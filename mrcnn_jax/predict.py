@@ -244,7 +244,7 @@ def main(argv, args):
     predictor = Predictor(args["config"].value, args["checkpoint"].value,
                           args["score_threshold"].value)
     predict_files(predictor, paths, args["output"].value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -304,9 +304,10 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   logging.info("model: %.2fM parameters; %d devices, %d processes", nparams / 1e6,
                jax.device_count(), jax.process_count())
 
+  faults = input_pipeline.RecordFaults()
   data = iter(input_pipeline.make_dataset(
       config, "train", start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count()).as_numpy_iterator())
+      process_count=jax.process_count(), faults=faults).as_numpy_iterator())
   key = jax.random.PRNGKey(config.seed)
 
   logger = MetricLogger(workdir, is_main)
@@ -327,7 +328,9 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   try:
     for step in range(start + 1, total + 1):
       _check_saves(checkpointer, on_save_failure, logger, step - 1)
-      batch = sharding.global_batch(next(data), mesh)
+      host_batch = next(data)
+      _check_records(faults, config.data.get("on_corrupt", "fail"), logger, step)
+      batch = sharding.global_batch(host_batch, mesh)
       state, metrics = step_fn(state, batch, key)
       pending.append(metrics)
       # Read the previous step's skip counter: one step behind keeps dispatch async.
@@ -346,6 +349,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
                 if k != "nonfinite_run"}
         line["images_per_s"] = len(host) * config.batch_size / max(now - last_log, 1e-9)
         line["nonfinite_total"] = int(state.nonfinite_total)
+        line["corrupt_records_skipped"] = len(faults)
         pending, last_log = [], now
         progress.set_postfix(loss=f"{line['loss']:.3f}")
         if is_main:
@@ -390,6 +394,17 @@ def _check_saves(checkpointer, on_failure: str, logger, step: int) -> None:
       raise
     logging.warning("%s; training goes on (train.checkpoint_failures=warn)", e)
     logger.event(step, {"event": "checkpoint_save_failed", "reason": str(e)})
+
+
+def _check_records(faults, on_corrupt: str, logger, step: int) -> None:
+  """Records the pipeline dropped as corrupt: stop (``data.on_corrupt="fail"``) or
+  log each, in metrics.jsonl too (the count goes with every metric line)."""
+  for description in faults.new():
+    if on_corrupt != "skip":
+      raise input_pipeline.CorruptRecordError(
+          f"corrupt record in {description} (data.on_corrupt=skip skips such records)")
+    logging.warning("skipped corrupt record %s", description)
+    logger.event(step, {"event": "corrupt_record_skipped", "record": description})
 
 
 def _agree(ok: bool) -> bool:
@@ -534,7 +549,7 @@ def main(argv, args):
     print(f"train: {e}", file=sys.stderr)
     return 4
   except (FileNotFoundError, build.DataMismatchError, SetupError,
-          checkpointing.CheckpointError) as e:  # e.g. no data
+          checkpointing.CheckpointError, input_pipeline.CorruptRecordError) as e:  # e.g. no data
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
