@@ -88,20 +88,21 @@ def test_truncated_or_missing_checkpoint_files(dataset, trained, tmp_path):  # n
   line = [x for x in err.splitlines() if "checkpoint at step 6 (" in x and "is unusable" in x]
   assert len(line) == 1 and os.path.join(ckpt, "6") in line[0] and "6.corrupt" in line[0], err
   assert "resuming from step 4" in line[0]
-  assert sorted(os.listdir(ckpt)) == ["2", "4", "6", "6.corrupt", "8"]  # nothing deleted
+  # Nothing deleted but by the keep-3 policy (step 2 gave way to 8).
+  assert sorted(os.listdir(ckpt)) == ["4", "6", "6.corrupt", "8"]
   events = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))
             if "corrupt_checkpoint" in x]
   assert [(e["step"], e["corrupt_step"]) for e in events] == [(4, 6)], events
-  assert_restores(workdir, [2, 4, 6, 8])
+  assert_restores(workdir, [4, 6, 8])
 
   # Missing files in every checkpoint: none restores; each is named, none moved.
-  for step in (2, 4, 6, 8):
+  for step in (4, 6, 8):
     os.remove(os.path.join(ckpt, str(step), "default", "_METADATA"))
   code, _, err = run(TRAIN, [f"--workdir={workdir}", *flags(dataset, total_steps=10)])
   line = assert_named_error(code, err, 2, "no checkpoint can be restored")
-  for step in (2, 4, 6, 8):
+  for step in (4, 6, 8):
     assert f"step {step} ({os.path.join(ckpt, str(step))})" in line
-  assert sorted(os.listdir(ckpt)) == ["2", "4", "6", "6.corrupt", "8"]
+  assert sorted(os.listdir(ckpt)) == ["4", "6", "6.corrupt", "8"]
 
   config = ["--config=configs/shapes.py:tiny", *flags(dataset)]
   code, _, err = run(["-m", "mrcnn_jax.evaluate"], [f"--workdir={workdir}", *config])
@@ -179,8 +180,10 @@ def test_corrupt_records_are_named_then_fail_or_skip(dataset, tmp_path):  # noqa
   assert skipped == {names[3][9:], names[5][9:]}, lines
   counts = [e["train/corrupt_records_skipped"] for e in lines
             if "train/corrupt_records_skipped" in e]
-  assert counts[-1] == 2 and all(np.isfinite(e["train/loss"]) for e in lines
-                                 if "train/loss" in e)
+  # The count runs with the pipeline, which reads ahead into the next epoch.
+  events = sum(e.get("event") == "corrupt_record_skipped" for e in lines)
+  assert counts[-1] == events >= 2, lines
+  assert all(np.isfinite(e["train/loss"]) for e in lines if "train/loss" in e)
 
 
 @contextlib.contextmanager
