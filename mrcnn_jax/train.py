@@ -17,6 +17,12 @@ Guarantees:
 - A step whose loss or gradients are not finite changes nothing but the
   step counter and the skip counters; ``train.max_nonfinite`` skips in a row
   stop the run with an error, keeping the last (good) checkpoint.
+- A checkpoint that cannot be restored is renamed to ``<step>.corrupt`` and
+  the newest valid one is used (``_restore``); a failed save stops the run
+  at the next step boundary with one line and exit status 4
+  (``train.checkpoint_failures="warn"`` goes on); a corrupt record stops it
+  with exit status 2 or is skipped (``data.on_corrupt``). README, "When
+  things go wrong", lists every fault.
 - Logs: a progress bar with ETA, a metric line every ``train.log_every``
   steps, TensorBoard summaries in WORKDIR/tensorboard and one JSON object per
   log step in WORKDIR/metrics.jsonl.

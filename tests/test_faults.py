@@ -180,7 +180,7 @@ def test_corrupt_records_are_named_then_fail_or_skip(dataset, tmp_path):  # noqa
   assert skipped == {names[3][9:], names[5][9:]}, lines
   counts = [e["train/corrupt_records_skipped"] for e in lines
             if "train/corrupt_records_skipped" in e]
-  # The count runs with the pipeline, which reads ahead into the next epoch.
+  # Skipped as the run met them (the pipeline had read ahead into the next epoch).
   events = sum(e.get("event") == "corrupt_record_skipped" for e in lines)
   assert counts[-1] == events >= 2, lines
   assert all(np.isfinite(e["train/loss"]) for e in lines if "train/loss" in e)

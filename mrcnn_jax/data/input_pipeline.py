@@ -203,8 +203,9 @@ class RecordFaults:
     return items
 
   def __len__(self):
+    """How many were handed out by ``new`` (those the caller has acted on)."""
     with self._lock:
-      return len(self._items)
+      return self._read
 
 
 def make_dataset(config, split: str, *, start_step: int = 0, process_index: int = 0,
