@@ -332,6 +332,8 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     pad = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(-1, tf.int64)))
     ds = ds.concatenate(pad.repeat(local).map(load).map(lambda p, out: out))
   ds = ds.batch(local, drop_remainder=True)
+  if not is_train:
+    ds = ds.take(padded // global_batch)  # the padding's extra batch never shows
   options = tf.data.Options()
   options.threading.private_threadpool_size = d.get("threads", 0) or 0
   options.deterministic = True
