@@ -26,6 +26,7 @@ optionally ``model_state``) will do.
 
 import dataclasses
 import os
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -43,7 +44,13 @@ class SaveError(Exception):
 
 def _orbax_record(record) -> bool:
   """Orbax's records: INFO chatter dropped; warnings and errors kept, without the
-  traceback of a failed save (``SaveError`` names it in one line)."""
+  traceback of a failed save (``SaveError`` names it in one line). asyncio's
+  "Task exception was never retrieved" for orbax's write tasks loses its
+  traceback too."""
+  if record.name == "asyncio" and "orbax" in str(record.getMessage()):
+    record.exc_info, record.exc_text = None, None
+    record.msg, record.args = record.getMessage().splitlines()[0], ()
+    return True
   if "orbax" not in record.pathname:
     return True
   record.exc_info, record.exc_text = None, None
@@ -53,6 +60,31 @@ def _orbax_record(record) -> bool:
 def quiet_orbax_logs() -> None:
   """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
   logging.get_absl_handler().addFilter(_orbax_record)
+
+
+def _orbax_aftermath(exc: BaseException) -> bool:
+  """An error of a failed save's leftover work: tensorstore completing a write on
+  the save's asyncio loop after orbax closed it, or its coroutines collected at exit."""
+  text = str(exc)
+  return ((isinstance(exc, RuntimeError) and text == "Event loop is closed")
+          or (isinstance(exc, ImportError) and "Python is likely shutting down" in text))
+
+
+def quiet_failed_save_aftermath() -> None:
+  """Keeps the aftermath of a failed asynchronous save (``_orbax_aftermath``), which
+  tensorstore prints through ``sys.excepthook`` from its own threads, off stderr:
+  ``SaveError`` has named the failure in one line. Other errors print as before."""
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, traceback):
+    if not _orbax_aftermath(value):
+      previous_hook(kind, value, traceback)
+
+  def unraisablehook(unraisable):
+    if not _orbax_aftermath(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def cause(e: BaseException) -> str:

@@ -66,6 +66,10 @@ class NonFiniteError(RuntimeError):
   pass
 
 
+class LogWriteError(RuntimeError):
+  """metrics.jsonl or TensorBoard cannot be written (a full or unwritable disk)."""
+
+
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, Any]:
   """Zeros with the shapes and dtypes of one ``make_dataset`` batch."""
   d, m = config.data, config.model
@@ -135,15 +139,21 @@ class MetricLogger:
   """Metric lines on the console, metrics.jsonl and TensorBoard (process 0 only)."""
 
   def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.enabled, self.workdir, self.tf = enabled, workdir, tf
     self.writer = None
     if enabled:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self.tf = tf
       self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
   def write(self, step: int, metrics: Dict[str, float], prefix: str = "") -> None:
+    try:
+      self._write(step, metrics, prefix)
+    except (OSError, self.tf.errors.OpError) as e:
+      raise LogWriteError(f"cannot write metrics at step {step} to {self.workdir}: "
+                          f"{checkpointing.cause(e)}") from None
+
+  def _write(self, step: int, metrics: Dict[str, float], prefix: str = "") -> None:
     if not self.enabled:
       return
     metrics = {prefix + k: float(v) for k, v in metrics.items()}
@@ -162,10 +172,16 @@ class MetricLogger:
       self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
       self.jsonl.flush()
 
-  def close(self):
+  def close(self, quiet: bool = False):
+    """Closes the files; ``quiet``: a failure to flush is not raised again."""
     if self.enabled:
-      self.jsonl.close()
-      self.writer.close()
+      try:
+        self.jsonl.close()
+        self.writer.close()
+      except (OSError, self.tf.errors.OpError) as e:
+        if not quiet:
+          raise LogWriteError(f"cannot write metrics to {self.workdir}: "
+                              f"{checkpointing.cause(e)}") from None
 
 
 def _format(metrics: Dict[str, float]) -> str:
@@ -360,7 +376,11 @@ def _train(config, workdir, stop) -> Dict[str, float]:
         progress.set_postfix(loss=f"{line['loss']:.3f}")
         if is_main:
           progress.write(f"step {step}: {_format(line)}")
-        logger.write(step, line, "train/")
+        try:
+          logger.write(step, line, "train/")
+        except LogWriteError:
+          checkpointer.check_saves(block=True)  # a failed save (a full disk) is named first
+          raise
 
       stopping = stop.requested()
       if (step % t.checkpoint_every == 0 or step == total or stopping):
@@ -386,7 +406,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       checkpointer.abandon()
     else:
       checkpointer.close()
-    logger.close()
+    logger.close(quiet=failed)
   return eval_metrics
 
 
@@ -541,6 +561,7 @@ def main(argv, args):
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
   checkpointing.quiet_orbax_logs()
+  checkpointing.quiet_failed_save_aftermath()
   sharding.initialize_distributed(args["coordinator_address"].value,
                                   args["num_processes"].value, args["process_id"].value)
   try:
@@ -551,7 +572,7 @@ def main(argv, args):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except checkpointing.SaveError as e:
+  except (checkpointing.SaveError, LogWriteError) as e:
     print(f"train: {e}", file=sys.stderr)
     return 4
   except (FileNotFoundError, build.DataMismatchError, SetupError,
