@@ -8,10 +8,12 @@ checkpoints restorable (the partial directory is ignored and cleaned up on
 the next start).
 
 Faults (README "When things go wrong"):
-- ``restore_newest_valid`` reads the newest checkpoint that restores (its
-  metadata, the parameter shapes the config wants, then every array); one
-  that does not is renamed aside to ``<step>.corrupt`` (orbax ignores that
-  name; nothing is deleted) and the next older one is tried.
+- ``problem`` (metadata, parameter shapes) and ``try_restore`` (every
+  array) say why a checkpoint cannot be restored; ``train._restore`` walks
+  the steps newest first with them and ``move_aside`` renames each bad one
+  to ``<step>.corrupt`` (orbax ignores that name; nothing is deleted), on
+  process 0 only. The renaming is this module's one path operation besides
+  orbax's, so that moving to tf.io.gfile changes one place.
 - A save that fails in orbax's background thread (no space, permission, a
   bucket error) is raised as ``SaveError`` by ``check_saves`` at the next
   step boundary, naming the step, the directory and the cause.
@@ -124,7 +126,6 @@ class Checkpointer:
     if best_metric:
       self.best = _manager(os.path.join(workdir, "best"), max_to_keep=1,
                            best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
-
     self._saving: Optional[int] = None  # the step of the save in flight
 
   def latest_step(self) -> Optional[int]:
@@ -147,8 +148,8 @@ class Checkpointer:
 
   def problem(self, step: int, abstract_state) -> Optional[str]:
     """Why the checkpoint at ``step`` cannot be restored as ``abstract_state``, from its
-    metadata alone (None: it looks fine). A shape mismatch is reported as a
-    ``SetupError``-worthy misfit by the caller, so it is returned with a prefix."""
+    metadata alone (None: it looks fine). Parameter shapes that differ start with
+    "misfit: ": where no checkpoint fits, the caller blames the config, not the files."""
     try:
       stored = stored_param_shapes(self.step_dir(step))
     except Exception as e:  # pylint: disable=broad-except  # any unreadable metadata

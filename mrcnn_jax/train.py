@@ -349,7 +349,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   failed = True
   try:
     for step in range(start + 1, total + 1):
-      _check_saves(checkpointer, on_save_failure, logger, step - 1)
+      _on_save_failure(checkpointer.check_saves, on_save_failure, logger, step - 1)
       host_batch = next(data)
       _check_records(faults, config.data.get("on_corrupt", "fail"), logger, step)
       batch = sharding.global_batch(host_batch, mesh)
@@ -384,7 +384,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
 
       stopping = stop.requested()
       if (step % t.checkpoint_every == 0 or step == total or stopping):
-        checkpointer.save(step, state, force=True)
+        _on_save_failure(lambda: checkpointer.save(step, state, force=True),
+                         on_save_failure, logger, step)
       if t.eval_every and (step % t.eval_every == 0 or step == total) and not stopping:
         eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step)
         checkpointer.save_best(step, state, eval_metrics)
@@ -398,7 +399,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     # One compiled program per run is the static-shape contract (DESIGN.md).
     logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
     logging.info("train step compiled %d time(s)", step_fn._cache_size())
-    checkpointer.wait()  # the last save's failure is this run's failure
+    _on_save_failure(checkpointer.wait, on_save_failure, logger, step)  # the last save
     failed = False
   finally:
     progress.close()
@@ -410,11 +411,12 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   return eval_metrics
 
 
-def _check_saves(checkpointer, on_failure: str, logger, step: int) -> None:
-  """A failed save is noticed at the step boundary after it failed: raised
-  (``train.checkpoint_failures="stop"``) or logged and counted ("warn")."""
+def _on_save_failure(call, on_failure: str, logger, step: int) -> None:
+  """Runs ``call`` (a save, or a check of the one in flight); a ``SaveError`` is
+  raised (``train.checkpoint_failures="stop"``) or logged, also in metrics.jsonl,
+  and training goes on ("warn"; the next save tries again)."""
   try:
-    checkpointer.check_saves()
+    call()
   except checkpointing.SaveError as e:
     if on_failure == "stop":
       raise

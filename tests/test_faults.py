@@ -232,6 +232,32 @@ def test_full_filesystem_stops_at_the_failed_save(dataset, tmp_path):  # noqa: F
     assert_restores(workdir, [2])
 
 
+def test_checkpoint_failures_warn_trains_on(dataset, tmp_path, monkeypatch):  # noqa: F811
+  """train.checkpoint_failures=warn: the failed save (step 2) is logged and recorded
+  in metrics.jsonl; the run goes on and its later saves land."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import make_config  # pylint: disable=g-import-not-at-top
+  real = ocp.StandardCheckpointHandler.async_save
+
+  async def failing(self, directory, *args, **kwargs):
+    if "/2." in str(directory):  # step 2's temporary directory
+      raise OSError(28, "No space left on device", str(directory))
+    return await real(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+  workdir = str(tmp_path / "w")
+  config = make_config(dataset, total_steps=6, **{"train.checkpoint_every": 2,
+                                                  "train.checkpoint_failures": "warn"})
+  train.train_and_evaluate(config, workdir)
+  events = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))
+            if "checkpoint_save_failed" in x]
+  assert len(events) == 1, events
+  assert "checkpoint save at step 2 failed" in events[0]["reason"], events
+  assert "No space left on device" in events[0]["reason"], events
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  assert_restores(workdir, [4, 6])
+
+
 def test_unwritable_workdir_is_named(dataset, trained, tmp_path):  # noqa: F811
   """A read-only workdir holding checkpoints: exit 2 naming it; they still restore."""
   workdir = tmp_path / "ro"
