@@ -293,15 +293,23 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     return position, out
 
   # A dropped (corrupt) element shows as a gap in this process's positions,
-  # seen in order by one sequential map after ignore_errors.
+  # seen in order by one sequential map after ignore_errors. The eval stream's
+  # fill (position -1, below) marks its end: gaps up to there are reported too.
   start_index = start_step * local if is_train else 0
-  expected = [start_index]
+  end_index = None if is_train else padded // process_count
+  expected, last = [start_index], [-1]
   def note_gaps(position):
+    final = position < 0
+    if not final and position <= last[0]:  # the dataset is iterated anew
+      expected[0] = start_index
+    last[0] = max(last[0], position)
     while True:
       i = expected[0]
-      expected[0] += 1
+      if final and i >= end_index:
+        return np.bool_(True)
       p = position_of(np.int64(i))
-      if p >= position:
+      expected[0] += 1
+      if not final and p >= position:
         return np.bool_(True)
       record = int(record_of(p))
       why = records.problem(record) or "the input pipeline could not decode it"
@@ -327,10 +335,10 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
                      f"autotuning), got {parallel_calls!r}")
   ds = ds.map(load, num_parallel_calls=int(parallel_calls) or tf.data.AUTOTUNE,
               deterministic=True)
-  ds = ds.ignore_errors().map(checked)
   if not is_train:  # fill the batches a dropped record shortens (evaluate takes their number)
     pad = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(-1, tf.int64)))
-    ds = ds.concatenate(pad.repeat(local).map(load).map(lambda p, out: out))
+    ds = ds.concatenate(pad.repeat(local).map(load))
+  ds = ds.ignore_errors().map(checked)
   ds = ds.batch(local, drop_remainder=True)
   if not is_train:
     ds = ds.take(padded // global_batch)  # the padding's extra batch never shows
