@@ -225,7 +225,11 @@ class Checkpointer:
   def wait(self) -> None:
     self.check_saves(block=True)
     if self.best is not None:
-      self.best.wait_until_finished()
+      try:
+        self.best.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise SaveError(f"best checkpoint save failed: {self.best.directory}: "
+                        f"{_root_cause(e)}") from e
 
   def close(self) -> None:
     self.wait()
