@@ -41,6 +41,10 @@ def get_config(arg=None):
       "flip": True, "scale_range": None,
       "filter_empty": True, "threads": 0, "prefetch": 2,
       "parallel_calls": 0,  # decode calls in flight; 0 = tf.data autotuning
+
+      # A record that fails its CRC or does not decode: "fail" (exit 2, named)
+      # or "skip" (named, counted in metrics.jsonl; the batch is filled on).
+      "on_corrupt": "fail",
   })
   config.model = build.model_config(num_classes=80)  # R50-FPN, frozen BN, freeze_at 2
   config.optim = optim_config()  # SGD 0.02 @ 16, warm-up 1000, steps 60k/80k
@@ -48,6 +52,10 @@ def get_config(arg=None):
       "log_every": 100, "checkpoint_every": 5000, "keep_checkpoints": 3,
       "eval_every": 10000, "eval_steps": 0, "best_metric": "segm/AP",
       "max_nonfinite": 20, "progress": True,
+
+      # A checkpoint save that fails (no space, permission): "stop" (exit 4,
+      # named) or "warn" (named, training goes on; the next save tries again).
+      "checkpoint_failures": "stop",
   })
   # () = COCO's 17 sigmas for 17 keypoints; keypoint results ranked by their
   # box's score, as detectron2 does (see evaluation/coco.py KEYPOINT_SCORES).

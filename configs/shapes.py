@@ -199,6 +199,10 @@ def get_config(arg=None):
       # step and leave the rest to XLA. Fixed, so tf.data's autotuner is off
       # and its minute-long wait at exit with it (see data/input_pipeline.py).
       "parallel_calls": max(1, (os.cpu_count() or 1) // 4),
+
+      # A record that fails its CRC or does not decode: "fail" (exit 2, named)
+      # or "skip" (named, counted in metrics.jsonl; the batch is filled on).
+      "on_corrupt": "fail",
   })
 
   model = build.model_config(num_classes=5)
@@ -243,6 +247,10 @@ def get_config(arg=None):
       "log_every": 5 if tiny else 50, "checkpoint_every": 10 if tiny else 500,
       "keep_checkpoints": 2, "eval_every": 0, "eval_steps": 0,
       "best_metric": "bbox/AP", "max_nonfinite": 5, "progress": True,
+
+      # A checkpoint save that fails (no space, permission): "stop" (exit 4,
+      # named) or "warn" (named, training goes on; the next save tries again).
+      "checkpoint_failures": "stop",
   })
   # () = the evaluator's default sigma; keypoint results ranked by box score x
   # mean keypoint score (see evaluation/coco.py KEYPOINT_SCORES and the docstring).

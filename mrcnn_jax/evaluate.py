@@ -80,8 +80,9 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
   steps = input_pipeline.num_eval_steps(config)
   if max_steps:
     steps = min(steps, max_steps)
+  faults = input_pipeline.RecordFaults()
   data = input_pipeline.make_dataset(config, "eval", process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+                                     process_count=jax.process_count(), faults=faults)
   step_fn = _jitted_detect(model, mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   start = time.time()
@@ -89,6 +90,11 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
                   unit="batch", disable=not progress or jax.process_index() != 0,
                   dynamic_ncols=True)
   for batch in bar:
+    for description in faults.new():  # the run's data.on_corrupt, as in training
+      if config.data.get("on_corrupt", "fail") != "skip":
+        raise input_pipeline.CorruptRecordError(f"corrupt record in {description}")
+      logging.warning("eval: skipped corrupt record %s (its objects count as missed)",
+                      description)
     detections, image_info = jax.device_get(step_fn(variables,
                                                     sharding.global_batch(batch, mesh)))
     evaluator.add(detections, image_info)
@@ -128,14 +134,15 @@ def main(argv, args):
   path = args["checkpoint"].value or workdir
   try:
     step_dir = checkpointing.resolve(path)
-  except FileNotFoundError as e:
+    variables = checkpointing.load_variables(step_dir)
+  except (FileNotFoundError, checkpointing.CheckpointError) as e:  # missing or unreadable
     print(f"error: {e}", file=sys.stderr)
     return 2
   model = build.build_model(config)
-  variables = checkpointing.load_variables(step_dir)
   try:
     metrics = evaluate(model, variables, config, sharding.make_mesh())
-  except (FileNotFoundError, build.DataMismatchError) as e:  # e.g. a missing eval split
+  except (FileNotFoundError, build.DataMismatchError,
+          input_pipeline.CorruptRecordError) as e:  # e.g. a missing eval split
     print(f"error: {e}", file=sys.stderr)
     return 2
   os.makedirs(workdir, exist_ok=True)

@@ -334,7 +334,7 @@ def main(argv, args):
     if args["picture_min_side"].value < 0:
       raise ValueError(f"--picture_min_side: expected >= 0, got {args['picture_min_side'].value}")
     predict_files(predictor, paths, args["output"].value, args["picture_min_side"].value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -17,6 +17,12 @@ Guarantees:
 - A step whose loss or gradients are not finite changes nothing but the
   step counter and the skip counters; ``train.max_nonfinite`` skips in a row
   stop the run with an error, keeping the last (good) checkpoint.
+- A checkpoint that cannot be restored is renamed to ``<step>.corrupt`` and
+  the newest valid one is used (``_restore``); a failed save stops the run
+  at the next step boundary with one line and exit status 4
+  (``train.checkpoint_failures="warn"`` goes on); a corrupt record stops it
+  with exit status 2 or is skipped (``data.on_corrupt``). README, "When
+  things go wrong", lists every fault.
 - Logs: a progress bar with ETA, a metric line every ``train.log_every``
   steps, TensorBoard summaries in WORKDIR/tensorboard and one JSON object per
   log step in WORKDIR/metrics.jsonl.
@@ -58,6 +64,10 @@ class TrainState:
 
 class NonFiniteError(RuntimeError):
   pass
+
+
+class LogWriteError(RuntimeError):
+  """metrics.jsonl or TensorBoard cannot be written (a full or unwritable disk)."""
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, Any]:
@@ -129,15 +139,21 @@ class MetricLogger:
   """Metric lines on the console, metrics.jsonl and TensorBoard (process 0 only)."""
 
   def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.enabled, self.workdir, self.tf = enabled, workdir, tf
     self.writer = None
     if enabled:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self.tf = tf
       self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
   def write(self, step: int, metrics: Dict[str, float], prefix: str = "") -> None:
+    try:
+      self._write(step, metrics, prefix)
+    except (OSError, self.tf.errors.OpError) as e:
+      raise LogWriteError(f"cannot write metrics at step {step} to {self.workdir}: "
+                          f"{checkpointing.cause(e)}") from None
+
+  def _write(self, step: int, metrics: Dict[str, float], prefix: str = "") -> None:
     if not self.enabled:
       return
     metrics = {prefix + k: float(v) for k, v in metrics.items()}
@@ -150,10 +166,22 @@ class MetricLogger:
         self.tf.summary.scalar(k, v)
     self.writer.flush()
 
-  def close(self):
+  def event(self, step: int, record: Dict[str, Any]) -> None:
+    """A non-numeric record (a fault and what was done) in metrics.jsonl."""
     if self.enabled:
-      self.jsonl.close()
-      self.writer.close()
+      self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+      self.jsonl.flush()
+
+  def close(self, quiet: bool = False):
+    """Closes the files; ``quiet``: a failure to flush is not raised again."""
+    if self.enabled:
+      try:
+        self.jsonl.close()
+        self.writer.close()
+      except (OSError, self.tf.errors.OpError) as e:
+        if not quiet:
+          raise LogWriteError(f"cannot write metrics to {self.workdir}: "
+                              f"{checkpointing.cause(e)}") from None
 
 
 def _format(metrics: Dict[str, float]) -> str:
@@ -265,28 +293,19 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   evaluate_lib.evaluator_options(config)  # a bad eval setting fails now, not after training
   model, abstract, rep, init, step_fn = _programs(config, mesh)
 
-  checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
-                                            best_metric=t.get("best_metric") or None)
-  start = checkpointer.latest_step()
+  try:
+    checkpointer = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
+                                              best_metric=t.get("best_metric") or None)
+  except OSError as e:  # an unwritable or full workdir
+    raise SetupError(f"--workdir {workdir}: cannot create its checkpoint directories "
+                     f"({checkpointing.cause(e)})") from None
+  start, state, bad = _restore(checkpointer, abstract, workdir, config.total_steps)
+  if start is not None and state is None:  # at total_steps already
+    checkpointer.close()
+    logging.warning("%s is at step %d >= total_steps %d: nothing to train", workdir, start,
+                    config.total_steps)
+    return {}
   if start is not None:
-    # Checked before restoring: orbax fails on the first array that differs.
-    stored = checkpointing.stored_param_shapes(checkpointer.step_dir(start))
-    wanted = checkpointing.param_shapes(abstract.params)
-    differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
-    if differ:
-      checkpointer.close()
-      k = differ[0]
-      raise SetupError(
-          f"--workdir {workdir}: its checkpoint at step {start} does not fit this config "
-          f"({len(differ)} parameters differ, e.g. {k}: stored {stored.get(k)}, this config "
-          f"{wanted.get(k)}); resume with the config it was trained with (its config.json) "
-          f"or choose a new --workdir")
-    if start >= config.total_steps:  # before reading the state back: nothing needs it
-      checkpointer.close()
-      logging.warning("%s is at step %d >= total_steps %d: nothing to train", workdir, start,
-                      config.total_steps)
-      return {}
-    state = checkpointer.restore(abstract, start)
     logging.info("resumed from %s at step %d", workdir, start)
   else:
     state = init(jax.random.PRNGKey(config.seed))
@@ -294,30 +313,46 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       state = _load_initialisation(state, config, rep)
     start = 0
   if is_main:  # after a restore, so a config that does not fit leaves these as they were
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    # Class names and keypoint metadata travel with the checkpoints (predict reads them).
-    with open(os.path.join(workdir, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=1)
+    try:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+      # Class names and keypoint metadata travel with the checkpoints (predict reads them).
+      with open(os.path.join(workdir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    except OSError as e:
+      checkpointer.close()
+      raise SetupError(f"--workdir {workdir}: cannot write ({checkpointing.cause(e)})") from None
   nparams = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("model: %.2fM parameters; %d devices, %d processes", nparams / 1e6,
                jax.device_count(), jax.process_count())
 
+  faults = input_pipeline.RecordFaults()
   data = iter(input_pipeline.make_dataset(
       config, "train", start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count()).as_numpy_iterator())
+      process_count=jax.process_count(), faults=faults).as_numpy_iterator())
   key = jax.random.PRNGKey(config.seed)
 
   logger = MetricLogger(workdir, is_main)
+  for b in bad:
+    logger.event(start, {"event": "corrupt_checkpoint", "corrupt_step": b.step,
+                         "path": b.path, "moved_to": b.moved_to, "reason": b.reason})
+  on_save_failure = t.get("checkpoint_failures", "stop")
+  if on_save_failure not in ("stop", "warn"):
+    raise SetupError(f"train.checkpoint_failures: expected 'stop' or 'warn', got "
+                     f"{on_save_failure!r}")
   total = config.total_steps
   progress = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                        disable=not is_main or not t.get("progress", True),
                        dynamic_ncols=True)
   pending, previous_run = [], None
   last_log, eval_metrics, step = time.time(), {}, start
+  failed = True
   try:
     for step in range(start + 1, total + 1):
-      batch = sharding.global_batch(next(data), mesh)
+      _on_save_failure(checkpointer.check_saves, on_save_failure, logger, step - 1)
+      host_batch = next(data)
+      _check_records(faults, config.data.get("on_corrupt", "fail"), logger, step)
+      batch = sharding.global_batch(host_batch, mesh)
       state, metrics = step_fn(state, batch, key)
       pending.append(metrics)
       # Read the previous step's skip counter: one step behind keeps dispatch async.
@@ -336,15 +371,21 @@ def _train(config, workdir, stop) -> Dict[str, float]:
                 if k != "nonfinite_run"}
         line["images_per_s"] = len(host) * config.batch_size / max(now - last_log, 1e-9)
         line["nonfinite_total"] = int(state.nonfinite_total)
+        line["corrupt_records_skipped"] = len(faults)
         pending, last_log = [], now
         progress.set_postfix(loss=f"{line['loss']:.3f}")
         if is_main:
           progress.write(f"step {step}: {_format(line)}")
-        logger.write(step, line, "train/")
+        try:
+          logger.write(step, line, "train/")
+        except LogWriteError:
+          checkpointer.check_saves(block=True)  # a failed save (a full disk) is named first
+          raise
 
       stopping = stop.requested()
       if (step % t.checkpoint_every == 0 or step == total or stopping):
-        checkpointer.save(step, state, force=True)
+        _on_save_failure(lambda: checkpointer.save(step, state, force=True),
+                         on_save_failure, logger, step)
       if t.eval_every and (step % t.eval_every == 0 or step == total) and not stopping:
         eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step)
         checkpointer.save_best(step, state, eval_metrics)
@@ -358,11 +399,100 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     # One compiled program per run is the static-shape contract (DESIGN.md).
     logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
     logging.info("train step compiled %d time(s)", step_fn._cache_size())
+    _on_save_failure(checkpointer.wait, on_save_failure, logger, step)  # the last save
+    failed = False
   finally:
     progress.close()
-    checkpointer.close()
-    logger.close()
+    if failed:  # already failing: what went wrong is reported, not a second error
+      checkpointer.abandon()
+    else:
+      checkpointer.close()
+    logger.close(quiet=failed)
   return eval_metrics
+
+
+def _on_save_failure(call, on_failure: str, logger, step: int) -> None:
+  """Runs ``call`` (a save, or a check of the one in flight); a ``SaveError`` is
+  raised (``train.checkpoint_failures="stop"``) or logged, also in metrics.jsonl,
+  and training goes on ("warn"; the next save tries again)."""
+  try:
+    call()
+  except checkpointing.SaveError as e:
+    if on_failure == "stop":
+      raise
+    logging.warning("%s; training goes on (train.checkpoint_failures=warn)", e)
+    logger.event(step, {"event": "checkpoint_save_failed", "reason": str(e)})
+
+
+def _check_records(faults, on_corrupt: str, logger, step: int) -> None:
+  """Records the pipeline dropped as corrupt: stop (``data.on_corrupt="fail"``) or
+  log each, in metrics.jsonl too (the count goes with every metric line)."""
+  for description in faults.new():
+    if on_corrupt != "skip":
+      raise input_pipeline.CorruptRecordError(
+          f"corrupt record in {description} (data.on_corrupt=skip skips such records)")
+    logging.warning("skipped corrupt record %s", description)
+    logger.event(step, {"event": "corrupt_record_skipped", "record": description})
+
+
+def _agree(ok: bool) -> bool:
+  """True when ``ok`` on every process (one process's bad read fails all)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _restore(checkpointer, abstract, workdir: str, total_steps: int):
+  """(step, state, bad checkpoints) from the newest checkpoint that restores.
+
+  Newest first: a checkpoint whose metadata cannot be read, whose parameter
+  shapes do not fit, or whose arrays cannot be read is passed over; once an
+  older one restores, each passed-over one is renamed to ``<step>.corrupt``
+  (process 0; never deleted), warned about, and returned for metrics.jsonl.
+  Every process takes the same decisions (``_agree``). None valid: a
+  ``SetupError`` where they merely do not fit this config (nothing renamed),
+  else a ``CheckpointError`` naming each. (step, None, ...) when the newest
+  valid step is at ``total_steps`` already (nothing read). (None, None, [])
+  for a fresh workdir.
+  """
+  bad, found = [], None
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    why = checkpointer.problem(step, abstract)
+    if _agree(why is None):
+      if step >= total_steps and not bad:
+        return step, None, []
+      state, why = checkpointer.try_restore(abstract, step)
+      if _agree(why is None):
+        found = (step, state)
+        break
+    bad.append(checkpointing.BadCheckpoint(step, checkpointer.step_dir(step),
+                                           why or "cannot be read on another process"))
+  if found is None:
+    if not bad:
+      return None, None, []
+    misfit = next((b for b in bad if b.reason.startswith("misfit: ")), None)
+    if misfit is not None:
+      checkpointer.close()
+      raise SetupError(
+          f"--workdir {workdir}: its checkpoint at step {misfit.step} does not fit this config "
+          f"({misfit.reason[len('misfit: '):]}); resume with the config it was trained with "
+          f"(its config.json) or choose a new --workdir")
+    checkpointer.close()
+    raise checkpointing.CheckpointError(
+        f"--workdir {workdir}: no checkpoint can be restored: " + "; ".join(
+            f"step {b.step} ({b.path}): {b.reason}" for b in bad)
+        + "; move them aside or choose a new --workdir")
+  for b in bad:
+    b.moved_to = checkpointer.move_aside(b.step)
+    logging.warning("checkpoint at step %d (%s) is unusable: %s; moved to %s, resuming from step %d",
+                    b.step, b.path, b.reason, b.moved_to, found[0])
+  if bad:
+    if jax.process_count() > 1:  # the renames are done before anyone lists the directory
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("checkpoints moved aside")
+    checkpointer.reload()
+  return found[0], found[1], bad
 
 
 def _evaluate(model, state, config, mesh, workdir, logger, step):
@@ -433,6 +563,7 @@ def main(argv, args):
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
   checkpointing.quiet_orbax_logs()
+  checkpointing.quiet_failed_save_aftermath()
   sharding.initialize_distributed(args["coordinator_address"].value,
                                   args["num_processes"].value, args["process_id"].value)
   try:
@@ -443,7 +574,11 @@ def main(argv, args):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except (FileNotFoundError, build.DataMismatchError, SetupError) as e:  # e.g. no data
+  except (checkpointing.SaveError, LogWriteError) as e:
+    print(f"train: {e}", file=sys.stderr)
+    return 4
+  except (FileNotFoundError, build.DataMismatchError, SetupError,
+          checkpointing.CheckpointError, input_pipeline.CorruptRecordError) as e:  # e.g. no data
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

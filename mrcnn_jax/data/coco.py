@@ -1,7 +1,12 @@
 """COCO-format JSON + images -> sharded TFRecords that the input pipeline reads.
 
     python -m mrcnn_jax.data.coco --images DIR --annotations FILE.json --output DIR
-        [--shards N] [--workers W]
+        [--shards N] [--workers W] [--verify]
+    python -m mrcnn_jax.data.coco --verify --output DIR   # check a converted split
+
+``--verify`` re-reads every record of the split (after converting it, or
+alone) and lists each bad one (a failed CRC, an undecodable image or mask)
+by shard, record number, image id and file name; exit status 2 if any.
 
 Works for any COCO-format split (instances with polygons or RLE, optional
 COCO person_keypoints-style keypoints) up to full COCO 2017 train: images are
@@ -543,14 +548,47 @@ def _unique_ids(annotations: List[dict]) -> List[dict]:
   return annotations
 
 
+def verify(directory: str) -> Tuple[int, List[str]]:
+  """(records read, one line per bad record) of a converted split."""
+  from mrcnn_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  records = input_pipeline.RecordFile(directory)
+  bad = []
+  for i in tqdm(range(len(records)), desc="verify", unit="rec", dynamic_ncols=True,
+                mininterval=1.0):
+    problem = records.problem(i)
+    if problem:
+      bad.append(records.describe(i, problem))
+  records.close()
+  return len(records.shard), bad
+
+
+def _verify_main(output: str) -> int:
+  try:
+    total, bad = verify(output)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for line in bad:
+    print(f"bad record: {line}")
+  print(f"verify: {total} records, {len(bad)} bad")
+  return 2 if bad else 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description="Convert a COCO-format split to TFRecords.")
-  parser.add_argument("--images", required=True, help="directory the file_names are relative to")
-  parser.add_argument("--annotations", required=True, help="COCO instances/keypoints JSON")
+  parser.add_argument("--images", help="directory the file_names are relative to")
+  parser.add_argument("--annotations", help="COCO instances/keypoints JSON")
   parser.add_argument("--output", required=True, help="directory for the shards")
   parser.add_argument("--shards", type=int, default=8)
   parser.add_argument("--workers", type=int, default=None, help="default: all cores")
+  parser.add_argument("--verify", action="store_true",
+                      help="re-read every record of --output (after converting, or alone) "
+                           "and list the bad ones")
   args = parser.parse_args(argv)
+  if args.verify and args.images is None and args.annotations is None:
+    return _verify_main(args.output)
+  if args.images is None or args.annotations is None:
+    parser.error("--images and --annotations are required (unless --verify alone)")
   if not os.path.isdir(args.images):
     print(f"error: --images {args.images}: not a directory", file=sys.stderr)
     return 2
@@ -563,7 +601,7 @@ def main(argv=None) -> int:
   for key, value in summary.items():
     print(f"  {key}: {value}")
   print(f"details of every problem: {os.path.join(args.output, 'problems.txt')}")
-  return 0
+  return _verify_main(args.output) if args.verify else 0
 
 
 if __name__ == "__main__":

@@ -20,18 +20,42 @@ own contiguous slice of every global batch.
 
 Evaluation visits every record once, in file order; the last global batch is
 padded with copies of record 0 flagged ``valid = False``.
+
+Corrupt records: every read checks the TFRecord framing's two masked CRC32Cs
+(of the length and of the data), and a record that fails them or does not
+decode (image or mask) is dropped from the stream and named in
+``RecordFaults`` (split, shard, record, image id, file name).
+``config.data.on_corrupt`` says what the caller (train, evaluate) does:
+"fail" (the default) stops with ``CorruptRecordError``; "skip" logs and
+counts it, and the batch is filled from the next records, so it keeps its
+shape (a resumed run then sees the batches shifted by the skipped records).
 """
 
+import io
 import json
 import numbers
 import os
+import struct
 import threading
-from typing import Optional
+from typing import List, Optional
 
+import google_crc32c
 import numpy as np
 import tensorflow as tf
 
 from mrcnn_jax.data import transforms
+
+
+_CRC_MASK_DELTA = 0xa282ead8  # TFRecord's masked CRC32C (tsl/lib/hash/crc32c.h)
+
+
+def masked_crc(data: bytes) -> int:
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xffffffff
+
+
+class CorruptRecordError(ValueError):
+  """A record that fails its checksum or does not decode (the CLIs exit 2)."""
 
 
 class RecordFile:
@@ -49,6 +73,7 @@ class RecordFile:
                               f"run python -m mrcnn_jax.data.coco first") from None
     records = np.asarray(index["records"], np.int64).reshape(-1, 5)
     self.shard, self.offset, self.length, self.num_instances, self.image_id = records.T
+    self.shard_names = list(index["shards"])
     self._fds = [os.open(os.path.join(directory, s), os.O_RDONLY) for s in index["shards"]]
     self.num_keypoints = len(self.meta["keypoint_names"])
     self.num_classes = len(self.meta["coco_ids"])
@@ -66,11 +91,68 @@ class RecordFile:
     return len(self.shard)
 
   def read(self, i: int) -> bytes:
-    """Serialized example ``i`` (os.pread needs no shared file position)."""
+    """Serialized example ``i``, its framing checked (os.pread needs no shared file
+    position). Raises ``CorruptRecordError`` naming the record."""
+    problem, data = self._read_checked(i)
+    if problem:
+      raise CorruptRecordError(self.describe(i, problem))
+    return data
+
+  def _read_checked(self, i: int):
+    """(problem or None, payload). Framing: u64 length, u32 masked crc32c of the
+    length, the payload, u32 masked crc32c of the payload."""
     if not self._fds:
       raise ValueError(f"{self.directory}: read from a closed RecordFile")
-    header = 12  # u64 length + u32 crc before the payload
-    return os.pread(self._fds[self.shard[i]], int(self.length[i]), int(self.offset[i]) + header)
+    n = int(self.length[i])
+    raw = os.pread(self._fds[self.shard[i]], n + 16, int(self.offset[i]))
+    if len(raw) < n + 16:
+      return f"the shard ends {n + 16 - len(raw)} bytes early (truncated)", b""
+    (length,), (length_crc,) = struct.unpack("<Q", raw[:8]), struct.unpack("<I", raw[8:12])
+    if masked_crc(raw[:8]) != length_crc or length != n:
+      return "corrupt framing (length or its CRC does not match the index)", b""
+    data = raw[12:12 + n]
+    if masked_crc(data) != struct.unpack("<I", raw[12 + n:])[0]:
+      return "data CRC mismatch (corrupt bytes)", b""
+    return None, data
+
+  def describe(self, i: int, problem: str) -> str:
+    """One line naming record ``i``: split, shard, record number, image id, file name."""
+    shard = int(self.shard[i])
+    number = int(np.count_nonzero(self.shard[:i] == shard))
+    return (f"{self.directory}: shard {self.shard_names[shard]} record {number} "
+            f"(record {i} of the split, byte offset {int(self.offset[i])}), image id "
+            f"{int(self.image_id[i])}, file {self._file_name(int(self.image_id[i]))}: {problem}")
+
+  def _file_name(self, image_id: int) -> str:
+    """From the converter's ground_truth.json (read only when naming a bad record)."""
+    try:
+      with open(os.path.join(self.directory, self.meta.get("ground_truth",
+                                                           "ground_truth.json"))) as f:
+        images = json.load(f)["images"]
+      return next((im["file_name"] for im in images if im["id"] == image_id), "?")
+    except (OSError, ValueError, KeyError, TypeError):
+      return "?"
+
+  def problem(self, i: int) -> Optional[str]:
+    """Why record ``i`` cannot be used (None: it can): its framing, then the Example,
+    the image and every mask PNG decoded on the host (PIL)."""
+    problem, data = self._read_checked(i)
+    if problem:
+      return problem
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    try:
+      feature = tf.train.Example.FromString(data).features.feature
+      with Image.open(io.BytesIO(feature["image/encoded"].bytes_list.value[0])) as im:
+        im.load()
+    except Exception as e:  # pylint: disable=broad-except  # any decoder failure
+      return f"undecodable image ({type(e).__name__}: {str(e)[:120]})"
+    for k, png in enumerate(feature["objects/mask_png"].bytes_list.value):
+      try:
+        with Image.open(io.BytesIO(png)) as im:
+          im.load()
+      except Exception as e:  # pylint: disable=broad-except
+        return f"undecodable mask {k} ({type(e).__name__}: {str(e)[:120]})"
+    return None
 
 
 class _EpochOrder:
@@ -97,8 +179,38 @@ class _EpochOrder:
     return np.int64(self.usable[perm[j]])
 
 
+class RecordFaults:
+  """The records a pipeline dropped, in stream order, each named by ``RecordFile.describe``.
+
+  Filled from tf.data's thread that sees the stream after the dropping; the
+  caller reads ``new()`` after each batch (train and evaluate do) and fails
+  or counts per ``config.data.on_corrupt``.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._items: List[str] = []
+    self._read = 0
+
+  def add(self, description: str) -> None:
+    with self._lock:
+      self._items.append(description)
+
+  def new(self) -> List[str]:
+    """Descriptions added since the last call."""
+    with self._lock:
+      items, self._read = self._items[self._read:], len(self._items)
+    return items
+
+  def __len__(self):
+    """How many were handed out by ``new`` (those the caller has acted on)."""
+    with self._lock:
+      return self._read
+
+
 def make_dataset(config, split: str, *, start_step: int = 0, process_index: int = 0,
-                 process_count: int = 1, batch_size: Optional[int] = None) -> tf.data.Dataset:
+                 process_count: int = 1, batch_size: Optional[int] = None,
+                 faults: Optional[RecordFaults] = None) -> tf.data.Dataset:
   """Batches of ``split`` ("train" or "eval") as documented in the module docstring.
 
   Args:
@@ -108,6 +220,9 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     process_index, process_count: this host and how many read the global batch.
     batch_size: global batch size; default ``config.batch_size`` (train) or
       ``config.eval_batch_size`` (eval).
+    faults: collects the records dropped as corrupt, for the caller to act on
+      per ``config.data.on_corrupt``; without it, a corrupt record fails the
+      iteration (a TensorFlow error whose text names it) unless on_corrupt is "skip".
   """
   d = config.data
   is_train = split == "train"
@@ -133,6 +248,10 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     step, k = i // local, i % local
     return step * global_batch + process_index * local + k
 
+  on_corrupt = d.get("on_corrupt", "fail")
+  if on_corrupt not in ("fail", "skip"):
+    raise ValueError(f"config.data.on_corrupt: expected 'fail' or 'skip', got {on_corrupt!r}")
+
   if is_train:
     usable = np.arange(len(records))
     if d.get("filter_empty", True):
@@ -140,6 +259,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     if not len(usable):
       raise ValueError(f"{d.train_dir}: no training image has an annotation")
     order = _EpochOrder(usable, config.seed)
+    record_of = order
     ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max).map(position_of)
     ds = ds.map(lambda p: (p, tf.ensure_shape(
         tf.numpy_function(order, [p], tf.int64, stateful=False), [])))
@@ -148,6 +268,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     padded = -(-n // global_batch) * global_batch
     ds = tf.data.Dataset.range(padded // process_count).map(position_of)
     ds = ds.map(lambda p: (p, tf.where(p < n, p, tf.constant(-1, tf.int64))))
+    record_of = lambda p: max(int(p), 0) if p < n else 0
 
   def load(position, record):
     serialized = tf.numpy_function(lambda i: records.read(max(int(i), 0)), [record], tf.string,
@@ -175,7 +296,39 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
         "scale": ex["scale"], "image_id": tf.cast(ex["image_id"], tf.int32),
         "valid": record >= 0, "num_dropped": ex["num_dropped"],
     }
-    return out
+    return position, out
+
+  # A dropped (corrupt) element shows as a gap in this process's positions,
+  # seen in order by one sequential map after ignore_errors. The eval stream's
+  # fill (position -1, below) marks its end: gaps up to there are reported too.
+  start_index = start_step * local if is_train else 0
+  end_index = None if is_train else padded // process_count
+  expected, last = [start_index], [-1]
+  def note_gaps(position):
+    final = position < 0
+    if not final and position <= last[0]:  # the dataset is iterated anew
+      expected[0] = start_index
+    last[0] = max(last[0], position)
+    while True:
+      i = expected[0]
+      if final and i >= end_index:
+        return np.bool_(True)
+      p = position_of(np.int64(i))
+      expected[0] += 1
+      if not final and p >= position:
+        return np.bool_(True)
+      record = int(record_of(p))
+      why = records.problem(record) or "the input pipeline could not decode it"
+      description = records.describe(record, why)
+      if faults is not None:
+        faults.add(description)
+      elif on_corrupt == "fail":
+        raise CorruptRecordError(description)
+
+  def checked(position, out):
+    ok = tf.numpy_function(note_gaps, [position], tf.bool, stateful=True)
+    with tf.control_dependencies([ok]):
+      return tf.nest.map_structure(tf.identity, out)
 
   # parallel_calls 0: tf.data's autotuner picks the decode parallelism at run
   # time. It runs a model thread that sleeps up to 60 s between rounds, and
@@ -188,7 +341,13 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
                      f"autotuning), got {parallel_calls!r}")
   ds = ds.map(load, num_parallel_calls=int(parallel_calls) or tf.data.AUTOTUNE,
               deterministic=True)
+  if not is_train:  # fill the batches a dropped record shortens (evaluate takes their number)
+    pad = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(-1, tf.int64)))
+    ds = ds.concatenate(pad.repeat(local).map(load))
+  ds = ds.ignore_errors().map(checked)
   ds = ds.batch(local, drop_remainder=True)
+  if not is_train:
+    ds = ds.take(padded // global_batch)  # the padding's extra batch never shows
   options = tf.data.Options()
   options.threading.private_threadpool_size = d.get("threads", 0) or 0
   options.deterministic = True

@@ -519,3 +519,49 @@ def test_crowd_regions_are_kept_as_crowd_entries(shapes_dataset, split):
   assert crowd_images == len({a["image_id"] for a in gt.loadAnns(gt.getAnnIds(iscrowd=True))})
   if split == "val":
     assert crowd_images > 0  # seed 3 puts a crowd on a val image
+
+
+def _flip_byte(split_dir, record):
+  """Flips one byte in the middle of ``record``'s data (its CRC then fails)."""
+  records = RecordFile(str(split_dir))
+  path = split_dir / records.shard_names[int(records.shard[record])]
+  where = int(records.offset[record]) + 12 + int(records.length[record]) // 2
+  data = bytearray(path.read_bytes())
+  data[where] ^= 0xFF
+  path.write_bytes(bytes(data))
+  return int(records.image_id[record])
+
+
+def test_corrupt_records_are_named_and_skipped_or_failed(shapes_dataset, tmp_path):
+  """A failed CRC in the last eval record (nothing after it in the stream) and in a
+  training record: named by ``RecordFaults``; the eval pass keeps its batch count,
+  the dropped image's slot filled with an invalid copy; ``read`` raises on it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(shapes_dataset[1], tmp_path / "tf")
+  n = len(RecordFile(str(tmp_path / "tf" / "val")))
+  bad_eval = _flip_byte(tmp_path / "tf" / "val", n - 1)
+  bad_train = _flip_byte(tmp_path / "tf" / "train", 2)
+  with pytest.raises(input_pipeline.CorruptRecordError, match="data CRC mismatch"):
+    RecordFile(str(tmp_path / "tf" / "val")).read(n - 1)
+
+  config = data_config(tmp_path / "tf", on_corrupt="skip")
+  faults = input_pipeline.RecordFaults()
+  batches = list(make_dataset(config, "eval", faults=faults).as_numpy_iterator())
+  assert len(batches) == num_eval_steps(config)
+  valid = np.concatenate([b["image_info"]["valid"] for b in batches])
+  ids = np.concatenate([b["image_info"]["image_id"] for b in batches])[valid]
+  assert valid.sum() == n - 1 and bad_eval not in ids
+  (line,) = faults.new()
+  assert f"image id {bad_eval}," in line and "data CRC mismatch" in line, line
+  assert re.search(rf"record \d+ \(record {n - 1} of the split", line), line
+
+  faults = input_pipeline.RecordFaults()
+  data = make_dataset(config, "train", faults=faults).as_numpy_iterator()
+  for _ in range(-(-16 // config.batch_size)):  # one epoch: every record once
+    assert next(data)["images"].shape == (config.batch_size, 128, 128, 3)
+  assert any(f"image id {bad_train}," in line for line in faults.new())
+
+  # Without a RecordFaults to report to, "fail" fails the iteration, naming the record.
+  config = data_config(tmp_path / "tf")
+  with pytest.raises(tf.errors.OpError, match=f"image id {bad_eval},"):
+    list(make_dataset(config, "eval").as_numpy_iterator())

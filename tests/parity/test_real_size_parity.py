@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 HEIGHT, WIDTH = 800, 1216  # torchvision keeps it as is: 800 / 800 and 1216 < 1333
 MATCH_FRACTION = 0.99
 DELTA_STD = 0.2  # RPN and box-head regression outputs, as a trained model's
+OBJECTNESS_STD = 2.0  # RPN logits of the detectron2 reference (see _calibrate)
 
 
 @pytest.fixture(scope="module")
@@ -298,12 +299,17 @@ def detectron2_reference(torch, torchvision, tv_model):
 
 def _calibrate(torch, model, transform, x):
   """The predictors scaled as the parity conftest scales them (class logits ~1.5, mask
-  logits ~6) and the regression layers to DELTA_STD, on this model's own outputs for
-  ``x``: moving the stride into the 1x1 convs changes every feature."""
+  logits ~6), the RPN's logits to OBJECTNESS_STD and the regression layers to DELTA_STD,
+  on this model's own outputs for ``x``: moving the stride into the 1x1 convs changes
+  every feature."""
   with torch.no_grad():
     inputs, _ = transform([x])
     feats = model.backbone(inputs.tensors)
-    _, deltas = model.rpn.head(list(feats.values()))
+    objectness, deltas = model.rpn.head(list(feats.values()))
+    # Logits near 75 here: torchvision's RPN ranks its NMS by sigmoid(logit),
+    # which saturates at 1 and leaves the order to ties (detectron2 ranks logits).
+    parity._scale_to(torch, model.rpn.head.cls_logits,
+                     torch.cat([o.flatten() for o in objectness]), OBJECTNESS_STD)
     parity._scale_to(torch, model.rpn.head.bbox_pred, torch.cat([d.flatten() for d in deltas]),
                      DELTA_STD)
     proposals, _ = model.rpn(inputs, feats)
