@@ -184,7 +184,7 @@ def get_config(arg=None):
   config.seed = 0
   config.batch_size = 8
   config.eval_batch_size = 16
-  config.total_steps = 30 if tiny else 1900  # ~0.36 s each: the demo's 15 minutes
+  config.total_steps = 30 if tiny else 2100  # ~0.36 s each: the demo's 15 minutes
 
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/shapes/tf/train", "eval_dir": "data/shapes/tf/val",

@@ -22,15 +22,13 @@ smooth colour fields with rectangles, as dense as the small tests' (one per
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mrcnn_jax import checkpointing
 from mrcnn_jax.modeling import build
-from mrcnn_jax.modeling import rpn as rpn_lib
 from tests.parity import conftest as parity
-from tests.parity.test_torchvision_parity import assert_close, match_detections
+from tests.parity.test_torchvision_parity import _stages, assert_close, match_detections
 
 pytestmark = pytest.mark.slow
 
@@ -115,26 +113,6 @@ def _torchvision_run(torch, model, transform, x, image):
   return out, final, box_masks
 
 
-def _stages(m, x, image_size, proposals, keypoint):
-  """Our side, on the image in its canvas: every stage torchvision's run keeps."""
-  (maps, strides), roi = m._features(x, image_size, train=False)
-  objectness, deltas = m.rpn_head(maps)
-  anchors, valid = m._anchors(maps, strides, roi[2])
-  ours_proposals, _, ours_valid = rpn_lib.propose(
-      [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, valid)], deltas, anchors,
-      image_size, m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test, m.rpn_nms_threshold,
-      m.rpn_min_size)
-  logits, box_deltas, _ = m._box_head(roi, proposals, False)
-  out = {"fpn": maps, "objectness": objectness, "deltas": deltas, "logits": logits,
-         "box_deltas": box_deltas, "proposals": ours_proposals, "proposals_valid": ours_valid}
-  boxes = proposals[:, :parity.NUM_HEAD_BOXES]
-  if keypoint:
-    out["heatmaps"] = m.keypoint_head(m._pool(roi, boxes, m.keypoint_pooler_resolution))
-  else:
-    out["masks"] = m.mask_head(m._pool(roi, boxes, m.mask_pooler_resolution))
-  return out
-
-
 @pytest.mark.parametrize("arch", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
 def test_real_size_matches_torchvision(torch, torchvision, real_size_models, arch):
   """Every stage within 1e-4 of its magnitude, >= 99% of proposals and detections matched."""
@@ -162,7 +140,7 @@ def _compare(theirs, final, box_masks, image, config, checkpoint, keypoint, name
   model = build.build_model(config)
   variables = checkpointing.load_variables(checkpoint)
   ours = jax.device_get(jax.jit(functools.partial(model.apply, method=functools.partial(
-      _stages, keypoint=keypoint)))(variables, x, size, proposals))
+      _stages, keypoint=keypoint)))(variables, x, proposals, image_size=size))
 
   for level, (o, t) in enumerate(zip(ours["fpn"], theirs["fpn"])):
     t = t.permute(0, 2, 3, 1).numpy()

@@ -10,11 +10,13 @@ model and our ``Predictor`` on the same uint8 images, from the checkpoint
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mrcnn_jax import checkpointing
 from mrcnn_jax.modeling import build
+from mrcnn_jax.modeling import rpn as rpn_lib
 from tests.parity import conftest as parity
 
 pytestmark = pytest.mark.slow
@@ -31,13 +33,23 @@ def assert_close(name, ours, theirs, rel=REL_TOL):
   assert err <= rel * scale, (name, err, scale)
 
 
-def _stages(m, x, proposals, keypoint):
-  """Our side of ``parity.stages_torchvision`` (a method for ``model.apply``)."""
-  (rpn_maps, _), roi = m._features(x, None, train=False)  # the canvas is the image
+def _stages(m, x, proposals, keypoint, image_size=None):
+  """Our side of ``parity.stages_torchvision`` (a method for ``model.apply``).
+
+  ``image_size`` None: the canvas is the image. Given, the image sits in a larger
+  canvas, and our own proposals are returned too (``proposals``, ``proposals_valid``).
+  """
+  (rpn_maps, strides), roi = m._features(x, image_size, train=False)
   objectness, deltas = m.rpn_head(rpn_maps)
   logits, box_deltas, _ = m._box_head(roi, proposals, False)
   out = {"fpn": rpn_maps, "objectness": objectness, "deltas": deltas, "logits": logits,
          "box_deltas": box_deltas}
+  if image_size is not None:
+    anchors, valid = m._anchors(rpn_maps, strides, roi[2])
+    out["proposals"], _, out["proposals_valid"] = rpn_lib.propose(
+        [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, valid)], deltas, anchors,
+        image_size, m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test, m.rpn_nms_threshold,
+        m.rpn_min_size)
   boxes = proposals[:, :parity.NUM_HEAD_BOXES]
   if keypoint:
     out["heatmaps"] = m.keypoint_head(m._pool(roi, boxes, m.keypoint_pooler_resolution))
