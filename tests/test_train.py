@@ -246,7 +246,8 @@ def test_evaluate_and_predict_clis(dataset, reference_run, tmp_path):
     assert r["segmentation"]["size"] == [h, w], r["file_name"]
   for name, (h, w) in sizes.items():
     picture = Image.open(output / (os.path.splitext(name)[0] + ".png"))
-    assert picture.size == (w, h) and picture.mode == "RGB"
+    zoom = -(-512 // max(h, w))  # small images are drawn enlarged (--picture_min_side=512)
+    assert picture.size == (w * zoom, h * zoom) and picture.mode == "RGB"
 
 
 def test_predictor_api_on_arrays(dataset, reference_run):

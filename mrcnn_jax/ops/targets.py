@@ -63,7 +63,10 @@ def rpn_targets(anchors: jnp.ndarray, gt_boxes: jnp.ndarray, gt_valid: jnp.ndarr
   iou = box_ops.pairwise_iou(anchors, gt_boxes)  # (A, G)
   if anchors_valid is not None:
     check_shape("anchors_valid", anchors_valid, ("A",), {"A": anchors.shape[0]})
-    iou = jnp.where(anchors_valid[:, None], iou, -1.0)  # never an object's best anchor
+    # Never an object's best anchor. (A full array, not a scalar: jit's lowering
+    # otherwise merged this select with pairwise_ioa's identical-looking one in
+    # some processes and not others, and the persistent compilation cache missed.)
+    iou = jnp.where(anchors_valid[:, None], iou, jnp.full_like(iou, -1.0))
   matched, labels = matching.match(
       iou, objects, iou_thresholds,
       (matching.NEGATIVE, matching.IGNORE, matching.POSITIVE),
