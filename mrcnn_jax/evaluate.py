@@ -40,7 +40,7 @@ def detect_step(variables, batch, *, model):
 @functools.lru_cache(maxsize=None)
 def _jitted_detect(model, mesh):
   rep = sharding.replicated(mesh)
-  return jax.jit(functools.partial(detect_step, model=model),
+  return jax.jit(sharding.traced_in(mesh, functools.partial(detect_step, model=model)),
                  in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=rep)
 
 

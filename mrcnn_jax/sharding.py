@@ -6,6 +6,7 @@ from these shardings (no pmap, no hand-written psum). Each process feeds only
 its own slice of the global batch (``global_batch``).
 """
 
+import functools
 import os
 from typing import Optional
 
@@ -51,6 +52,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def traced_in(mesh: Mesh, fn):
+  """``fn`` with ``mesh`` as the context mesh while it is traced.
+
+  The model runs per-device work (``modeling/chunked.py``: each device skips
+  its own empty chunks) in ``shard_map`` over the context mesh's data axis;
+  jit ``traced_in(mesh, step)`` so that it sees the mesh its inputs live on.
+  """
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:

@@ -250,7 +250,8 @@ def _programs(config, mesh):
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   state_sharding = jax.tree.map(lambda _: rep, abstract)
   init = jax.jit(functools.partial(create_state, model, tx, config), out_shardings=state_sharding)
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+  step_fn = jax.jit(sharding.traced_in(mesh, functools.partial(train_step, model=model, tx=tx,
+                                                               schedule=schedule)),
                     in_shardings=(state_sharding, sharding.batch_sharding(mesh), rep),
                     out_shardings=(state_sharding, rep), donate_argnums=(0,))
   return model, abstract, rep, init, step_fn

@@ -290,8 +290,9 @@ SHARDING_CHECK = textwrap.dedent("""
     def jitted_step(devices):  # one train step on devices, from a host state
       mesh = sharding.make_mesh(devices)
       rep = sharding.replicated(mesh)
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                       schedule=optim.learning_rate(config)),
+      step = jax.jit(sharding.traced_in(mesh, functools.partial(
+                         train.train_step, model=model, tx=tx,
+                         schedule=optim.learning_rate(config))),
                      in_shardings=(rep, sharding.batch_sharding(mesh), rep),
                      out_shardings=(rep, rep))
       return lambda state, b: step(jax.device_put(state, rep), sharding.global_batch(b, mesh),

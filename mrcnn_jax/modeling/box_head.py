@@ -15,7 +15,7 @@ from typing import Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import conv_stack
+from mrcnn_jax.modeling.conv import Dense, conv_stack
 
 # detectron2's c2_xavier_fill: kaiming_uniform(a=1), i.e. uniform, fan_in, scale 1.
 fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -57,5 +57,5 @@ class BoxHead(nn.Module):
       x = conv_stack(x, self.num_convs, self.conv_dim, "conv{}", self.norm, self.dtype)
     x = x.reshape(*lead, -1)
     for i, dim in enumerate(self.fc_dims):
-      x = nn.relu(nn.Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))
+      x = nn.relu(Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))
     return BoxPredictor(self.num_classes, self.class_agnostic, name="predictor")(x)

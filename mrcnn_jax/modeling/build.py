@@ -62,6 +62,10 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
           "batch_size_per_image": 512, "positive_fraction": 0.25, "iou_threshold": 0.5,
           "num_mask_rois": 128,  # = 512 * 0.25: every foreground RoI
           "num_keypoint_rois": 128,  # those with a visible keypoint first
+          # The mask and keypoint heads run over chunks of this many RoIs per
+          # device and skip chunks without a real RoI (modeling/chunked.py):
+          # their cost follows the foreground. 0: every slot, always.
+          "head_chunk_size": 32,
           "crowd_ioa_threshold": 0.7, "aligned": True,
           # 0: adaptive (detectron2), exact up to max_sampling_ratio samples per
           # bin and axis (ops/roi_align.py), at that ratio's cost.
@@ -138,6 +142,9 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
     raise ValueError(f"model.roi.sampling_ratio / max_sampling_ratio: expected >= 0 (0 = "
                      f"adaptive) and >= 1, got {m.roi.sampling_ratio} and "
                      f"{m.roi.max_sampling_ratio}")
+  if m.roi.head_chunk_size < 0:
+    raise ValueError(f"model.roi.head_chunk_size: expected >= 0 (0 = no chunks), got "
+                     f"{m.roi.head_chunk_size}")
   if m.roi.num_keypoint_rois < 1:
     raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
   dtype = DTYPES[m.dtype]
@@ -188,7 +195,7 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
       roi_positive_fraction=m.roi.positive_fraction,
       roi_iou_threshold=m.roi.iou_threshold,
       num_mask_rois=m.roi.num_mask_rois, num_keypoint_rois=m.roi.num_keypoint_rois,
-      crowd_ioa_threshold=m.roi.crowd_ioa_threshold,
+      crowd_ioa_threshold=m.roi.crowd_ioa_threshold, head_chunk_size=m.roi.head_chunk_size,
       box_pooler_resolution=m.box_head.pooler_resolution,
       mask_pooler_resolution=m.mask_head.pooler_resolution,
       keypoint_pooler_resolution=m.keypoint_head.pooler_resolution,

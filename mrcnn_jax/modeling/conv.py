@@ -1,28 +1,32 @@
-"""``Conv``: flax's ``nn.Conv`` with 1x1 convolutions as matmuls on CPU.
+"""``Conv``: flax's ``nn.Conv``, with convolutions as matmuls where those run faster.
 
-XLA:CPU runs a 1x1 convolution, and more so its gradients, slower than the
-matmul it is. Measured on the 2-core CPU (2026-11-28, XLA's own convolutions,
-see ``mrcnn_jax.xla_flags``; forward / forward and both gradients, ms):
-ResNet's 256->64 1x1 over 2 x 128x128 7.9 / 32.9 as a convolution, 4.5 / 22.2
-here; its strided 512->1024 shortcut 7.5 / 32.5 -> 8.5 / 18.4; the mask
-predictor (256->80 over 256 RoIs of 28x28) 49 / 229 -> 58 / 200; the RPN's
-256->3 objectness over 2 x 128x128 1.8 / 24.9 -> 0.9 / 10.6.
+``conv_general_dilated`` is ``lax.conv_general_dilated`` except on CPU for
+plain NHWC/HWIO convolutions (any kernel, stride and padding; no dilation,
+no groups), which it computes as one matmul over the input's patches
+(im2col): ``y = patches(x) @ w.reshape(kh * kw * C, O)``, with float32
+accumulation. Its gradients are two more matmuls (``jax.custom_vjp``), each
+with operands that XLA:CPU reads without a transposed copy (the weight
+gradient multiplies patches sliced from the channel-major input; the input
+gradient contracts the output gradient with ``w`` on O and scatters the
+patch gradient back, the transpose of the slicing); the patches are rebuilt
+in the backward pass rather than stored. ``form`` picks where it applies:
 
-``conv_general_dilated`` is ``lax.conv_general_dilated`` except for plain
-NHWC/HWIO 1x1 convolutions (any stride and padding, no dilation, no groups)
-on CPU (``lax.platform_dependent``: the platform the program is compiled
-for decides, so a program exported for CPU, GPU and TPU keeps each its
-own form): those are one matmul over the (padded, strided) pixels,
-with the weight gradient as one matmul that reads the output gradient
-transposed (``jax.custom_vjp``; autodiff's own form of it was 1.1-1.6x
-slower). Larger kernels stay XLA's: with XLA's own convolutions their weight
-gradient beats one matmul per kernel tap (the mask head's 3x3 256->256,
-forward and gradients: 482 ms against 637 ms), which an earlier version of
-this module computed when XLA:CPU ran convolutions through YNNPACK. GPU and
-TPU run every convolution with their own kernels. Convolutions under
-``MIN_MACS`` multiply-adds also stay lax's: there the extra ops cost more
-compile time than they save (the test suite's tiny models). Parameters are
-those of ``nn.Conv``.
+- ``"auto"``: 1x1 convolutions of at least ``MIN_MACS`` multiply-adds, and in
+  bfloat16 every convolution of at least ``MIN_MACS`` (XLA:CPU's bfloat16
+  convolution does not use the CPU's matrix units, its bfloat16 matmul with
+  float32 accumulation does). Larger float32 kernels stay XLA's, whose
+  weight gradient beats the patch matmul at top level.
+- ``"matmul"``: every plain convolution, whatever its size: for code inside
+  ``lax.cond`` / ``lax.scan`` bodies (``modeling/chunked.py``), where XLA:CPU
+  runs convolution gradients about 100x slower than at top level and
+  matmuls at full speed.
+- ``"xla"``: ``lax.conv_general_dilated`` always.
+
+The choice is made by ``lax.platform_dependent``: the platform the program
+is compiled for decides, so GPU and TPU run every convolution with their own
+kernels and a program exported for several platforms keeps each its own form.
+Measurements: docs/experiments.md ("Convolutions as matmuls"). Parameters
+are those of ``nn.Conv``.
 """
 
 import functools
@@ -40,106 +44,188 @@ from mrcnn_jax.modeling.norm import HEAD_NORMS, make_norm
 msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-MIN_MACS = 10_000_000  # tiny convs (predictors on coarse levels, test models) stay lax's
+MIN_MACS = 10_000_000  # "auto": smaller convs (coarse levels, test models) stay XLA's
+FORMS = ("auto", "matmul", "xla")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, **kwargs):
-  """``lax.conv_general_dilated``; on CPU plain 1x1 convs are matmuls (see above)."""
-  pads = None
-  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-  if not kwargs and feature_group_count == 1 and not dilated:
-    pads = _pointwise_padding(lhs, rhs, window_strides, padding, dimension_numbers)
+                         precision=None, form="auto", **kwargs):
+  """``lax.conv_general_dilated``; on CPU some convolutions are matmuls (see above)."""
+  if form not in FORMS:
+    raise ValueError(f"conv form: expected one of {FORMS}, got {form!r}")
   conv = lambda x, w: lax.conv_general_dilated(x, w, window_strides, padding, lhs_dilation,
                                                rhs_dilation, dimension_numbers,
                                                feature_group_count, precision=precision,
                                                **kwargs)
-  if pads is None:
+  pads = None
+  dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  if form != "xla" and not kwargs and feature_group_count == 1 and not dilated:
+    pads = _plain_padding(lhs, rhs, window_strides, padding, dimension_numbers)
+  if pads is None or (form == "auto" and not _matmul_wins(lhs, rhs, window_strides, pads)):
     return conv(lhs, rhs)
   # Chosen when the program is lowered (or, for a program exported for several
   # platforms, compiled) for its platform, not by the backend that traced it.
   return lax.platform_dependent(
-      lhs, rhs, cpu=lambda x, w: _pointwise(x, w, tuple(window_strides), pads, precision),
+      lhs, rhs, cpu=lambda x, w: _conv_matmul(x, w, tuple(window_strides), pads, precision),
       default=conv)
 
 
-def _pointwise_padding(lhs, rhs, strides, padding, dimension_numbers):
-  """Explicit ((top, bottom), (left, right)) where the matmul form applies.
-
-  It applies to NHWC/HWIO 2-D convolutions with a 1x1 kernel, non-negative
-  padding and at least ``MIN_MACS`` multiply-adds (on CPU: see
-  ``conv_general_dilated``); else None.
-  """
-  if (lhs.ndim != 4 or rhs.shape[:2] != (1, 1)
-      or dimension_numbers is None
+def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
+  """Explicit ((top, bottom), (left, right)) for a 2-D NHWC/HWIO convolution with
+  non-negative padding (the forms the matmul computes); else None."""
+  if (lhs.ndim != 4 or dimension_numbers is None
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
     return None
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  padding = tuple(tuple(p) for p in padding)
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   if any(p < 0 for pair in padding for p in pair):
-    return None
-  out_pixels = math.prod((size + lo + hi - 1) // s + 1
-                         for size, (lo, hi), s in zip(lhs.shape[1:3], padding, strides))
-  if lhs.shape[0] * out_pixels * math.prod(rhs.shape) < MIN_MACS:
     return None
   return padding
 
 
-def _pixels(x, strides, padding):
-  """The input pixels a 1x1 kernel reads: ``x`` padded, then strided."""
-  (top, bottom), (left, right) = padding
-  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  return x[:, ::strides[0], ::strides[1]]
+def _matmul_wins(lhs, rhs, strides, padding) -> bool:
+  """``form="auto"``'s rule: 1x1 kernels, or any kernel in bfloat16, above ``MIN_MACS``."""
+  out_pixels = math.prod(_output_size(size, k, lo, hi, s) for size, k, (lo, hi), s
+                         in zip(lhs.shape[1:3], rhs.shape[:2], padding, strides))
+  if lhs.shape[0] * out_pixels * math.prod(rhs.shape) < MIN_MACS:
+    return False
+  return rhs.shape[:2] == (1, 1) or lhs.dtype == jnp.bfloat16
 
 
-def _matmul(x, w, strides, padding, precision):
-  return jnp.einsum("nhwc,co->nhwo", _pixels(x, strides, padding), w[0, 0], precision=precision)
+def _output_size(size, kernel, lo, hi, stride):
+  return (size + lo + hi - kernel) // stride + 1
+
+
+def _taps(x, kernel_size, strides, padding, axes):
+  """The pixels each kernel tap (i, j) reads from ``x`` (spatial ``axes``), tap-major."""
+  pads = [(0, 0)] * x.ndim
+  pads[axes[0]], pads[axes[1]] = padding
+  x = jnp.pad(x, pads)
+  (kh, kw), (sh, sw) = kernel_size, strides
+  oh = (x.shape[axes[0]] - kh) // sh + 1
+  ow = (x.shape[axes[1]] - kw) // sw + 1
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      index = [slice(None)] * x.ndim
+      index[axes[0]] = slice(i, i + sh * (oh - 1) + 1, sh)
+      index[axes[1]] = slice(j, j + sw * (ow - 1) + 1, sw)
+      taps.append(x[tuple(index)])
+  return taps
+
+
+def _patches(x, kernel_size, strides, padding):
+  """``x [N, H, W, C]`` -> the pixels each output reads ``[N, OH, OW, kh * kw * C]``.
+
+  Tap-major: channel ``(i * kw + j) * C + c`` is input channel c at kernel
+  offset (i, j), the order of ``w.reshape(kh * kw * C, O)`` for an HWIO ``w``.
+  """
+  taps = _taps(x, kernel_size, strides, padding, (1, 2))
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _flat_patches(x, kernel_size, strides, padding):
+  """``_patches`` as a materialised ``[N * OH * OW, kh * kw * C]`` matrix: the
+  barrier keeps XLA from fusing the slices into the matmul, which would take
+  it off the library matmul (and the CPU's matrix units)."""
+  p = _patches(x, kernel_size, strides, padding)
+  if kernel_size != (1, 1):
+    p = lax.optimization_barrier(p)
+  return p.reshape(-1, p.shape[-1]), p.shape[:3]
+
+
+def _flat_patches_t(x, kernel_size, strides, padding):
+  """``_flat_patches`` transposed, ``[kh * kw * C, N * OH * OW]``, sliced from the
+  channel-major input: the weight gradient's matmul then reads both operands
+  row-major (XLA:CPU computes a bfloat16 matmul with a transposed operand in
+  float32, off the matrix units)."""
+  taps = _taps(jnp.moveaxis(x, -1, 0), kernel_size, strides, padding, (2, 3))
+  p = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=0)  # (kh*kw*C, N, OH, OW)
+  return p.reshape(p.shape[0], -1)
+
+
+def _dot(a, b, precision, contract=((1,), (0,))):
+  return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _pointwise(x, w, strides, padding, precision):
-  """A 1x1 convolution as one matmul: the same numbers as ``lax.conv_general_dilated``."""
-  return _matmul(x, w, strides, padding, precision)
+def _conv_matmul(x, w, strides, padding, precision):
+  """A convolution as one matmul over its patches: ``lax.conv_general_dilated``'s numbers."""
+  p, lead = _flat_patches(x, w.shape[:2], strides, padding)
+  y = _dot(p, w.reshape(-1, w.shape[-1]), precision)
+  return y.reshape(*lead, -1).astype(x.dtype)
 
 
-def _pointwise_fwd(x, w, strides, padding, precision):
-  return _matmul(x, w, strides, padding, precision), (x, w)
+def _conv_matmul_fwd(x, w, strides, padding, precision):
+  return _conv_matmul(x, w, strides, padding, precision), (x, w)
 
 
-def _pointwise_bwd(strides, padding, precision, residuals, dy):
+def _conv_matmul_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
-  pixels, pixels_vjp = jax.vjp(lambda v: _pixels(v, strides, padding), x)
-  dx, = pixels_vjp(jnp.einsum("nhwo,co->nhwc", dy, w[0, 0], precision=precision))
-  c, o = w.shape[2:]
-  # [O, N*H*W] @ [N*H*W, C]: the output gradient transposed once, so that the
-  # matmul reads both operands in the order XLA:CPU's matmul wants.
-  dw = jnp.matmul(dy.reshape(-1, o).T, pixels.reshape(-1, c), precision=precision,
-                  preferred_element_type=jnp.float32)
-  return dx, dw.T.reshape(w.shape).astype(w.dtype)
+  kernel_size, o = w.shape[:2], w.shape[-1]
+  lead = dy.shape[:3]
+  dy = dy.reshape(-1, o)
+  # Patch gradient dy @ w^T, contracting both on O: no transposed copy of w.
+  dp = _dot(dy, w.reshape(-1, o), precision, ((1,), (1,))).astype(x.dtype)
+  # The patches are linear in x: their transpose sums each tap's gradient back.
+  patches_t = jax.linear_transpose(lambda v: _patches(v, kernel_size, strides, padding),
+                                   jax.ShapeDtypeStruct(x.shape, x.dtype))
+  dx, = patches_t(dp.reshape(*lead, -1))
+  dw = _dot(_flat_patches_t(x, kernel_size, strides, padding), dy, precision)  # (kh*kw*C, O)
+  return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
-_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+_conv_matmul.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
+def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                             preferred_element_type=None, **kwargs):
+  """``lax.dot_general`` accumulating in float32, rounded to the inputs' dtype.
+
+  A bfloat16 matmul that accumulates (and returns) float32 runs on the
+  matrix units of CPUs with AMX / AVX512-BF16 (XLA:CPU's bfloat16-out matmul
+  does not) and is what TPUs and GPUs do natively; in float32 it is the
+  plain matmul. For ``nn.Dense(dot_general=...)``.
+  """
+  del preferred_element_type  # always float32, then the inputs' dtype
+  out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                        preferred_element_type=jnp.float32, **kwargs)
+  return out.astype(jnp.result_type(lhs, rhs))
+
+
+Dense = functools.partial(nn.Dense, dot_general=accumulating_dot_general)
+
+
+def conv_class(form: str = "auto"):
+  """``Conv`` with convolutions in ``form`` (one of ``FORMS``)."""
+  if form not in FORMS:
+    raise ValueError(f"conv form: expected one of {FORMS}, got {form!r}")
+  return functools.partial(nn.Conv, conv_general_dilated=functools.partial(
+      conv_general_dilated, form=form))
+
+
 def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = "none",
-               dtype=jnp.float32) -> jnp.ndarray:
+               dtype=jnp.float32, form: str = "auto") -> jnp.ndarray:
   """The RoI heads' conv tower: ``num_convs`` x (3x3 conv of ``dim``, norm, ReLU).
 
   Call it from a compact module's ``__call__``. Conv i is named
   ``name.format(i + 1)``, its norm that name + ``"_norm"``. ``norm`` is
   detectron2's ROI_BOX_HEAD.NORM / ROI_MASK_HEAD.NORM: "none" (convs with a
   bias) or "gn" (GroupNorm after bias-free convs, as in its GN configs).
+  ``form``: how the convolutions are computed (``FORMS``).
   """
   if norm not in HEAD_NORMS:
     raise ValueError(f"head norm: expected one of {HEAD_NORMS}, got {norm!r}")
+  conv = conv_class(form)
   for i in range(num_convs):
     conv_name = name.format(i + 1)
-    x = Conv(dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=norm == "none",
+    x = conv(dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=norm == "none",
              kernel_init=msra_init, dtype=dtype, name=conv_name)(x)
     x = nn.relu(make_norm(norm, dim, False, dtype, conv_name + "_norm")(x))
   return x

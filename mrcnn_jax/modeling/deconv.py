@@ -57,7 +57,9 @@ class Deconv(nn.Module):
     # nn.ConvTranspose correlates with the kernel as stored; placing patches
     # directly needs it flipped.
     flipped = kernel[::-1, ::-1].astype(self.dtype)
-    patches = jnp.einsum("nhwc,ijcd->nhwijd", x.astype(self.dtype), flipped)
+    # float32 accumulation (conv.accumulating_dot_general), rounded to the compute dtype.
+    patches = jnp.einsum("nhwc,ijcd->nhwijd", x.astype(self.dtype), flipped,
+                         preferred_element_type=jnp.float32).astype(self.dtype)
     q = k // s
     # Tap i = s * qi + ai lands on output row s * (h + qi) + ai.
     patches = patches.reshape(n, h, w, q, s, q, s, self.features)

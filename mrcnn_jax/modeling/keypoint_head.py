@@ -55,12 +55,14 @@ class KeypointHead(nn.Module):
   num_convs: int = 8
   conv_dim: int = 512
   dtype: jnp.dtype = jnp.float32
+  conv_form: str = "auto"  # conv.FORMS; "matmul" inside control flow (chunked.py)
 
   @nn.compact
   def __call__(self, pooled: jnp.ndarray) -> jnp.ndarray:
     lead = pooled.shape[:-3]
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
-    x = conv_stack(x, self.num_convs, self.conv_dim, "conv_fcn{}", dtype=self.dtype)
+    x = conv_stack(x, self.num_convs, self.conv_dim, "conv_fcn{}", dtype=self.dtype,
+                   form=self.conv_form)
     # 4x4 stride-2 deconv with PyTorch padding 1: output exactly 2x.
     x = Deconv(self.num_keypoints, 4, 2, padding=1, kernel_init=msra_fill(),
                name="score_lowres")(x.astype(jnp.float32))

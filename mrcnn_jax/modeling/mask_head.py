@@ -11,7 +11,7 @@ features this is the C4 design's mask head.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv, conv_stack
+from mrcnn_jax.modeling.conv import conv_class, conv_stack
 from mrcnn_jax.modeling.deconv import Deconv, msra_fill
 
 
@@ -22,15 +22,17 @@ class MaskHead(nn.Module):
   conv_dim: int = 256
   norm: str = "none"  # after each conv: "none" or "gn" (norm.HEAD_NORMS)
   dtype: jnp.dtype = jnp.float32
+  conv_form: str = "auto"  # conv.FORMS; "matmul" inside control flow (chunked.py)
 
   @nn.compact
   def __call__(self, pooled: jnp.ndarray) -> jnp.ndarray:
     lead = pooled.shape[:-3]
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
-    x = conv_stack(x, self.num_convs, self.conv_dim, "mask_fcn{}", self.norm, self.dtype)
+    x = conv_stack(x, self.num_convs, self.conv_dim, "mask_fcn{}", self.norm, self.dtype,
+                   self.conv_form)
     x = nn.relu(Deconv(self.conv_dim, 2, 2, kernel_init=msra_fill(), dtype=self.dtype,
                        name="deconv")(x))
     # The predictor runs in float32 (DESIGN.md); normal(0.001) as detectron2.
-    x = Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.001),
+    x = conv_class(self.conv_form)(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.001),
              name="predictor")(x.astype(jnp.float32))
     return x.reshape(*lead, *x.shape[1:])

@@ -6,7 +6,8 @@ sec. 3). Every count is fixed: P proposals, R sampled RoIs (foreground first,
 see ops/sampling.py), the first ``num_mask_rois`` of them for the mask head,
 ``num_keypoint_rois`` for the keypoint head (those whose instance has a
 visible keypoint first), D detections, so one compiled program serves every
-batch.
+batch; the mask and keypoint heads cost what their real RoIs cost
+(``head_chunk_size``, modeling/chunked.py).
 
 Two designs share every op: ``fpn`` set (RPN on P2..P6, RoIs read from
 P2..P5 by size) or ``fpn=None``, the C4 design (RPN and RoIAlign on C4, res5
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax import losses as loss_lib
+from mrcnn_jax.modeling import chunked
 from mrcnn_jax.modeling import keypoint_head as kp_lib
 from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling import rpn as rpn_lib
@@ -78,6 +80,11 @@ class MaskRCNN(nn.Module):
   # on exactly those), so classes without keypoints do not take the slots.
   num_keypoint_rois: int = 128
   crowd_ioa_threshold: float = 0.7
+  # The mask and keypoint heads run over chunks of this many RoIs (per device,
+  # real RoIs first), skipping chunks without one: their cost follows the
+  # foreground RoIs and valid detections, not the slot counts (chunked.py).
+  # 0 runs the heads over every slot at once.
+  head_chunk_size: int = 32
   # RoIAlign.
   box_pooler_resolution: int = 7  # 14 for C4 (res5 halves it)
   mask_pooler_resolution: int = 14
@@ -216,7 +223,8 @@ class MaskRCNN(nn.Module):
     one_box = jnp.zeros((images.shape[0], 1, 4), jnp.float32)
     _, _, res5 = self._box_head(roi_features, one_box, train=False)
     if self.mask_head is not None:
-      self._mask_logits(roi_features, one_box, res5, 1)
+      self._mask_logits(roi_features, one_box, jnp.zeros((images.shape[0], 1), jnp.int32),
+                        jnp.ones((images.shape[0], 1), bool), res5)
     if self.keypoint_head is not None:
       self.keypoint_head(self._pool(roi_features, one_box, self.keypoint_pooler_resolution))
 
@@ -275,7 +283,8 @@ class MaskRCNN(nn.Module):
       m = min(self.num_mask_rois, self.roi_batch_size_per_image)
       fg_boxes = rois["boxes"][:, :m]
       cls = jnp.minimum(rois["classes"][:, :m], self.num_classes - 1)
-      mask_logits = _class_channel(self._mask_logits(roi_features, fg_boxes, res5, m), cls)
+      mask_logits = self._mask_logits(roi_features, fg_boxes, cls, rois["foreground"][:, :m],
+                                      res5)
       mask_t = jax.vmap(lambda r, i, gb, gm: target_ops.mask_targets(
           r, i, gb, gm, mask_logits.shape[-1], self.sampling_ratio))(
               fg_boxes, rois["matched_gt"][:, :m], gt_boxes, gt["gt_masks"])
@@ -301,8 +310,8 @@ class MaskRCNN(nn.Module):
         boxes, rois["foreground"], kps)
     boxes = jnp.take_along_axis(boxes, slots[:, :, None], axis=1)
     kps = jnp.take_along_axis(kps, slots[:, :, None, None], axis=1)
-    heatmaps = self.keypoint_head(self._pool(roi_features, boxes,
-                                             self.keypoint_pooler_resolution))
+    heatmaps = self._run_head(self.keypoint_head, self._pool(
+        roi_features, boxes, self.keypoint_pooler_resolution), counts)
     kp_t = jax.vmap(lambda r, k: target_ops.keypoint_targets(r, k, heatmaps.shape[2]))(
         boxes, kps)
     valid = kp_t["valid"] & counts[:, :, None]
@@ -312,10 +321,28 @@ class MaskRCNN(nn.Module):
       position = loss_lib.keypoint_position_loss(decoded, kps, boxes, heatmaps.shape[2], valid)
     return loss_lib.keypoint_loss(heatmaps, kp_t["index"], valid), position
 
-  def _mask_logits(self, roi_features, boxes, res5, m):
-    if res5 is not None:  # C4: the mask head reads the box head's res5 output
-      return self.mask_head(res5[:, :m])
-    return self.mask_head(self._pool(roi_features, boxes, self.mask_pooler_resolution))
+  def _mask_logits(self, roi_features, boxes, classes, valid, res5=None):
+    """Mask logits ``[B, R, S, S]`` of ``boxes [B, R, 4]`` for ``classes [B, R]``.
+
+    ``valid [B, R]``: the RoIs whose masks are wanted (others may be zeros).
+    C4: the mask head reads ``res5``, the box head's output at these boxes.
+    """
+    if res5 is not None:
+      return _class_channel(self.mask_head(res5[:, :boxes.shape[1]]), classes)
+    pooled = self._pool(roi_features, boxes, self.mask_pooler_resolution)
+    return self._run_head(self.mask_head, (pooled, classes), valid,
+                          lambda head, x: _class_channel(head(x[0]), x[1]))
+
+  def _run_head(self, head, inputs, valid, call=lambda head, x: head(x)):
+    """``call(head, inputs)`` (inputs ``[B, R, ...]``), at the cost of the ``valid [B, R]``
+    RoIs only where ``head_chunk_size`` is set (``chunked.run``)."""
+    if not self.head_chunk_size or self.is_initializing():
+      return call(head, inputs)
+    # Inside the chunks' control flow: convolutions as matmuls (conv.py), and the
+    # head a pure function of its parameters.
+    pure = head.clone(parent=None, conv_form="matmul")
+    fn = lambda params, x: call(functools.partial(pure.apply, {"params": params}), x)
+    return chunked.run(fn, head.variables["params"], inputs, valid, self.head_chunk_size)
 
   def _diagnostics(self, rois, proposals, proposals_valid, gt_boxes, gt_objects):
     num_valid = jnp.maximum(jnp.sum(rois["valid"]), 1)
@@ -371,7 +398,7 @@ class MaskRCNN(nn.Module):
         self.detections_per_image, self.max_candidates, self.min_box_size))(logits, deltas, proposals,
                                                          proposals_valid, size)
     out = {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
-    masks, heatmaps = self._views_heads(views, dets["boxes"], dets["classes"])
+    masks, heatmaps = self._views_heads(views, dets["boxes"], dets["classes"], dets["valid"])
     if masks is not None:
       out["masks"] = masks
     if heatmaps is not None:
@@ -385,7 +412,7 @@ class MaskRCNN(nn.Module):
     scales = [1.0] + [float(s) for s in self.test_scales if float(s) != 1.0]
     return [(s, f) for s in scales for f in ((False, True) if self.test_flip else (False,))]
 
-  def _views_heads(self, views, boxes, classes):
+  def _views_heads(self, views, boxes, classes, valid):
     """The mask and keypoint heads on ``boxes`` in every view, mapped back and averaged.
 
     Mask probabilities are averaged as detectron2's test-time augmentation
@@ -397,7 +424,7 @@ class MaskRCNN(nn.Module):
     """
     masks, heatmaps = [], []
     for roi_features, view in views:
-      m, h = self._detection_heads(roi_features, view.to_view(boxes), classes)
+      m, h = self._detection_heads(roi_features, view.to_view(boxes), classes, valid)
       if view.mirror_width is not None:  # mirror back along x
         # masks [B, D, S, S], heatmaps [B, D, m, m, Kp]
         m = None if m is None else m[..., ::-1]
@@ -407,25 +434,26 @@ class MaskRCNN(nn.Module):
     mean = lambda xs: None if xs[0] is None else sum(xs) / len(xs)
     return mean(masks), mean(heatmaps)
 
-  def _detection_heads(self, roi_features, boxes, classes):
+  def _detection_heads(self, roi_features, boxes, classes, valid):
     """Mask probabilities ``[B, D, S, S]`` of each box's class and keypoint heatmap
-    logits ``[B, D, m, m, Kp]`` over its scaled box (each None without its head)."""
+    logits ``[B, D, m, m, Kp]`` over its scaled box (each None without its head);
+    zeros where ``valid [B, D]`` is False."""
     masks = heatmaps = None
     if self.mask_head is not None:
       # C4: the mask head reads res5, which the box head computes at these boxes.
       res5 = self._box_head(roi_features, boxes, False)[2] if self.fpn is None else None
-      masks = jax.nn.sigmoid(_class_channel(
-          self._mask_logits(roi_features, boxes, res5, boxes.shape[1]), classes))
+      masks = jax.nn.sigmoid(self._mask_logits(roi_features, boxes, classes, valid, res5))
+      masks = jnp.where(valid[:, :, None, None], masks, 0.0)
     if self.keypoint_head is not None:
-      heatmaps = self.keypoint_head(self._pool(
+      heatmaps = self._run_head(self.keypoint_head, self._pool(
           roi_features, box_ops.scale(boxes, self.keypoint_box_scale),
-          self.keypoint_pooler_resolution))
+          self.keypoint_pooler_resolution), valid)
     return masks, heatmaps
 
 
 def _class_channel(mask_logits: Array, classes: Array) -> Array:
-  """``[B, M, S, S, K]`` per-class mask logits -> ``[B, M, S, S]`` of each RoI's class."""
-  return jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
+  """``[..., S, S, K]`` per-class mask logits -> ``[..., S, S]`` of each RoI's class ``[...]``."""
+  return jnp.take_along_axis(mask_logits, classes[..., None, None, None], axis=-1)[..., 0]
 
 
 class _View(NamedTuple):

@@ -1,4 +1,4 @@
-"""modeling/conv.py: 1x1 convs as matmuls on CPU equal XLA's, and Conv is nn.Conv otherwise."""
+"""modeling/conv.py: convolutions as matmuls on CPU equal XLA's, and Conv is nn.Conv otherwise."""
 
 import flax.linen as nn
 import jax
@@ -21,27 +21,30 @@ def _lax(x, w, strides, padding):
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@pytest.mark.parametrize("form", ["auto", "matmul"])
 @pytest.mark.parametrize("kernel,strides,padding", [
     (1, (1, 1), "SAME"),             # laterals, predictors
     (1, (2, 2), ((0, 0), (0, 0))),   # ResNet's strided 1x1 shortcut
     (1, (2, 3), ((1, 0), (2, 1))),   # a padded 1x1, uneven strides
     (1, (3, 2), "SAME"),             # strides that do not divide the input
-    (3, (1, 1), ((1, 1), (1, 1))),   # larger kernels are lax's own
+    (3, (1, 1), ((1, 1), (1, 1))),   # the heads' 3x3 ("auto": lax's own in float32)
+    (3, (2, 2), ((1, 1), (1, 1))),   # ResNet's strided 3x3
+    (7, (2, 2), ((3, 3), (3, 3))),   # the stem
     (2, (1, 2), "VALID"),
 ])
-def test_value_and_gradients_equal_xla(rng, kernel, strides, padding):
+def test_value_and_gradients_equal_xla(rng, kernel, strides, padding, form):
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
   pads = (padding if not isinstance(padding, str)
           else lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding))
-  got = conv.conv_general_dilated(x, w, strides, padding,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours_fn = lambda x, w: conv.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), form=form)
+  got = jax.jit(ours_fn)(x, w)
   want = _lax(x, w, strides, pads)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   loss = lambda f: lambda x, w: jnp.sum(f(x, w) * cot)
-  ours = jax.grad(loss(lambda x, w: conv.conv_general_dilated(
-      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))), (0, 1))(x, w)
+  ours = jax.jit(jax.grad(loss(ours_fn), (0, 1)))(x, w)
   theirs = jax.grad(loss(lambda x, w: _lax(x, w, strides, pads)), (0, 1))(x, w)
   for name, a, b in zip(("input", "weight"), ours, theirs):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
@@ -109,3 +112,54 @@ def test_conv_module_is_nn_conv_with_the_same_parameters(rng):
     g2 = jax.grad(lambda p: jnp.sum(theirs.apply(p, x) ** 2))(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                            g1, g2)
+
+
+def test_conv_by_hand():
+  """3x3 conv, zero padding, one channel: each output sums its 3x3 neighbourhood
+  (a ones kernel); the input gradient of sum(y) counts the outputs reading each pixel."""
+  x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+  w = jnp.ones((3, 3, 1, 1))
+  f = lambda x: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          form="matmul")
+  np.testing.assert_allclose(f(x)[0, :, :, 0], [[8, 15, 12], [21, 36, 27], [20, 33, 24]])
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(f(v)))(x)[0, :, :, 0],
+                             [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+
+
+def test_forms_lowered(monkeypatch):
+  """Which convolutions become matmuls on CPU: "auto" takes bfloat16 kernels of
+  any size and float32 1x1s; "matmul" every plain one; "xla" none. GPU and TPU
+  keep their own convolutions whatever the form."""
+  monkeypatch.setattr(conv, "MIN_MACS", 1)
+
+  def ops(w, form, platforms=("cpu",)):
+    x = jnp.ones((1, 6, 6, 2), w.dtype)
+    f = lambda v: jnp.sum(conv.conv_general_dilated(
+        x, v, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        form=form).astype(jnp.float32))
+    text = jax.jit(jax.grad(f)).trace(w).lower(lowering_platforms=platforms).as_text()
+    return {op for op in ("dot_general", "convolution") if f"stablehlo.{op}" in text}
+
+  wide = jnp.ones((3, 3, 2, 2))
+  assert ops(wide, "auto") == {"convolution"}
+  assert ops(wide.astype(jnp.bfloat16), "auto") == {"dot_general"}
+  assert ops(wide, "matmul") == {"dot_general"}
+  assert ops(jnp.ones((1, 1, 2, 2)), "xla") == {"convolution"}
+  assert ops(wide, "matmul", ("tpu",)) == {"convolution"}
+  with pytest.raises(ValueError, match="conv form"):
+    ops(wide, "im2col")
+
+
+def test_matmul_form_inside_control_flow(rng):
+  """The form the chunked heads use inside lax.cond: the same values and gradients."""
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 4)), jnp.float32)
+  conv3 = lambda x, w, form: conv.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), form=form)
+  inside = lambda w, run: jnp.sum(lax.cond(run, lambda: conv3(x, w, "matmul"),
+                                           lambda: jnp.zeros_like(x)) ** 2)
+  top = lambda w: jnp.sum(conv3(x, w, "xla") ** 2)
+  np.testing.assert_allclose(jax.jit(jax.grad(inside))(w, True), jax.grad(top)(w),
+                             rtol=1e-4, atol=1e-4)
+  assert not np.any(jax.jit(jax.grad(inside))(w, False))

@@ -93,11 +93,11 @@ def test_mirrored_view_heads_equal_the_heads_on_the_mirrored_image(setup):
   def flip_view(module, images, size):
     view_images, view_size, view = mrcnn._view_images(images, size, 1.0, True)
     _, features = module._features(view_images, view_size, train=False)
-    return module._views_heads([(features, view)], boxes, classes)
+    return module._views_heads([(features, view)], boxes, classes, jnp.ones(classes.shape, bool))
 
   def plain(module, images, boxes):
     _, features = module._features(images, info["image_size"], train=False)
-    return module._detection_heads(features, boxes, classes)
+    return module._detection_heads(features, boxes, classes, jnp.ones(classes.shape, bool))
 
   masks, heatmaps = jax.jit(lambda p: model.apply({"params": p}, images, info["image_size"],
                                                   method=flip_view))(params)
