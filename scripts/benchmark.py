@@ -4,6 +4,7 @@
     python scripts/benchmark.py --vs-torchvision   # + torchvision's Mask R-CNN, interleaved
     python scripts/benchmark.py --sweep            # + canvas / RoIs / batch scaling sweep
     python scripts/benchmark.py --dtype=bfloat16 --output=bench_bf16.json
+    python scripts/benchmark.py --dtype=bfloat16 --vs-torchvision --torchvision_autocast=bfloat16
     python scripts/benchmark.py --config=configs/shapes.py:tiny --canvas=128 --batch_size=8
     python scripts/benchmark.py --config.model.rpn.post_nms_topk_train=500 --steps=10
 
@@ -31,9 +32,11 @@ Inference runs on the initial weights of both sides (see DIFFERENCES).
 
 JSON keys (also printed as a table on stderr):
   settings       config, overrides, shapes, device, versions, load average.
-  peak           GFLOP/s of a large matmul measured in this run (compute dtype
-                 and float32); on GPU/TPU also the device kind's nominal peak,
-                 which is then what utilisation is against.
+  peak           GFLOP/s of a large matmul measured in this run (float32, the
+                 compute dtype and torchvision's autocast dtype; float32
+                 accumulation, as the model's matmuls); on GPU/TPU also the
+                 device kind's nominal peak, which is then what utilisation is
+                 against.
   train          ``mrcnn_jax.train.train_step`` jitted as the trainer does
                  (optimiser included): trace+lower and XLA compile seconds,
                  compilations of the step over the run, step seconds over
@@ -126,6 +129,9 @@ flags.DEFINE_integer("data_images", 32, "Images in the input pipeline's syntheti
 flags.DEFINE_integer("data_steps", 20, "Timed input batches.")
 flags.DEFINE_bool("dtype_check", True, "float32 vs bfloat16 losses on one batch.")
 flags.DEFINE_bool("vs_torchvision", False, "Also run torchvision's MaskRCNN, interleaved.")
+flags.DEFINE_enum("torchvision_autocast", None, ["bfloat16"],
+                  "Run torchvision's side under torch.autocast in this dtype (its mixed "
+                  "precision; compare with --dtype=bfloat16).")
 flags.DEFINE_bool("sweep", False, "Scaling sweep over canvas, RoIs and batch.")
 flags.DEFINE_list("sweep_canvas", ["256", "512", "768", "1024"], "Sweep canvas sides.")
 flags.DEFINE_list("sweep_rois", ["128", "256", "512"], "Sweep RoIs per image.")
@@ -206,12 +212,13 @@ def compile_timed(jitted, *args):
 
 
 def measure_peak(dtype: str) -> float:
-  """GFLOP/s of the best of a few large square matmuls."""
+  """GFLOP/s of the best of a few large square matmuls in ``dtype``, accumulating in
+  float32 (the model's recipe: conv.accumulating_dot_general)."""
   on_cpu = jax.default_backend() == "cpu"
   n, repeats = (4096, 3) if on_cpu else (8192, 10)
   n = FLAGS.peak_n or n
   a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), getattr(jnp, dtype)) for i in (1, 2))
-  f = jax.jit(jnp.matmul)
+  f = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a, b))
   best = float("inf")
   for _ in range(repeats):
@@ -456,7 +463,8 @@ def run(config, overrides: List[str]) -> Dict:
       "load_average_1m_before": os.getloadavg()[0]}}
   log(f"settings: {result['settings']}")
 
-  peak = {"measured_gflops": {dt: measure_peak(dt) for dt in {"float32", dtype}},
+  tv_dtype = FLAGS.torchvision_autocast or "float32"
+  peak = {"measured_gflops": {dt: measure_peak(dt) for dt in {"float32", dtype, tv_dtype}},
           "nominal_gflops": nominal_peak(dtype)}
   peak["used_gflops"] = peak["nominal_gflops"] or peak["measured_gflops"][dtype]
   peak["used"] = "nominal" if peak["nominal_gflops"] else "measured"
@@ -486,7 +494,7 @@ def run(config, overrides: List[str]) -> Dict:
     tmodel, topt = tvb.build(config, config.data.canvas_size[0],
                              float(optim.learning_rate(config)(0)))
     tv_initial = copy.deepcopy(tmodel.state_dict())
-    trainer = tvb.Trainer(tmodel, topt)
+    trainer = tvb.Trainer(tmodel, topt, FLAGS.torchvision_autocast)
     tv_batches = [tvb.inputs(x, config) for x in host]
     for i in range(FLAGS.warmup):
       trainer.step(*tv_batches[i % 2])
@@ -547,14 +555,14 @@ def run(config, overrides: List[str]) -> Dict:
     t_ours, t_tv = [], []
     if tv is not None:
       tv_images = tvb.inputs(batch_np, config)[0]
-      tv_dets = tvb.infer(tmodel, tv_images)
+      tv_dets = tvb.infer(tmodel, tv_images, FLAGS.torchvision_autocast)
       entry["torchvision_detections_per_image"] = float(np.mean([len(d["boxes"])
                                                                  for d in tv_dets]))
     for _ in range(FLAGS.infer_steps):
       t_ours.append(ours.detect(variables, batch)[0])
       if tv is not None:
         start = time.perf_counter()
-        tvb.infer(tmodel, tv_images)
+        tvb.infer(tmodel, tv_images, FLAGS.torchvision_autocast)
         t_tv.append(time.perf_counter() - start)
     entry["seconds"] = spread(t_ours)
     entry["images_per_s"] = n / entry["seconds"]["median"]
@@ -581,8 +589,9 @@ def run(config, overrides: List[str]) -> Dict:
         "train_step_s": tv_step, "images_per_s": b / tv_step["median"],
         "gflop_per_step_matmul_conv": tv_flops / 1e9,
         "achieved_gflops": tv_flops / tv_step["median"] / 1e9,
+        "autocast": FLAGS.torchvision_autocast,
         "utilisation_vs_measured_peak": tv_flops / tv_step["median"] / 1e9 /
-                                        peak["measured_gflops"]["float32"],
+                                        peak["measured_gflops"][tv_dtype],
         "mask_rois_per_image": tv["mask_rois_per_image"],
         "losses": {k: float(np.mean([x[k] for x in tv["losses"]])) for k in tv["losses"][0]},
         "inference_latency_s_batch_1": tv_lat,

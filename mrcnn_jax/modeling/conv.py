@@ -171,10 +171,10 @@ def _conv_matmul_bwd(strides, padding, precision, residuals, dy):
   dy = dy.reshape(-1, o)
   # Patch gradient dy @ w^T, contracting both on O: no transposed copy of w.
   dp = _dot(dy, w.reshape(-1, o), precision, ((1,), (1,))).astype(x.dtype)
-  # The patches are linear in x: their transpose sums each tap's gradient back.
-  patches_t = jax.linear_transpose(lambda v: _patches(v, kernel_size, strides, padding),
-                                   jax.ShapeDtypeStruct(x.shape, x.dtype))
-  dx, = patches_t(dp.reshape(*lead, -1))
+  # The transpose of the slicing sums each tap's gradient back (the unused
+  # forward value of this vjp is dropped by XLA).
+  _, patches_vjp = jax.vjp(lambda v: _patches(v, kernel_size, strides, padding), x)
+  dx, = patches_vjp(dp.reshape(*lead, -1))
   dw = _dot(_flat_patches_t(x, kernel_size, strides, padding), dy, precision)  # (kh*kw*C, O)
   return dx, dw.reshape(w.shape).astype(w.dtype)
 
