@@ -351,6 +351,32 @@ def test_two_processes_train_and_checkpoint(dataset, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_two_processes_evaluate_as_one(dataset, reference_run, tmp_path):
+  """Two processes each paste and encode their own images (through a worker process)
+  and process 0 alone scores and prints: the metrics of a one-process run on the
+  same two (simulated) devices, to the last digit."""
+  workdir = reference_run[0]
+  port = _free_port()
+  flags = cli_flags(dataset, **{"eval.workers": 1})
+  procs = [run_cli("evaluate", ["--config=configs/shapes.py:tiny",
+                                f"--workdir={tmp_path / 'two'}", f"--checkpoint={workdir}",
+                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                f"--process_id={i}", *flags]) for i in range(2)]
+  single = run_cli("evaluate", ["--config=configs/shapes.py:tiny",
+                                f"--workdir={tmp_path / 'one'}", f"--checkpoint={workdir}",
+                                *cli_flags(dataset)],
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  outs = [p.communicate(timeout=900)[0] for p in [*procs, single]]
+  for p, out in zip([*procs, single], outs):
+    assert p.returncode == 0, out
+  assert "Average Precision" in outs[0] and "Average Precision" not in outs[1], outs[1]
+  assert not (tmp_path / "two").exists() or os.listdir(tmp_path / "two") == [
+      "eval_metrics.json"]
+  two = json.load(open(tmp_path / "two" / "eval_metrics.json"))
+  one = json.load(open(tmp_path / "one" / "eval_metrics.json"))
+  assert two == one and "segm/AP" in one and "keypoints/AP" in one
+
+
 def test_compile_only_fills_the_cache_that_training_then_loads(dataset, tmp_path):
   """--compile_only needs no data and writes no workdir; with JAX's persistent cache, a
   training run of the same flags compiles neither its initialisation nor its train step."""

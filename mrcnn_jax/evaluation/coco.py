@@ -177,18 +177,19 @@ def rle_of_block(block: np.ndarray, top: int, left: int, height: int, width: int
   Returns:
     ``{"size": [H, W], "counts": str}``.
   """
-  columns = np.pad(block.T.astype(np.int8), ((0, 0), (1, 1)))  # (w, h + 2)
-  edges = np.diff(columns, axis=1)  # +1 where a run of 1s starts, -1 after it ends
-  col_s, row_s = np.nonzero(edges == 1)
-  col_e, row_e = np.nonzero(edges == -1)  # same order: one end per start, per column
-  starts = (left + col_s) * height + top + row_s  # column-major pixel index
-  ends = (left + col_e) * height + top + row_e
-  # A run that reaches the bottom of one column and goes on at the top of the
-  # next is one run in the flattened mask.
-  joined = np.flatnonzero(ends[:-1] == starts[1:])
-  starts, ends = np.delete(starts, joined + 1), np.delete(ends, joined)
-  bounds = np.stack([starts, ends], 1).reshape(-1)
-  counts = np.diff(np.concatenate([[0], bounds, [height * width]]))
+  h = block.shape[0]
+  # Down each column (with a 0 above and below): +1 where a run of 1s starts,
+  # -1 after it ends. The nonzero places, in column-major order, alternate
+  # start, end, start, ...
+  edges = np.diff(block.T.view(np.int8), axis=1, prepend=np.int8(0), append=np.int8(0))
+  column, row = np.divmod(np.flatnonzero(edges), h + 1)
+  bounds = (left + column) * height + top + row  # pixel indices in the flattened image
+  if h == height and len(bounds) > 2:
+    # A run that reaches the bottom of a column and goes on at the top of the
+    # next is one run of the flattened mask: its end meets the next start.
+    joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
+    bounds = np.delete(bounds, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+  counts = np.diff(bounds, prepend=0, append=height * width)
   if len(counts) > 1 and counts[-1] == 0:  # a run of 1s to the last pixel ends the RLE
     counts = counts[:-1]
   rle = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [height, width]},
@@ -303,7 +304,7 @@ class COCOEvaluator:
   others' ``shard()`` and evaluates (``evaluation.distributed``).
   """
 
-  def __init__(self, annotation_file_or_COCO: Union[str, COCO], coco_ids: Sequence[int],
+  def __init__(self, annotation_file_or_COCO: Union[str, dict, COCO], coco_ids: Sequence[int],
                keypoint_category_ids: Iterable[int] = (),
                iou_types: Sequence[str] = ("bbox", "segm", "keypoints"),
                oks_sigmas: Optional[Sequence[float]] = None,
@@ -311,7 +312,8 @@ class COCOEvaluator:
     """
     Args:
       annotation_file_or_COCO: the split's COCO JSON path or URI (meta.json's
-        ``source_annotations``) or a loaded ``pycocotools.coco.COCO``.
+        ``source_annotations``), its content as a dict (used as it is) or a
+        loaded ``pycocotools.coco.COCO``.
       coco_ids: contiguous class i <-> COCO category id ``coco_ids[i]``.
       keypoint_category_ids: COCO ids of the categories with keypoints.
       iou_types: which of "bbox", "segm", "keypoints" to evaluate.
@@ -335,6 +337,9 @@ class COCOEvaluator:
     backends.check_backend(backend)
     if isinstance(annotation_file_or_COCO, COCO):
       self.ground_truth = backends.GroundTruth(annotation_file_or_COCO.dataset, backend)
+    elif isinstance(annotation_file_or_COCO, dict):
+      _fill_defaults(annotation_file_or_COCO, "the ground truth")
+      self.ground_truth = backends.GroundTruth(annotation_file_or_COCO, backend)
     else:
       dataset = storage.read_json(annotation_file_or_COCO)
       _fill_defaults(dataset, annotation_file_or_COCO)
