@@ -108,8 +108,17 @@ def read_json(path: str) -> Any:
 
 
 def write_text(path: str, text: str) -> None:
-  with open_file(path, "w") as f:
+  """Writes ``path`` whole: a remote file through a temporary name and a rename, since
+  some filesystems' "w" does not truncate (TF's ram://) and a reader must never see
+  half a file."""
+  if is_local(path):
+    with open(_local(path), "w") as f:  # pylint: disable=unspecified-encoding
+      f.write(text)
+    return
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with _gfile().GFile(temporary, "w") as f:
     f.write(text)
+  _gfile().rename(temporary, path, overwrite=True)
 
 
 def write_json(path: str, value: Any, indent: Optional[int] = None) -> None:
@@ -120,9 +129,9 @@ class AppendFile:
   """A text file written line by line and flushed (metrics.jsonl).
 
   Locally it is opened for appending. A bucket object cannot be appended to:
-  the file's earlier content is read once, and every ``flush`` uploads the
-  whole file again (gfile writes the object at each flush), so what was
-  flushed survives a crash as it does locally.
+  the file's earlier content is read once and written back at once, and every
+  ``flush`` uploads the whole file again (gfile writes the object at each
+  flush), so what was flushed survives a crash as it does locally.
   """
 
   def __init__(self, path: str):
@@ -134,8 +143,10 @@ class AppendFile:
       if exists(path):
         with open_file(path) as f:
           earlier = f.read()
+        _gfile().remove(path)  # "w" does not truncate on every filesystem (TF's ram://)
       self._file = _gfile().GFile(path, "w")
       self._file.write(earlier)
+      self._file.flush()
 
   def write(self, text: str) -> None:
     self._file.write(text)
