@@ -458,6 +458,36 @@ def test_a_run_that_cannot_start_says_why_before_training(dataset, reference_run
   assert not os.path.exists(tmp_path / "new" / "checkpoints")
 
 
+def test_train_cli_names_an_unreachable_workdir(dataset):
+  """A filesystem that cannot be reached (here: an unknown scheme, as a bucket without
+  credentials would be) stops the run before anything else, naming the path."""
+  proc = run_cli("train", ["--config=configs/shapes.py:tiny", "--workdir=nosuchfs://bucket/run",
+                           *cli_flags(dataset)])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out
+  assert "--workdir nosuchfs://bucket/run: cannot be reached" in out, out
+  assert "Traceback" not in out
+
+
+def test_workdir_and_data_as_file_uris(dataset, tmp_path):
+  """file:// URIs for the data, the workdir (checkpoints through orbax) and the initial
+  checkpoint; an unreachable data or checkpoint path is named before training."""
+  config = make_config(dataset, total_steps=2, **{
+      "data.train_dir": f"file://{dataset}/tf/train", "train.checkpoint_every": 2})
+  workdir = f"file://{tmp_path}/run"
+  train.train_and_evaluate(config, workdir)
+  assert checkpointing.Checkpointer(str(tmp_path / "run")).latest_step() == 2
+  assert {"config.json", "meta.json", "metrics.jsonl", "tensorboard"} <= set(
+      os.listdir(tmp_path / "run"))
+  again = make_config(dataset, total_steps=2, init_checkpoint=workdir)
+  train.train_and_evaluate(again, str(tmp_path / "from_init"))  # loads the file:// checkpoint
+  for key in ("data.train_dir", "init_checkpoint"):
+    with pytest.raises(train.SetupError, match=f"config.{key} nosuchfs://b/x: cannot be reached"):
+      train.train_and_evaluate(make_config(dataset, **{key: "nosuchfs://b/x"}),
+                               str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")
+
+
 def test_train_cli_refuses_a_file_as_workdir(dataset, tmp_path):
   path = tmp_path / "a_file"
   path.write_text("x")
