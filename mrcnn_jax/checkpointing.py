@@ -260,7 +260,10 @@ def _root_cause(e: BaseException) -> str:
 def resolve(path: str) -> str:
   """A checkpoint step directory from ``path``: a step dir, a manager dir, or a workdir."""
   path = storage.abspath(path)
-  storage.check_reachable(path, "checkpoint")
+  try:
+    storage.check_reachable(path, "checkpoint")
+  except storage.UnreachableError as e:  # the CLIs name it and exit 2
+    raise CheckpointError(str(e)) from None
   if not storage.isdir(path):
     raise FileNotFoundError(f"checkpoint {path}: no such directory")
   if storage.isdir(storage.join(path, "checkpoints")):
