@@ -29,6 +29,12 @@ decode (image or mask) is dropped from the stream and named in
 "fail" (the default) stops with ``CorruptRecordError``; "skip" logs and
 counts it, and the batch is filled from the next records, so it keeps its
 shape (a resumed run then sees the batches shifted by the skipped records).
+A record whose bytes cannot be read (a bucket that keeps failing after
+``storage.READ_TRIES`` tries) is not bad data: ``UnreadableRecordError``
+names it and stops the run whatever on_corrupt says.
+
+Splits may lie on any filesystem ``storage`` reaches (gs://, file://, ...):
+records are read by byte offset through ``storage.RangeReader``.
 """
 
 import io
