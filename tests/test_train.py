@@ -479,8 +479,9 @@ def test_workdir_and_data_as_file_uris(dataset, tmp_path):
   assert checkpointing.Checkpointer(str(tmp_path / "run")).latest_step() == 2
   assert {"config.json", "meta.json", "metrics.jsonl", "tensorboard"} <= set(
       os.listdir(tmp_path / "run"))
-  again = make_config(dataset, total_steps=2, init_checkpoint=workdir)
-  train.train_and_evaluate(again, str(tmp_path / "from_init"))  # loads the file:// checkpoint
+  # What init_checkpoint, evaluate --checkpoint and predict read it with.
+  loaded = checkpointing.load_variables(workdir)["params"]
+  assert_trees_equal(loaded, final_params(str(tmp_path / "run"))["params"])
   for key in ("data.train_dir", "init_checkpoint"):
     with pytest.raises(train.SetupError, match=f"config.{key} nosuchfs://b/x: cannot be reached"):
       train.train_and_evaluate(make_config(dataset, **{key: "nosuchfs://b/x"}),
