@@ -111,7 +111,8 @@ def get_config(arg=None):
   # () = the evaluator's default sigma; keypoint results ranked by box score x
   # mean keypoint score (see evaluation/coco.py KEYPOINT_SCORES and docs/experiments.md).
   config.eval = ml_collections.ConfigDict({"oks_sigmas": (),
-                                           "keypoint_score": "box_x_keypoints"})
+                                           "keypoint_score": "box_x_keypoints",
+                                           "backend": "pycocotools", "workers": 0})
   config.init_checkpoint = ""  # e.g. a converted torchvision checkpoint
   config.init_keep = "all"  # "all", "backbone" or "no_predictors"
   return config

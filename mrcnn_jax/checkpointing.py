@@ -27,13 +27,14 @@ optionally ``model_state``) will do.
 """
 
 import dataclasses
-import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from mrcnn_jax import storage
 
 
 class CheckpointError(Exception):
@@ -110,7 +111,7 @@ class BadCheckpoint:
 
 def _manager(directory: str, **options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      storage.abspath(directory),
       options=ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
                                            **options))
 
@@ -121,10 +122,10 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, best_metric: Optional[str] = None,
                best_mode: str = "max"):
     self.best_metric = best_metric
-    self.last = _manager(os.path.join(workdir, "checkpoints"), max_to_keep=keep)
+    self.last = _manager(storage.join(workdir, "checkpoints"), max_to_keep=keep)
     self.best = None
     if best_metric:
-      self.best = _manager(os.path.join(workdir, "best"), max_to_keep=1,
+      self.best = _manager(storage.join(workdir, "best"), max_to_keep=1,
                            best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode)
     self._saving: Optional[int] = None  # the step of the save in flight
 
@@ -135,7 +136,7 @@ class Checkpointer:
     return sorted(self.last.all_steps())
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(str(self.last.directory), str(step))
+    return storage.join(str(self.last.directory), str(step))
 
   def restore(self, abstract_state, step: Optional[int] = None):
     """The state at ``step`` (default: latest), laid out as ``abstract_state``.
@@ -174,11 +175,11 @@ class Checkpointer:
     only. Orbax ignores the new name, so the step can be saved again."""
     source = self.step_dir(step)
     target, n = source + ".corrupt", 1
-    while os.path.exists(target):
+    while storage.exists(target):
       n += 1
       target = f"{source}.corrupt-{n}"
     if jax.process_index() == 0:
-      os.rename(source, target)
+      storage.rename(source, target)
     return target
 
   def reload(self) -> None:
@@ -258,22 +259,26 @@ def _root_cause(e: BaseException) -> str:
 
 def resolve(path: str) -> str:
   """A checkpoint step directory from ``path``: a step dir, a manager dir, or a workdir."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = storage.abspath(path)
+  try:
+    storage.check_reachable(path, "checkpoint")
+  except storage.UnreachableError as e:  # the CLIs name it and exit 2
+    raise CheckpointError(str(e)) from None
+  if not storage.isdir(path):
     raise FileNotFoundError(f"checkpoint {path}: no such directory")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  steps = [d for d in os.listdir(path) if d.isdigit()]
-  if steps and not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
-    path = os.path.join(path, max(steps, key=int))
-  if not os.path.isdir(os.path.join(path, "default")):
+  if storage.isdir(storage.join(path, "checkpoints")):
+    path = storage.join(path, "checkpoints")
+  steps = [d for d in storage.listdir(path) if d.isdigit()]
+  if steps and not storage.exists(storage.join(path, "_CHECKPOINT_METADATA")):
+    path = storage.join(path, max(steps, key=int))
+  if not storage.isdir(storage.join(path, "default")):
     raise FileNotFoundError(f"checkpoint {path}: not an orbax checkpoint (no 'default' item)")
   return path
 
 
 def stored_param_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
   """``{key path: shape}`` of the ``params`` a checkpoint at ``path`` holds (metadata only)."""
-  item = os.path.join(resolve(path), "default")
+  item = storage.join(resolve(path), "default")
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(item)
   tree = getattr(metadata, "item_metadata", metadata)  # a mapping of the state's fields
@@ -291,7 +296,7 @@ def param_shapes(params) -> Dict[str, Tuple[int, ...]]:
 def load_variables(path: str) -> Dict[str, Any]:
   """``{"params": ..., **model_state}`` (host numpy arrays) from a checkpoint at ``path``."""
   step_dir = resolve(path)
-  item = os.path.join(step_dir, "default")
+  item = storage.join(step_dir, "default")
   # Restore onto this process's first device whatever mesh wrote it (a
   # multi-host run's checkpoint is read back on one machine).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

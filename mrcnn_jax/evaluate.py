@@ -1,47 +1,57 @@
 """Evaluation: COCO AP of a checkpoint on the whole eval split.
 
     python -m mrcnn_jax.evaluate --config=configs/shapes.py --workdir=/tmp/shapes \\
-        [--checkpoint=PATH]
+        [--checkpoint=PATH] [--coordinator_address=host:port --num_processes=N --process_id=I]
 
 Runs the jitted, sharded ``detect`` step over every eval image (the last batch
-padded, padding ignored), maps detections back to original pixels, pastes
-masks at full resolution and RLE-encodes them on the host, and scores bbox,
-segm and (for keypoint categories) keypoints with pycocotools' COCOeval.
+padded, padding ignored); each process maps its own images' detections back
+to original pixels, pastes masks at full resolution and RLE-encodes them
+(``config.eval.workers`` processes beside it), and process 0 gathers every
+process's results and scores bbox, segm and (for keypoint categories)
+keypoints with COCOeval (``config.eval.backend``: pycocotools or
+faster_coco_eval).
 Prints the standard tables and writes WORKDIR/eval_metrics.json with keys such
 as "bbox/AP", "segm/AP50", "keypoints/AP". Without ``--checkpoint`` the latest
 checkpoint in the workdir is evaluated.
 """
 
 import functools
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Dict, Optional
 
 import jax
+import numpy as np
 import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrcnn_jax import checkpointing, sharding
+from mrcnn_jax import checkpointing, sharding, storage
 from mrcnn_jax.data import input_pipeline
+from mrcnn_jax.evaluation import backends, distributed
 from mrcnn_jax.evaluation import coco as coco_eval
 from mrcnn_jax.modeling import build
 
 
 def detect_step(variables, batch, *, model):
-  """Detections and the image_info needed to map them back (both replicated)."""
+  """Detections and the image_info needed to map them back (both split by image, as
+  the batch is: each process reads its own images' rows)."""
   return model.apply(variables, batch["images"], batch["image_info"],
                      method="detect"), batch["image_info"]
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_detect(model, mesh):
-  rep = sharding.replicated(mesh)
+  rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(sharding.traced_in(mesh, functools.partial(detect_step, model=model)),
-                 in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=rep)
+                 in_shardings=(rep, split), out_shardings=split)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-split array, in its local batch's order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
 
 
 def eval_annotations(config) -> str:
@@ -50,9 +60,9 @@ def eval_annotations(config) -> str:
   path = config.data.get("eval_annotations")
   if not path:
     meta = input_pipeline.RecordFile(config.data.eval_dir).meta
-    path = (os.path.join(config.data.eval_dir, meta["ground_truth"]) if "ground_truth" in meta
+    path = (storage.join(config.data.eval_dir, meta["ground_truth"]) if "ground_truth" in meta
             else meta["source_annotations"])
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"eval annotations {path} not found; set "
                             f"--config.data.eval_annotations")
   return path
@@ -65,7 +75,14 @@ def evaluator_options(config) -> Dict[str, Any]:
   if score not in coco_eval.KEYPOINT_SCORES:
     raise ValueError(f"eval.keypoint_score: expected one of {coco_eval.KEYPOINT_SCORES}, "
                      f"got {score!r}")
-  return {"oks_sigmas": e.get("oks_sigmas") or None, "keypoint_score": score}
+  backend = e.get("backend", "pycocotools")
+  backends.check_backend(backend)
+  workers = e.get("workers", 0)
+  if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+    raise ValueError(f"eval.workers: expected an integer >= 0 (0: in this process), got "
+                     f"{workers!r}")
+  return {"oks_sigmas": e.get("oks_sigmas") or None, "keypoint_score": score,
+          "backend": backend, "workers": workers}
 
 
 def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
@@ -89,27 +106,38 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
   bar = tqdm.tqdm(data.take(steps).as_numpy_iterator(), total=steps, desc="eval",
                   unit="batch", disable=not progress or jax.process_index() != 0,
                   dynamic_ncols=True)
-  for batch in bar:
-    for description in faults.new():  # the run's data.on_corrupt, as in training
-      if config.data.get("on_corrupt", "fail") != "skip":
-        raise input_pipeline.CorruptRecordError(f"corrupt record in {description}")
-      logging.warning("eval: skipped corrupt record %s (its objects count as missed)",
-                      description)
-    detections, image_info = jax.device_get(step_fn(variables,
-                                                    sharding.global_batch(batch, mesh)))
-    evaluator.add(detections, image_info)
+  try:
+    for batch in bar:
+      for description in faults.new():  # the run's data.on_corrupt, as in training
+        if config.data.get("on_corrupt", "fail") != "skip":
+          raise input_pipeline.CorruptRecordError(f"corrupt record in {description}")
+        logging.warning("eval: skipped corrupt record %s (its objects count as missed)",
+                        description)
+      detections, image_info = step_fn(variables, sharding.global_batch(batch, mesh))
+      evaluator.add(jax.tree.map(_local_rows, detections), jax.tree.map(_local_rows, image_info))
+    shards = distributed.gather_to_main(evaluator.shard())
+  finally:
+    evaluator.close()
   logging.info("eval: %d batches in %.1f s", steps, time.time() - start)
-  # Every process scores the (replicated) detections, so all agree on the
-  # result without another collective; only process 0 prints.
-  return evaluator.evaluate()
+  outcome = None
+  if jax.process_index() == 0:  # one COCOeval, one printout
+    try:
+      for shard in shards[1:]:
+        evaluator.merge(shard)
+      outcome = {"metrics": evaluator.evaluate()}
+    except ValueError as e:  # e.g. image ids not in the annotations: every process stops
+      outcome = {"error": str(e)}
+  outcome = distributed.share_from_main(outcome)
+  if "error" in outcome:
+    raise ValueError(outcome["error"])
+  return outcome["metrics"]
 
 
 def write_metrics(workdir: str, metrics: Dict[str, float], step: Optional[int]) -> str:
-  path = os.path.join(workdir, "eval_metrics.json")
-  with open(path, "w") as f:
-    # COCOeval's -1 ("no such objects") arrives as NaN; strict JSON has no NaN.
-    values = {k: (None if math.isnan(v) else float(v)) for k, v in metrics.items()}
-    json.dump({"step": step, **values}, f, indent=1)
+  path = storage.join(workdir, "eval_metrics.json")
+  # COCOeval's -1 ("no such objects") arrives as NaN; strict JSON has no NaN.
+  values = {k: (None if math.isnan(v) else float(v)) for k, v in metrics.items()}
+  storage.write_json(path, {"step": step, **values}, indent=1)
   return path
 
 
@@ -122,6 +150,11 @@ def _define_flags():
                                      "latest checkpoint is evaluated unless --checkpoint."),
       "checkpoint": flags.DEFINE_string("checkpoint", None, "A checkpoint step directory, "
                                         "its parent or a workdir (default: --workdir)."),
+      "coordinator_address": flags.DEFINE_string(
+          "coordinator_address", None, "host:port of process 0 (multi-host evaluation)."),
+      "num_processes": flags.DEFINE_integer("num_processes", None,
+                                            "Processes in a multi-host evaluation."),
+      "process_id": flags.DEFINE_integer("process_id", None, "This process's index."),
   }
 
 
@@ -131,24 +164,28 @@ def main(argv, args):
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
   checkpointing.quiet_orbax_logs()
+  sharding.initialize_distributed(args["coordinator_address"].value,
+                                  args["num_processes"].value, args["process_id"].value)
   path = args["checkpoint"].value or workdir
   try:
     step_dir = checkpointing.resolve(path)
     variables = checkpointing.load_variables(step_dir)
-  except (FileNotFoundError, checkpointing.CheckpointError) as e:  # missing or unreadable
+  except (FileNotFoundError, checkpointing.CheckpointError,
+          storage.UnreachableError) as e:  # missing, unreadable or out of reach
     print(f"error: {e}", file=sys.stderr)
     return 2
   model = build.build_model(config)
   try:
     metrics = evaluate(model, variables, config, sharding.make_mesh())
-  except (FileNotFoundError, build.DataMismatchError,
+  except (FileNotFoundError, build.DataMismatchError, storage.UnreachableError,
           input_pipeline.CorruptRecordError) as e:  # e.g. a missing eval split
     print(f"error: {e}", file=sys.stderr)
     return 2
-  os.makedirs(workdir, exist_ok=True)
-  step = os.path.basename(step_dir)
-  out = write_metrics(workdir, metrics, int(step) if step.isdigit() else None)
-  print(f"checkpoint {step_dir}\nmetrics written to {out}")
+  if jax.process_index() == 0:
+    storage.makedirs(workdir)
+    step = storage.basename(step_dir)
+    out = write_metrics(workdir, metrics, int(step) if step.isdigit() else None)
+    print(f"checkpoint {step_dir}\nmetrics written to {out}")
   return 0
 
 

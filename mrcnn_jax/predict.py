@@ -28,7 +28,6 @@ orientation of files is applied.
 
 import collections
 import functools
-import json
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -40,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mrcnn_jax import artifact, checkpointing
+from mrcnn_jax import artifact, checkpointing, storage
 from mrcnn_jax.data import coco as coco_data
 from mrcnn_jax.data import input_pipeline, transforms
 from mrcnn_jax.evaluation import coco as coco_eval
@@ -77,10 +76,10 @@ def to_rgb_array(image: np.ndarray) -> np.ndarray:
 def read_image(path: str) -> np.ndarray:
   """An image file as ``[H, W, 3]`` uint8 RGB, EXIF orientation applied."""
   try:
-    with Image.open(path) as im:
+    with storage.open_file(path, "rb") as f, Image.open(f) as im:
       im = ImageOps.exif_transpose(im)
       return np.asarray(coco_data.to_rgb(im))
-  except (UnidentifiedImageError, OSError, ValueError) as e:
+  except (UnidentifiedImageError, OSError, ValueError, tf.errors.OpError) as e:
     raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
@@ -222,24 +221,23 @@ class Predictor:
 
 def _find_meta(config, checkpoint: str) -> Dict[str, Any]:
   """Class names and keypoint metadata: the training workdir's meta.json, else the eval split's."""
-  path = os.path.abspath(checkpoint)
+  path = storage.abspath(checkpoint)
   for _ in range(4):  # step dir -> checkpoints/ -> workdir
-    candidate = os.path.join(path, "meta.json")
-    if os.path.isfile(candidate):
-      with open(candidate) as f:
-        return json.load(f)
-    path = os.path.dirname(path)
+    candidate = storage.join(path, "meta.json")
+    if storage.exists(candidate) and not storage.isdir(candidate):
+      return storage.read_json(candidate)
+    path = os.path.dirname(path.rstrip("/"))
   return input_pipeline.RecordFile(config.data.eval_dir).meta
 
 
 def _inputs(path: str) -> List[str]:
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+  if storage.isdir(path):
+    files = sorted(storage.join(path, f) for f in storage.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
       raise ValueError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return files
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise ValueError(f"{path}: no such file or directory")
   return [path]
 
@@ -252,9 +250,9 @@ def picture_paths(paths: List[str], output: str) -> List[str]:
   for p in paths:
     base = os.path.basename(p)
     stem = os.path.splitext(base)[0]
-    pictures.append(os.path.join(output, (stem if stems[stem] == 1 else base) + ".png"))
+    pictures.append(storage.join(output, (stem if stems[stem] == 1 else base) + ".png"))
   inputs = {os.path.realpath(p) for p in paths}
-  for picture in pictures + [os.path.join(output, "predictions.json")]:
+  for picture in pictures + [storage.join(output, "predictions.json")]:
     if os.path.realpath(picture) in inputs:
       raise ValueError(f"--output {output}: {os.path.basename(picture)} would overwrite the "
                        f"input image {picture}; choose another output directory")
@@ -271,7 +269,7 @@ def predict_files(predictor: Predictor, paths: List[str], output: str,
   Unreadable files are skipped and counted; raises ValueError when none was read.
   """
   pictures = picture_paths(paths, output)
-  os.makedirs(output, exist_ok=True)
+  storage.makedirs(output)
   everything, failed = [], 0
   for image_id, (path, picture) in enumerate(zip(paths, pictures), start=1):
     try:
@@ -281,16 +279,16 @@ def predict_files(predictor: Predictor, paths: List[str], output: str,
       failed += 1
       continue
     out = predictor(rgb, image_id=image_id)
-    Image.fromarray(predictor.draw(rgb, out["results"], picture_min_side)).save(picture)
+    with storage.open_file(picture, "wb") as f:
+      Image.fromarray(predictor.draw(rgb, out["results"], picture_min_side)).save(f, "PNG")
     for r in out["results"]:
       r["file_name"] = os.path.basename(path)
     everything += out["results"]
     print(f"{path}: {len(out['results'])} detections")
   if failed == len(paths):
     raise ValueError(f"none of the {len(paths)} input files could be read as an image")
-  json_path = os.path.join(output, "predictions.json")
-  with open(json_path, "w") as f:
-    json.dump(everything, f)
+  json_path = storage.join(output, "predictions.json")
+  storage.write_json(json_path, everything)
   print(f"{len(paths) - failed} images, {len(everything)} detections -> {output}"
         + (f" ({failed} unreadable, skipped)" if failed else ""))
   return json_path

@@ -30,7 +30,6 @@ Guarantees:
 
 import functools
 import json
-import os
 import signal
 import sys
 import time
@@ -41,12 +40,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 import tqdm
 from absl import app, flags, logging
 from flax import struct
 from ml_collections import config_flags
 
-from mrcnn_jax import checkpointing, optim, sharding
+from mrcnn_jax import checkpointing, optim, sharding, storage
 from mrcnn_jax import evaluate as evaluate_lib
 from mrcnn_jax.data import input_pipeline
 from mrcnn_jax.modeling import build
@@ -139,12 +139,11 @@ class MetricLogger:
   """Metric lines on the console, metrics.jsonl and TensorBoard (process 0 only)."""
 
   def __init__(self, workdir: str, enabled: bool):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.enabled, self.workdir, self.tf = enabled, workdir, tf
     self.writer = None
     if enabled:
-      self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.writer = tf.summary.create_file_writer(storage.join(workdir, "tensorboard"))
+      self.jsonl = storage.AppendFile(storage.join(workdir, "metrics.jsonl"))
 
   def write(self, step: int, metrics: Dict[str, float], prefix: str = "") -> None:
     try:
@@ -276,11 +275,30 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
   step_fn.lower(abstract, batch, key).compile()
 
 
+def _check_paths(config, workdir: str) -> None:
+  """Fails before any work when the workdir, the data or the initial checkpoint lies
+  on a filesystem that cannot be reached (``SetupError`` naming the path: exit 2)."""
+  paths = [("--workdir", workdir), ("config.data.train_dir", config.data.train_dir)]
+  if config.train.eval_every:
+    paths.append(("config.data.eval_dir", config.data.eval_dir))
+  if config.get("init_checkpoint"):
+    paths.append(("config.init_checkpoint", config.init_checkpoint))
+  for what, path in paths:
+    try:
+      storage.check_reachable(path, what)
+    except storage.UnreachableError as e:
+      raise SetupError(str(e)) from None
+  try:
+    if storage.exists(workdir) and not storage.isdir(workdir):
+      raise SetupError(f"--workdir {workdir} exists and is not a directory")
+    storage.makedirs(workdir)
+  except (OSError, tf.errors.OpError) as e:
+    raise SetupError(f"--workdir {workdir}: cannot write ({checkpointing.cause(e)})") from None
+
+
 def _train(config, workdir, stop) -> Dict[str, float]:
   t = config.train
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise SetupError(f"--workdir {workdir} exists and is not a directory")
-  os.makedirs(workdir, exist_ok=True)
+  _check_paths(config, workdir)
   is_main = jax.process_index() == 0
   meta = input_pipeline.RecordFile(config.data.train_dir).meta
   build.check_dataset(config, meta, f"the training split {config.data.train_dir}")
@@ -315,12 +333,11 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     start = 0
   if is_main:  # after a restore, so a config that does not fit leaves these as they were
     try:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+      storage.write_text(storage.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=1))
       # Class names and keypoint metadata travel with the checkpoints (predict reads them).
-      with open(os.path.join(workdir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    except OSError as e:
+      storage.write_json(storage.join(workdir, "meta.json"), meta, indent=1)
+    except (OSError, tf.errors.OpError) as e:
       checkpointer.close()
       raise SetupError(f"--workdir {workdir}: cannot write ({checkpointing.cause(e)})") from None
   nparams = sum(x.size for x in jax.tree.leaves(state.params))
@@ -578,7 +595,7 @@ def main(argv, args):
   except (checkpointing.SaveError, LogWriteError) as e:
     print(f"train: {e}", file=sys.stderr)
     return 4
-  except (FileNotFoundError, build.DataMismatchError, SetupError,
+  except (FileNotFoundError, build.DataMismatchError, SetupError, storage.UnreachableError,
           checkpointing.CheckpointError, input_pipeline.CorruptRecordError) as e:  # e.g. no data
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -28,13 +28,16 @@ def test_config_builds(name):
               "max_nonfinite"):
     assert key in config.train, key
   assert config.batch_size % 1 == 0 and config.data.max_instances > 0
-  assert set(evaluate.evaluator_options(config)) == {"oks_sigmas", "keypoint_score"}
+  assert set(evaluate.evaluator_options(config)) == {"oks_sigmas", "keypoint_score", "backend",
+                                                     "workers"}
 
 
-def test_bad_eval_setting_is_named():
+@pytest.mark.parametrize("key,value", [("keypoint_score", "oks"), ("backend", "detectron2"),
+                                       ("workers", -1)])
+def test_bad_eval_setting_is_named(key, value):
   config = importlib.import_module("configs.shapes").get_config()
-  config.eval.keypoint_score = "oks"
-  with pytest.raises(ValueError, match="eval.keypoint_score"):
+  config.eval[key] = value
+  with pytest.raises(ValueError, match=f"eval.{key}"):
     evaluate.evaluator_options(config)
 
 

@@ -352,6 +352,32 @@ def test_two_processes_train_and_checkpoint(dataset, tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_two_processes_evaluate_as_one(dataset, reference_run, tmp_path):
+  """Two processes each paste and encode their own images (through a worker process)
+  and process 0 alone scores and prints: the metrics of a one-process run on the
+  same two (simulated) devices, to the last digit."""
+  workdir = reference_run[0]
+  port = _free_port()
+  flags = cli_flags(dataset, **{"eval.workers": 1})
+  procs = [run_cli("evaluate", ["--config=configs/shapes.py:tiny",
+                                f"--workdir={tmp_path / 'two'}", f"--checkpoint={workdir}",
+                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                f"--process_id={i}", *flags]) for i in range(2)]
+  single = run_cli("evaluate", ["--config=configs/shapes.py:tiny",
+                                f"--workdir={tmp_path / 'one'}", f"--checkpoint={workdir}",
+                                *cli_flags(dataset)],
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  outs = [p.communicate(timeout=900)[0] for p in [*procs, single]]
+  for p, out in zip([*procs, single], outs):
+    assert p.returncode == 0, out
+  assert "Average Precision" in outs[0] and "Average Precision" not in outs[1], outs[1]
+  assert not (tmp_path / "two").exists() or os.listdir(tmp_path / "two") == [
+      "eval_metrics.json"]
+  two = json.load(open(tmp_path / "two" / "eval_metrics.json"))
+  one = json.load(open(tmp_path / "one" / "eval_metrics.json"))
+  assert two == one and "segm/AP" in one and "keypoints/AP" in one
+
+
 def test_compile_only_fills_the_cache_that_training_then_loads(dataset, tmp_path):
   """--compile_only needs no data and writes no workdir; with JAX's persistent cache, a
   training run of the same flags compiles neither its initialisation nor its train step."""
@@ -431,6 +457,37 @@ def test_a_run_that_cannot_start_says_why_before_training(dataset, reference_run
                                                      "train.eval_every": 4}),
                              str(tmp_path / "new"))
   assert not os.path.exists(tmp_path / "new" / "checkpoints")
+
+
+def test_train_cli_names_an_unreachable_workdir(dataset):
+  """A filesystem that cannot be reached (here: an unknown scheme, as a bucket without
+  credentials would be) stops the run before anything else, naming the path."""
+  proc = run_cli("train", ["--config=configs/shapes.py:tiny", "--workdir=nosuchfs://bucket/run",
+                           *cli_flags(dataset)])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out
+  assert "--workdir nosuchfs://bucket/run: cannot be reached" in out, out
+  assert "Traceback" not in out
+
+
+def test_workdir_and_data_as_file_uris(dataset, tmp_path):
+  """file:// URIs for the data, the workdir (checkpoints through orbax) and the initial
+  checkpoint; an unreachable data or checkpoint path is named before training."""
+  config = make_config(dataset, total_steps=2, **{
+      "data.train_dir": f"file://{dataset}/tf/train", "train.checkpoint_every": 2})
+  workdir = f"file://{tmp_path}/run"
+  train.train_and_evaluate(config, workdir)
+  assert checkpointing.Checkpointer(str(tmp_path / "run")).latest_step() == 2
+  assert {"config.json", "meta.json", "metrics.jsonl", "tensorboard"} <= set(
+      os.listdir(tmp_path / "run"))
+  # What init_checkpoint, evaluate --checkpoint and predict read it with.
+  loaded = checkpointing.load_variables(workdir)["params"]
+  assert_trees_equal(loaded, final_params(str(tmp_path / "run"))["params"])
+  for key in ("data.train_dir", "init_checkpoint"):
+    with pytest.raises(train.SetupError, match=f"config.{key} nosuchfs://b/x: cannot be reached"):
+      train.train_and_evaluate(make_config(dataset, **{key: "nosuchfs://b/x"}),
+                               str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")
 
 
 def test_train_cli_refuses_a_file_as_workdir(dataset, tmp_path):

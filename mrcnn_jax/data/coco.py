@@ -64,6 +64,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from mrcnn_jax import storage
+
 RECORD_OVERHEAD = 16  # TFRecord framing: u64 length, u32 crc, data, u32 crc
 INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
 INT64_MAX = 2 ** 63 - 1
@@ -82,15 +84,17 @@ class DatasetError(Exception):
 def load_json(path: str) -> dict:
   """Reads and checks a COCO JSON; raises DatasetError with the reason."""
   try:
-    with open(path) as f:
+    with storage.open_file(path) as f:
       data = json.load(f)
   except FileNotFoundError:
     raise DatasetError(f"{path}: no such file") from None
   except json.JSONDecodeError as e:
     raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: "
                        f"{e.msg}") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise DatasetError(f"{path}: cannot read: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except  # OSError, a bucket's tf.errors
+    if type(e).__name__ == "NotFoundError":
+      raise DatasetError(f"{path}: no such file") from None
+    raise DatasetError(f"{path}: cannot read: {type(e).__name__}: {str(e)[:200]}") from None
   if not isinstance(data, dict):
     raise DatasetError(f"{path}: expected a JSON object with images/annotations/categories")
   for key in ("images", "categories"):
@@ -171,12 +175,13 @@ def flip_map(names: List[str]) -> List[int]:
 # ------------------------------------------------------------------ one image
 def _open_image(path: str) -> Tuple[Optional[Image.Image], bytes, Optional[str]]:
   try:
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = storage.retried(lambda: _read_bytes(path), path)
   except FileNotFoundError:
     return None, b"", "missing image file"
-  except OSError as e:
-    return None, b"", f"unreadable image file ({e})"
+  except Exception as e:  # pylint: disable=broad-except  # OSError, a bucket's tf.errors
+    if type(e).__name__ == "NotFoundError":
+      return None, b"", "missing image file"
+    return None, b"", f"unreadable image file ({type(e).__name__}: {str(e)[:200]})"
   try:
     image = Image.open(io.BytesIO(raw))
     image.load()
@@ -184,6 +189,11 @@ def _open_image(path: str) -> Tuple[Optional[Image.Image], bytes, Optional[str]]
           Image.DecompressionBombError) as e:
     return None, raw, f"corrupt image ({type(e).__name__}: {e})"
   return image, raw, None
+
+
+def _read_bytes(path: str) -> bytes:
+  with storage.open_file(path, "rb") as f:
+    return f.read()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -353,7 +363,7 @@ def convert_image(job) -> dict:
   name = info["file_name"]
   problems, notes = [], []
   out = {"image_id": info["id"], "file_name": name, "problems": problems, "notes": notes}
-  image, raw, error = _open_image(os.path.join(image_dir, name))
+  image, raw, error = _open_image(storage.join(image_dir, name))
   if error:
     problems.append(("image", f"{name}: {error}; image skipped"))
     return out
@@ -452,10 +462,10 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   if not images:
     raise DatasetError(f"{annotations}: no usable entry in 'images'")
 
-  os.makedirs(output, exist_ok=True)
+  storage.makedirs(output)
   num_shards = max(1, min(num_shards, len(images)))
   shard_names = [f"data-{s:05d}-of-{num_shards:05d}.tfrecord" for s in range(num_shards)]
-  writers = [tf.io.TFRecordWriter(os.path.join(output, n)) for n in shard_names]
+  writers = [tf.io.TFRecordWriter(storage.join(output, n)) for n in shard_names]
   offsets = [0] * num_shards
   index = {"shards": shard_names, "records": []}  # [shard, offset, length, instances, image_id]
   counts = collections.Counter()
@@ -518,20 +528,16 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
 
   summary = {"images in JSON": len(data["images"]), **counts,
              "problems": dict(problems), "seconds": round(time.time() - start, 1)}
-  meta.update(source_annotations=os.path.abspath(annotations),
-              source_images=os.path.abspath(images_dir), ground_truth=GROUND_TRUTH,
+  meta.update(source_annotations=storage.abspath(annotations),
+              source_images=storage.abspath(images_dir), ground_truth=GROUND_TRUTH,
               has_masks=with_masks,
               summary=summary)
   ground_truth = {k: v for k, v in data.items() if k not in ("images", "annotations")}
   ground_truth.update(images=kept_images, annotations=_unique_ids(kept_annotations))
-  with open(os.path.join(output, GROUND_TRUTH), "w") as f:
-    json.dump(ground_truth, f)
-  with open(os.path.join(output, "index.json"), "w") as f:
-    json.dump(index, f)
-  with open(os.path.join(output, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-  with open(os.path.join(output, "problems.txt"), "w") as f:
-    f.write("\n".join(log) + ("\n" if log else ""))
+  storage.write_json(storage.join(output, GROUND_TRUTH), ground_truth)
+  storage.write_json(storage.join(output, "index.json"), index)
+  storage.write_json(storage.join(output, "meta.json"), meta, indent=1)
+  storage.write_text(storage.join(output, "problems.txt"), "\n".join(log) + ("\n" if log else ""))
   return summary
 
 
@@ -589,7 +595,14 @@ def main(argv=None) -> int:
     return _verify_main(args.output)
   if args.images is None or args.annotations is None:
     parser.error("--images and --annotations are required (unless --verify alone)")
-  if not os.path.isdir(args.images):
+  for what, path in (("--images", args.images), ("--annotations", args.annotations),
+                     ("--output", args.output)):
+    try:
+      storage.check_reachable(path, what)
+    except storage.UnreachableError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  if not storage.isdir(args.images):
     print(f"error: --images {args.images}: not a directory", file=sys.stderr)
     return 2
   try:
@@ -600,7 +613,7 @@ def main(argv=None) -> int:
   print("summary:")
   for key, value in summary.items():
     print(f"  {key}: {value}")
-  print(f"details of every problem: {os.path.join(args.output, 'problems.txt')}")
+  print(f"details of every problem: {storage.join(args.output, 'problems.txt')}")
   return _verify_main(args.output) if args.verify else 0
 
 

@@ -29,12 +29,16 @@ decode (image or mask) is dropped from the stream and named in
 "fail" (the default) stops with ``CorruptRecordError``; "skip" logs and
 counts it, and the batch is filled from the next records, so it keeps its
 shape (a resumed run then sees the batches shifted by the skipped records).
+A record whose bytes cannot be read (a bucket that keeps failing after
+``storage.READ_TRIES`` tries) is not bad data: ``UnreadableRecordError``
+names it and stops the run whatever on_corrupt says.
+
+Splits may lie on any filesystem ``storage`` reaches (gs://, file://, ...):
+records are read by byte offset through ``storage.RangeReader``.
 """
 
 import io
-import json
 import numbers
-import os
 import struct
 import threading
 from typing import List, Optional
@@ -43,6 +47,7 @@ import google_crc32c
 import numpy as np
 import tensorflow as tf
 
+from mrcnn_jax import storage
 from mrcnn_jax.data import transforms
 
 
@@ -58,31 +63,44 @@ class CorruptRecordError(ValueError):
   """A record that fails its checksum or does not decode (the CLIs exit 2)."""
 
 
+class UnreadableRecordError(CorruptRecordError):
+  """A record whose bytes could not be read after ``storage.READ_TRIES`` tries.
+
+  An input/output failure, not bad data: it stops the run whatever
+  ``data.on_corrupt`` says (a skip would silently train on less).
+  """
+
+
 class RecordFile:
   """Random access to a converted split: record bytes by number (thread-safe)."""
 
   def __init__(self, directory: str):
     self.directory = directory
     try:
-      with open(os.path.join(directory, "index.json")) as f:
-        index = json.load(f)
-      with open(os.path.join(directory, "meta.json")) as f:
-        self.meta = json.load(f)
+      index = storage.read_json(storage.join(directory, "index.json"))
+      self.meta = storage.read_json(storage.join(directory, "meta.json"))
     except FileNotFoundError as e:
       raise FileNotFoundError(f"{directory}: not a converted split ({e.filename} missing); "
                               f"run python -m mrcnn_jax.data.coco first") from None
+    except Exception as e:  # pylint: disable=broad-except  # a bucket's errors are tf.errors
+      if type(e).__name__ == "NotFoundError":
+        raise FileNotFoundError(f"{directory}: not a converted split (index.json or "
+                                f"meta.json missing); run python -m mrcnn_jax.data.coco "
+                                f"first") from None
+      raise storage.UnreachableError(f"{directory}: cannot read the converted split "
+                                     f"({type(e).__name__}: {str(e)[:200]})") from None
     records = np.asarray(index["records"], np.int64).reshape(-1, 5)
     self.shard, self.offset, self.length, self.num_instances, self.image_id = records.T
     self.shard_names = list(index["shards"])
-    self._fds = [os.open(os.path.join(directory, s), os.O_RDONLY) for s in index["shards"]]
+    self._files = [storage.RangeReader(storage.join(directory, s)) for s in index["shards"]]
     self.num_keypoints = len(self.meta["keypoint_names"])
     self.num_classes = len(self.meta["coco_ids"])
 
   def close(self):
     """Closes the shard files; ``read`` fails after this."""
-    fds, self._fds = getattr(self, "_fds", []), []
-    for fd in fds:
-      os.close(fd)
+    files, self._files = getattr(self, "_files", []), []
+    for f in files:
+      f.close()
 
   def __del__(self):  # so that RecordFile(d).meta does not leak the shards' descriptors
     self.close()
@@ -91,8 +109,8 @@ class RecordFile:
     return len(self.shard)
 
   def read(self, i: int) -> bytes:
-    """Serialized example ``i``, its framing checked (os.pread needs no shared file
-    position). Raises ``CorruptRecordError`` naming the record."""
+    """Serialized example ``i``, its framing checked. Raises ``CorruptRecordError``
+    naming the record, ``UnreadableRecordError`` when reading it failed after retries."""
     problem, data = self._read_checked(i)
     if problem:
       raise CorruptRecordError(self.describe(i, problem))
@@ -101,10 +119,15 @@ class RecordFile:
   def _read_checked(self, i: int):
     """(problem or None, payload). Framing: u64 length, u32 masked crc32c of the
     length, the payload, u32 masked crc32c of the payload."""
-    if not self._fds:
+    if not self._files:
       raise ValueError(f"{self.directory}: read from a closed RecordFile")
     n = int(self.length[i])
-    raw = os.pread(self._fds[self.shard[i]], n + 16, int(self.offset[i]))
+    shard = self._files[self.shard[i]]
+    try:
+      raw = storage.retried(lambda: shard.read_once(int(self.offset[i]), n + 16),
+                            f"{shard.path} byte offset {int(self.offset[i])}")
+    except storage.ReadError as e:
+      raise UnreadableRecordError(self.describe(i, f"unreadable: {e}")) from None
     if len(raw) < n + 16:
       return f"the shard ends {n + 16 - len(raw)} bytes early (truncated)", b""
     (length,), (length_crc,) = struct.unpack("<Q", raw[:8]), struct.unpack("<I", raw[8:12])
@@ -126,11 +149,10 @@ class RecordFile:
   def _file_name(self, image_id: int) -> str:
     """From the converter's ground_truth.json (read only when naming a bad record)."""
     try:
-      with open(os.path.join(self.directory, self.meta.get("ground_truth",
-                                                           "ground_truth.json"))) as f:
-        images = json.load(f)["images"]
+      images = storage.read_json(storage.join(
+          self.directory, self.meta.get("ground_truth", "ground_truth.json")))["images"]
       return next((im["file_name"] for im in images if im["id"] == image_id), "?")
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # pylint: disable=broad-except  # naming is best effort
       return "?"
 
   def problem(self, i: int) -> Optional[str]:
@@ -190,15 +212,24 @@ class RecordFaults:
   def __init__(self):
     self._lock = threading.Lock()
     self._items: List[str] = []
+    self._unreadable: List[str] = []
     self._read = 0
 
   def add(self, description: str) -> None:
     with self._lock:
       self._items.append(description)
 
-  def new(self) -> List[str]:
-    """Descriptions added since the last call."""
+  def add_unreadable(self, description: str) -> None:
+    """A record that could not be read: ``new`` raises it (whatever on_corrupt says)."""
     with self._lock:
+      self._unreadable.append(description)
+
+  def new(self) -> List[str]:
+    """Descriptions added since the last call; raises ``UnreadableRecordError`` for
+    a record that could not be read."""
+    with self._lock:
+      if self._unreadable:
+        raise UnreadableRecordError(self._unreadable[0])
       items, self._read = self._items[self._read:], len(self._items)
     return items
 
@@ -318,7 +349,13 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       if not final and p >= position:
         return np.bool_(True)
       record = int(record_of(p))
-      why = records.problem(record) or "the input pipeline could not decode it"
+      try:
+        why = records.problem(record) or "the input pipeline could not decode it"
+      except UnreadableRecordError as e:  # an I/O failure: never skipped
+        if faults is None:
+          raise
+        faults.add_unreadable(str(e))
+        continue
       description = records.describe(record, why)
       if faults is not None:
         faults.add(description)

@@ -32,7 +32,9 @@ import numpy as np
 from absl import logging
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+from mrcnn_jax import storage
+from mrcnn_jax.evaluation import backends
 
 # COCO's per-keypoint OKS sigmas for its 17 person keypoints (nose, eyes,
 # ears, shoulders, elbows, wrists, hips, knees, ankles): Ronchi & Perona 2017,
@@ -159,18 +161,50 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
   return out
 
 
+def rle_of_block(block: np.ndarray, top: int, left: int, height: int, width: int) -> dict:
+  """COCO's compressed RLE of an [H, W] mask that is 0 outside ``block`` at (top, left).
+
+  The same bytes as ``pycocotools.mask.encode`` of the full mask, in time
+  proportional to the block instead of the image: the runs are read off the
+  block's columns (COCO's RLE runs down columns, starting with 0s), and
+  pycocotools compresses the counts.
+
+  Args:
+    block: ``[h, w]`` bool, inside the image.
+    top, left: the block's position in the image.
+    height, width: H, W.
+
+  Returns:
+    ``{"size": [H, W], "counts": str}``.
+  """
+  h = block.shape[0]
+  # Down each column (with a 0 above and below): +1 where a run of 1s starts,
+  # -1 after it ends. The nonzero places, in column-major order, alternate
+  # start, end, start, ...
+  edges = np.diff(block.T.view(np.int8), axis=1, prepend=np.int8(0), append=np.int8(0))
+  column, row = np.divmod(np.flatnonzero(edges), h + 1)
+  bounds = (left + column) * height + top + row  # pixel indices in the flattened image
+  if h == height and len(bounds) > 2:
+    # A run that reaches the bottom of a column and goes on at the top of the
+    # next is one run of the flattened mask: its end meets the next start.
+    joined = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
+    bounds = np.delete(bounds, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+  counts = np.diff(bounds, prepend=0, append=height * width)
+  if len(counts) > 1 and counts[-1] == 0:  # a run of 1s to the last pixel ends the RLE
+    counts = counts[:-1]
+  rle = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [height, width]},
+                               height, width)
+  return {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")}
+
+
 def _encode_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
                   threshold: float) -> List[dict]:
   """Pastes and RLE-encodes ``masks`` [n, S, S] over ``boxes`` [n, 4]; counts as str."""
-  # pycocotools encodes a Fortran-ordered (H, W, n) uint8 array in one call;
-  # slices [:, :, i] of it are the 2-D targets for pasting.
-  full = np.zeros((height, width, len(masks)), np.uint8, order="F")
+  empty = np.zeros((0, 0), bool)
+  blocks = [(empty, 0, 0)] * len(masks)  # a mask that pastes nothing is all 0s
   for i, top, left, block in _pasted(masks, boxes, height, width, threshold):
-    full[top:top + block.shape[0], left:left + block.shape[1], i] = block
-  rles = mask_utils.encode(full)
-  for rle in rles:
-    rle["counts"] = rle["counts"].decode("ascii")
-  return rles
+    blocks[i] = (block, top, left)
+  return [rle_of_block(block, top, left, height, width) for block, top, left in blocks]
 
 
 # ------------------------------------------------------------------ results
@@ -235,11 +269,11 @@ def image_results(dets_one_image: Mapping[str, np.ndarray], scale, original_size
 
 
 # ------------------------------------------------------------------ COCOeval
-def _fill_defaults(coco_gt: COCO, path: str) -> None:
+def _fill_defaults(dataset: dict, path: str) -> None:
   """Gives ground-truth annotations without ``iscrowd`` or ``area`` (which COCOeval
   reads) 0 and their box's area, in place; the converter's ground_truth.json has both."""
   filled = 0
-  for ann in coco_gt.dataset.get("annotations", []):
+  for ann in dataset.get("annotations", []):
     if "iscrowd" not in ann or "area" not in ann:
       filled += 1
       ann.setdefault("iscrowd", 0)
@@ -251,7 +285,7 @@ def _fill_defaults(coco_gt: COCO, path: str) -> None:
 
 
 class COCOEvaluator:
-  """Accumulates batches of detections, then runs pycocotools' COCOeval.
+  """Accumulates batches of detections, then runs COCOeval.
 
       evaluator = COCOEvaluator(meta["source_annotations"], meta["coco_ids"],
                                 meta["keypoint_category_ids"])
@@ -265,17 +299,21 @@ class COCOEvaluator:
   over a split scores just that part. "segm" runs when masks were given,
   "keypoints" when keypoints were given and the dataset has keypoint
   categories (COCOeval then sees only those categories).
+
+  Several processes: each ``add``s its own images, process 0 ``merge``s the
+  others' ``shard()`` and evaluates (``evaluation.distributed``).
   """
 
-  def __init__(self, annotation_file_or_COCO: Union[str, COCO], coco_ids: Sequence[int],
+  def __init__(self, annotation_file_or_COCO: Union[str, dict, COCO], coco_ids: Sequence[int],
                keypoint_category_ids: Iterable[int] = (),
                iou_types: Sequence[str] = ("bbox", "segm", "keypoints"),
                oks_sigmas: Optional[Sequence[float]] = None,
-               keypoint_score: str = "box"):
+               keypoint_score: str = "box", backend: str = "pycocotools", workers: int = 0):
     """
     Args:
-      annotation_file_or_COCO: the split's COCO JSON path (meta.json's
-        ``source_annotations``) or a loaded ``pycocotools.coco.COCO``.
+      annotation_file_or_COCO: the split's COCO JSON path or URI (meta.json's
+        ``source_annotations``), its content as a dict (used as it is) or a
+        loaded ``pycocotools.coco.COCO``.
       coco_ids: contiguous class i <-> COCO category id ``coco_ids[i]``.
       keypoint_category_ids: COCO ids of the categories with keypoints.
       iou_types: which of "bbox", "segm", "keypoints" to evaluate.
@@ -283,6 +321,9 @@ class COCOEvaluator:
         Kp == 17, else ``DEFAULT_OKS_SIGMA`` for every keypoint.
       keypoint_score: how keypoint results are ranked, one of
         ``KEYPOINT_SCORES`` (see there).
+      backend: the COCOeval implementation, one of ``backends.BACKENDS``.
+      workers: processes that paste and encode masks (``evaluation.workers``);
+        0 does it in this process, in ``add``.
     """
     if keypoint_score not in KEYPOINT_SCORES:
       raise ValueError(f"keypoint_score: expected one of {KEYPOINT_SCORES}, got "
@@ -291,20 +332,33 @@ class COCOEvaluator:
     if unknown:
       raise ValueError(f"iou_types: unknown {sorted(unknown)}; expected a subset of "
                        f"{sorted(METRIC_NAMES)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+      raise ValueError(f"workers: expected an integer >= 0, got {workers!r}")
+    backends.check_backend(backend)
     if isinstance(annotation_file_or_COCO, COCO):
-      self.coco_gt = annotation_file_or_COCO
+      self.ground_truth = backends.GroundTruth(annotation_file_or_COCO.dataset, backend)
+    elif isinstance(annotation_file_or_COCO, dict):
+      _fill_defaults(annotation_file_or_COCO, "the ground truth")
+      self.ground_truth = backends.GroundTruth(annotation_file_or_COCO, backend)
     else:
-      self.coco_gt = COCO(annotation_file_or_COCO)
-      _fill_defaults(self.coco_gt, annotation_file_or_COCO)
+      dataset = storage.read_json(annotation_file_or_COCO)
+      _fill_defaults(dataset, annotation_file_or_COCO)
+      self.ground_truth = backends.GroundTruth(dataset, backend)
+    self.coco_gt = self.ground_truth.coco
     self.coco_ids = [int(c) for c in coco_ids]
     self.keypoint_category_ids = [int(c) for c in keypoint_category_ids]
     self.iou_types = tuple(iou_types)
     self.oks_sigmas = None if oks_sigmas is None else np.asarray(oks_sigmas, np.float64)
     self.keypoint_score = keypoint_score
+    self._workers = None
+    if workers:
+      from mrcnn_jax.evaluation import workers as workers_lib  # pylint: disable=g-import-not-at-top
+      self._workers = workers_lib.ResultWorkers(workers)
     self.reset()
 
   def reset(self):
     """Forgets every added image."""
+    self._pending: List = []  # per batch: a list of result lists, or a worker's future
     self._results: List[dict] = []
     self._image_ids: List[int] = []
     self._seen = set()
@@ -313,9 +367,19 @@ class COCOEvaluator:
     self._has_masks = False
     self._num_keypoints = None  # Kp, once keypoints were given
 
+  def close(self) -> None:
+    """Stops the worker processes (if any)."""
+    if self._workers is not None:
+      self._workers.close()
+      self._workers = None
+
   @property
   def results(self) -> List[dict]:
     """Every COCO result dict so far (json-serialisable), e.g. for predictions.json."""
+    for batch in self._pending:
+      for image in (batch.result() if hasattr(batch, "result") else batch):
+        self._results.extend(image)
+    self._pending = []
     return self._results
 
   @property
@@ -344,6 +408,7 @@ class COCOEvaluator:
     self._has_masks |= "masks" in dets
     if "keypoints" in dets:
       self._num_keypoints = dets["keypoints"].shape[2]
+    jobs = []
     for b in range(batch):
       if not valid[b]:
         self.num_padding += 1
@@ -356,9 +421,36 @@ class COCOEvaluator:
         continue
       self._seen.add(image_id)
       self._image_ids.append(image_id)
-      self._results.extend(image_results(
-          {k: v[b] for k, v in dets.items()}, info["scale"][b], info["original_size"][b],
-          image_id, self.coco_ids, self.keypoint_category_ids))
+      rows = np.flatnonzero(dets["valid"][b])  # only these reach the workers
+      jobs.append(dict(dets_one_image={k: v[b][rows] for k, v in dets.items()},
+                       scale=info["scale"][b], original_size=info["original_size"][b],
+                       image_id=image_id, coco_ids=self.coco_ids,
+                       keypoint_category_ids=self.keypoint_category_ids))
+    if self._workers is not None:
+      self._pending.append(self._workers.submit(jobs))
+    else:
+      self._pending.append([image_results(**job) for job in jobs])
+
+  def shard(self) -> dict:
+    """What this evaluator holds, for ``merge`` on another process (picklable)."""
+    return {"image_ids": self.image_ids, "results": self.results,
+            "has_masks": self._has_masks, "num_keypoints": self._num_keypoints,
+            "num_padding": self.num_padding, "num_duplicates": self.num_duplicates}
+
+  def merge(self, shard: dict) -> None:
+    """Adds another evaluator's ``shard()`` (its images must be new to this one)."""
+    repeated = self._seen.intersection(shard["image_ids"])
+    if repeated:
+      raise ValueError(f"merge: {len(repeated)} image ids were added twice, e.g. "
+                       f"{sorted(repeated)[:5]}")
+    self.results.extend(shard["results"])
+    self._image_ids.extend(shard["image_ids"])
+    self._seen.update(shard["image_ids"])
+    self._has_masks |= shard["has_masks"]
+    if shard["num_keypoints"] is not None:
+      self._num_keypoints = shard["num_keypoints"]
+    self.num_padding += shard["num_padding"]
+    self.num_duplicates += shard["num_duplicates"]
 
   def _sigmas(self) -> np.ndarray:
     kp = self._num_keypoints
@@ -380,14 +472,14 @@ class COCOEvaluator:
             "segm": ("image_id", "category_id", "segmentation", "score"),
             "keypoints": ("image_id", "category_id", "bbox", "keypoints", "score")}[iou_type]
     need = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
-    results = [{k: r[k] for k in keys} for r in self._results if need in r]
+    results = [{k: r[k] for k in keys} for r in self.results if need in r]
     if iou_type == "keypoints" and self.keypoint_score == "box_x_keypoints":
       for r in results:
         r["score"] *= float(np.mean(r["keypoints"][2::3]))
     return results
 
-  def evaluate(self) -> Dict[str, float]:
-    """Runs COCOeval per IoU type and prints its tables.
+  def evaluate(self, quiet: bool = False) -> Dict[str, float]:
+    """Runs COCOeval per IoU type and prints its tables (unless ``quiet``).
 
     Returns:
       ``{"bbox/AP": ..., "bbox/AP50": ..., ..., "segm/...", "keypoints/..."}``
@@ -418,17 +510,14 @@ class COCOEvaluator:
         metrics.update({f"{iou_type}/{n}": 0.0 for n in names})
         continue
       start = time.time()
-      coco_dt = self.coco_gt.loadRes(results)
-      coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
-      coco_eval.params.imgIds = sorted(self._image_ids)
-      if iou_type == "keypoints":
-        coco_eval.params.catIds = sorted(self.keypoint_category_ids)
-        coco_eval.params.kpt_oks_sigmas = self._sigmas()
-      coco_eval.evaluate()
-      coco_eval.accumulate()
-      print(f"COCOeval {iou_type} over {self.num_images} images:")
-      coco_eval.summarize()
-      logging.info("COCOeval %s took %.1fs", iou_type, time.time() - start)
-      for name, value in zip(names, coco_eval.stats):
-        metrics[f"{iou_type}/{name}"] = float(value) if value >= 0 else float("nan")
+      if not quiet:
+        print(f"COCOeval {iou_type} over {self.num_images} images:")
+      keypoints = iou_type == "keypoints"
+      stats = self.ground_truth.evaluate(
+          results, iou_type, self._image_ids,
+          category_ids=self.keypoint_category_ids if keypoints else None,
+          oks_sigmas=self._sigmas() if keypoints else None, quiet=quiet)
+      logging.info("COCOeval %s (%s) took %.1fs", iou_type, self.ground_truth.backend,
+                   time.time() - start)
+      metrics.update(backends.stats_as_metrics(iou_type, names, stats[:len(names)]))
     return metrics
