@@ -18,6 +18,7 @@ detectron2's 800/1333 resize, so that every batch has one static shape.
 
 import ml_collections
 
+from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
 
@@ -60,6 +61,8 @@ def get_config(arg=None):
   # () = COCO's 17 sigmas for 17 keypoints; keypoint results ranked by their
   # box's score, as detectron2 does (see evaluation/coco.py KEYPOINT_SCORES).
   config.eval = ml_collections.ConfigDict({"oks_sigmas": (), "keypoint_score": "box"})
+  # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
+  config.mlperf = mlperf_config()
   config.init_checkpoint = ""
   config.init_keep = "backbone"
   return config

@@ -25,6 +25,7 @@ takes BatchNorm statistics over groups of N devices instead of the pod.
 
 import ml_collections
 
+from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
 
@@ -69,6 +70,8 @@ def get_config(arg=None):
       "checkpoint_failures": "stop",
   })
   config.eval = ml_collections.ConfigDict({"oks_sigmas": (), "keypoint_score": "box"})
+  # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
+  config.mlperf = mlperf_config()
   config.init_checkpoint = ""  # from scratch, as the recipe trains
   config.init_keep = "all"
   return config

@@ -26,6 +26,10 @@ Guarantees:
 - Logs: a progress bar with ETA, a metric line every ``train.log_every``
   steps, TensorBoard summaries in WORKDIR/tensorboard and one JSON object per
   log step in WORKDIR/metrics.jsonl.
+- ``--config.mlperf.enabled=True``: MLPerf time-to-accuracy mode (mlperf.py):
+  WORKDIR/mlperf.log, the train step compiled before run_start, evaluation
+  every epoch, and the run stops at the first evaluation that reaches the
+  box and mask AP targets.
 """
 
 import functools
@@ -46,7 +50,7 @@ from absl import app, flags, logging
 from flax import struct
 from ml_collections import config_flags
 
-from mrcnn_jax import checkpointing, optim, sharding
+from mrcnn_jax import checkpointing, mlperf, optim, sharding
 from mrcnn_jax import evaluate as evaluate_lib
 from mrcnn_jax.data import input_pipeline
 from mrcnn_jax.modeling import build
@@ -281,9 +285,17 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     raise SetupError(f"--workdir {workdir} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  perf = None
+  if config.get("mlperf") and config.mlperf.enabled:
+    try:
+      mlperf.check_config(config)
+    except ValueError as e:
+      raise SetupError(str(e)) from None
+    perf = mlperf.MLPerfRun(config, workdir, is_main)  # init_start: the run's clock starts
+    perf.submission(f"{jax.device_count()}x{jax.devices()[0].device_kind}")
   meta = input_pipeline.RecordFile(config.data.train_dir).meta
   build.check_dataset(config, meta, f"the training split {config.data.train_dir}")
-  if t.eval_every:  # what periodic evaluation needs, before hours of training
+  if t.eval_every or perf:  # what periodic evaluation needs, before hours of training
     build.check_dataset(config, input_pipeline.RecordFile(config.data.eval_dir).meta,
                         f"the eval split {config.data.eval_dir}")
     evaluate_lib.eval_annotations(config)
@@ -331,6 +343,17 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       config, "train", start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), faults=faults).as_numpy_iterator())
   key = jax.random.PRNGKey(config.seed)
+  eval_every = t.eval_every
+  if perf is not None:
+    perf.hyperparameters(len(input_pipeline.RecordFile(config.data.train_dir)),
+                         len(input_pipeline.RecordFile(config.data.eval_dir)))
+    # Compilation belongs to initialisation: the loop's first call finds this
+    # program in the compilation cache (it only traces the step again).
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         dummy_batch(config, config.batch_size))
+    step_fn.lower(abstract, batch, key).compile()
+    eval_every = perf.eval_interval()
+    perf.run_start()
 
   logger = MetricLogger(workdir, is_main)
   for b in bad:
@@ -346,9 +369,12 @@ def _train(config, workdir, stop) -> Dict[str, float]:
                        dynamic_ncols=True)
   pending, previous_run = [], None
   last_log, eval_metrics, step = time.time(), {}, start
-  failed = True
+  failed, reached = True, False
   try:
     for step in range(start + 1, total + 1):
+      if perf is not None and (step - 1) % eval_every == 0:
+        block_first = step - 1
+        perf.block_start(block_first, min(eval_every, total - block_first))
       _on_save_failure(checkpointer.check_saves, on_save_failure, logger, step - 1)
       host_batch = next(data)
       _check_records(faults, config.data.get("on_corrupt", "fail"), logger, step)
@@ -386,16 +412,32 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       if (step % t.checkpoint_every == 0 or step == total or stopping):
         _on_save_failure(lambda: checkpointer.save(step, state, force=True),
                          on_save_failure, logger, step)
-      if t.eval_every and (step % t.eval_every == 0 or step == total) and not stopping:
+      if eval_every and (step % eval_every == 0 or step == total) and not stopping:
+        if perf is not None:
+          perf.block_stop(step, block_first)
+          perf.eval_start(step)
         eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step)
         checkpointer.save_best(step, state, eval_metrics)
         last_log = time.time()  # evaluation time is not training throughput
+        if perf is not None and perf.eval_stop(step, eval_metrics):
+          reached = True
+          logging.info("MLPerf: box AP %.4f and mask AP %.4f reached the targets at step %d",
+                       eval_metrics["bbox/AP"], eval_metrics["segm/AP"], step)
+          if step % t.checkpoint_every and step != total:  # else saved above
+            _on_save_failure(lambda: checkpointer.save(step, state, force=True),
+                             on_save_failure, logger, step)
+          break
       if stopping:
         logging.warning("stopped by signal at step %d; checkpoint saved", step)
         break
     if previous_run is not None and int(previous_run) >= t.max_nonfinite:
       raise NonFiniteError(f"{t.max_nonfinite} steps in a row had a non-finite loss or "
                            f"gradient at the end of the run; the last checkpoint is kept.")
+    if perf is not None:
+      seconds = perf.run_stop(reached, step)
+      if is_main:
+        print(f"MLPerf: run_stop {'success' if reached else 'aborted'} at step {step}: "
+              f"{seconds / 60:.2f} min from run_start" + (" (time to target)" if reached else ""))
     # One compiled program per run is the static-shape contract (DESIGN.md).
     logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
     logging.info("train step compiled %d time(s)", step_fn._cache_size())
@@ -408,6 +450,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     else:
       checkpointer.close()
     logger.close(quiet=failed)
+    if perf is not None:
+      perf.close()
   return eval_metrics
 
 
