@@ -74,11 +74,19 @@ class LogWriteError(RuntimeError):
   """metrics.jsonl or TensorBoard cannot be written (a full or unwritable disk)."""
 
 
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, Any]:
-  """Zeros with the shapes and dtypes of one ``make_dataset`` batch."""
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
+                num_keypoints: Optional[int] = None) -> Dict[str, Any]:
+  """Zeros with the shapes and dtypes of one ``make_dataset`` batch.
+
+  ``num_keypoints``: the data's keypoints per instance (what the pipeline
+  yields); default: the keypoint head's, or 0 without one.
+  """
   d, m = config.data, config.model
   h, w = d.canvas_size
-  g, kp = d.max_instances, m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
+  kp = num_keypoints
+  if kp is None:
+    kp = m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
+  g = d.max_instances
   z = lambda shape, dtype=np.float32: np.zeros((batch_size, *shape), dtype)
   return {
       "images": z((h, w, 3)),
@@ -345,11 +353,11 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   key = jax.random.PRNGKey(config.seed)
   eval_every, run_step = t.eval_every, step_fn
   if perf is not None:
-    perf.hyperparameters(len(input_pipeline.RecordFile(config.data.train_dir)),
-                         len(input_pipeline.RecordFile(config.data.eval_dir)))
+    records = input_pipeline.RecordFile(config.data.train_dir)
+    perf.hyperparameters(len(records), len(input_pipeline.RecordFile(config.data.eval_dir)))
     # Compilation belongs to initialisation: the loop runs this executable.
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         dummy_batch(config, config.batch_size))
+                         dummy_batch(config, config.batch_size, records.num_keypoints))
     run_step = step_fn.lower(abstract, batch, key).compile()
     eval_every = perf.eval_interval()
     perf.run_start()
