@@ -13,7 +13,9 @@ Guarantees:
   and a checkpoint holds the whole state, so a run resumed at step k ends
   with the same parameters as one that never stopped (bitwise on CPU).
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is written, and
-  the process exits 0; rerunning the command resumes.
+  the process exits 0; rerunning the command resumes. With several
+  processes, a signal to any one stops all at the same step, agreed without
+  a per-step barrier (preemption.py).
 - A step whose loss or gradients are not finite changes nothing but the
   step counter and the skip counters; ``train.max_nonfinite`` skips in a row
   stop the run with an error, keeping the last (good) checkpoint.
@@ -35,7 +37,6 @@ Guarantees:
 import functools
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -50,7 +51,7 @@ from absl import app, flags, logging
 from flax import struct
 from ml_collections import config_flags
 
-from mrcnn_jax import checkpointing, mlperf, optim, sharding
+from mrcnn_jax import checkpointing, mlperf, optim, preemption, sharding
 from mrcnn_jax import evaluate as evaluate_lib
 from mrcnn_jax.data import input_pipeline
 from mrcnn_jax.modeling import build
@@ -202,36 +203,6 @@ def _format(metrics: Dict[str, float]) -> str:
   return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
 
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: no signal handling
-        pass
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signum
-    logging.warning("received %s: finishing the step, saving, exiting",
-                    signal.Signals(signum).name)
-
-  def requested(self) -> bool:
-    stop = self.signal is not None
-    if jax.process_count() > 1:  # every process must stop at the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
-    return stop
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 class SetupError(RuntimeError):
   """The run cannot start as asked (the CLI prints it and exits 2)."""
 
@@ -240,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Trains for ``config.total_steps`` (resuming from ``workdir``); returns the last eval."""
   # From the start: a signal during set-up or the first compilation is also
   # answered by finishing the step, saving and exiting (not a crash in XLA).
-  stop = _StopRequest()
+  stop = preemption.StopRequest()
   try:
     return _train(config, workdir, stop)
   finally:
@@ -415,7 +386,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
           checkpointer.check_saves(block=True)  # a failed save (a full disk) is named first
           raise
 
-      stopping = stop.requested()
+      stopping = stop.requested(step)
       if (step % t.checkpoint_every == 0 or step == total or stopping):
         _on_save_failure(lambda: checkpointer.save(step, state, force=True),
                          on_save_failure, logger, step)
