@@ -329,6 +329,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     # Compilation belongs to initialisation: the loop runs this executable.
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                          dummy_batch(config, config.batch_size, records.num_keypoints))
+    key = jax.device_put(key, rep)  # an executable takes arrays already in its shardings
     run_step = step_fn.lower(abstract, batch, key).compile()
     eval_every = perf.eval_interval()
     perf.run_start()
