@@ -29,12 +29,6 @@ from typing import Dict, Optional
 
 import ml_collections
 
-CLOSED_RULES = """\
-eval_accuracy reaching BBOX >= 0.377 and SEGM >= 0.339 (a COCO 2017 run);
-opt_base_learning_rate a multiple of 0.02; num_image_candidates a multiple of
-1000; opt_learning_rate_decay_factor 0.1 with exactly two decay steps;
-init_stop within 30 minutes of init_start"""
-
 
 def mlperf_config(**overrides) -> ml_collections.ConfigDict:
   """``config.mlperf``: off by default; see the module docstring."""
