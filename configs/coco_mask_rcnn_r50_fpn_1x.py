@@ -18,6 +18,7 @@ detectron2's 800/1333 resize, so that every batch has one static shape.
 
 import ml_collections
 
+from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
 
@@ -63,6 +64,8 @@ def get_config(arg=None):
   # masks pasted and encoded by 4 worker processes per host (0: in process).
   config.eval = ml_collections.ConfigDict({"oks_sigmas": (), "keypoint_score": "box",
                                            "backend": "faster_coco_eval", "workers": 4})
+  # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
+  config.mlperf = mlperf_config()
   config.init_checkpoint = ""
   config.init_keep = "backbone"
   return config

@@ -26,6 +26,7 @@ import os
 
 import ml_collections
 
+from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
 
@@ -113,6 +114,8 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict({"oks_sigmas": (),
                                            "keypoint_score": "box_x_keypoints",
                                            "backend": "pycocotools", "workers": 0})
+  # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
+  config.mlperf = mlperf_config()
   config.init_checkpoint = ""  # e.g. a converted torchvision checkpoint
   config.init_keep = "all"  # "all", "backbone" or "no_predictors"
   return config

@@ -13,7 +13,9 @@ Guarantees:
   and a checkpoint holds the whole state, so a run resumed at step k ends
   with the same parameters as one that never stopped (bitwise on CPU).
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is written, and
-  the process exits 0; rerunning the command resumes.
+  the process exits 0; rerunning the command resumes. With several
+  processes, a signal to any one stops all at the same step, agreed without
+  a per-step barrier (preemption.py).
 - A step whose loss or gradients are not finite changes nothing but the
   step counter and the skip counters; ``train.max_nonfinite`` skips in a row
   stop the run with an error, keeping the last (good) checkpoint.
@@ -26,11 +28,14 @@ Guarantees:
 - Logs: a progress bar with ETA, a metric line every ``train.log_every``
   steps, TensorBoard summaries in WORKDIR/tensorboard and one JSON object per
   log step in WORKDIR/metrics.jsonl.
+- ``--config.mlperf.enabled=True``: MLPerf time-to-accuracy mode (mlperf.py):
+  WORKDIR/mlperf.log, the train step compiled before run_start, evaluation
+  every epoch, and the run stops at the first evaluation that reaches the
+  box and mask AP targets.
 """
 
 import functools
 import json
-import signal
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -46,7 +51,7 @@ from absl import app, flags, logging
 from flax import struct
 from ml_collections import config_flags
 
-from mrcnn_jax import checkpointing, optim, sharding, storage
+from mrcnn_jax import checkpointing, mlperf, optim, preemption, sharding, storage
 from mrcnn_jax import evaluate as evaluate_lib
 from mrcnn_jax.data import input_pipeline
 from mrcnn_jax.modeling import build
@@ -70,11 +75,19 @@ class LogWriteError(RuntimeError):
   """metrics.jsonl or TensorBoard cannot be written (a full or unwritable disk)."""
 
 
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, Any]:
-  """Zeros with the shapes and dtypes of one ``make_dataset`` batch."""
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
+                num_keypoints: Optional[int] = None) -> Dict[str, Any]:
+  """Zeros with the shapes and dtypes of one ``make_dataset`` batch.
+
+  ``num_keypoints``: the data's keypoints per instance (what the pipeline
+  yields); default: the keypoint head's, or 0 without one.
+  """
   d, m = config.data, config.model
   h, w = d.canvas_size
-  g, kp = d.max_instances, m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
+  kp = num_keypoints
+  if kp is None:
+    kp = m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
+  g = d.max_instances
   z = lambda shape, dtype=np.float32: np.zeros((batch_size, *shape), dtype)
   return {
       "images": z((h, w, 3)),
@@ -189,36 +202,6 @@ def _format(metrics: Dict[str, float]) -> str:
   return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
 
 
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: no signal handling
-        pass
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signum
-    logging.warning("received %s: finishing the step, saving, exiting",
-                    signal.Signals(signum).name)
-
-  def requested(self) -> bool:
-    stop = self.signal is not None
-    if jax.process_count() > 1:  # every process must stop at the same step
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
-    return stop
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 class SetupError(RuntimeError):
   """The run cannot start as asked (the CLI prints it and exits 2)."""
 
@@ -227,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """Trains for ``config.total_steps`` (resuming from ``workdir``); returns the last eval."""
   # From the start: a signal during set-up or the first compilation is also
   # answered by finishing the step, saving and exiting (not a crash in XLA).
-  stop = _StopRequest()
+  stop = preemption.StopRequest()
   try:
     return _train(config, workdir, stop)
   finally:
@@ -300,9 +283,17 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   t = config.train
   _check_paths(config, workdir)
   is_main = jax.process_index() == 0
+  perf = None
+  if config.get("mlperf") and config.mlperf.enabled:
+    try:
+      mlperf.check_config(config)
+    except ValueError as e:
+      raise SetupError(str(e)) from None
+    perf = mlperf.MLPerfRun(config, workdir, is_main)  # init_start: the run's clock starts
+    perf.submission(f"{jax.device_count()}x{jax.devices()[0].device_kind}")
   meta = input_pipeline.RecordFile(config.data.train_dir).meta
   build.check_dataset(config, meta, f"the training split {config.data.train_dir}")
-  if t.eval_every:  # what periodic evaluation needs, before hours of training
+  if t.eval_every or perf:  # what periodic evaluation needs, before hours of training
     build.check_dataset(config, input_pipeline.RecordFile(config.data.eval_dir).meta,
                         f"the eval split {config.data.eval_dir}")
     evaluate_lib.eval_annotations(config)
@@ -349,6 +340,17 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       config, "train", start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), faults=faults).as_numpy_iterator())
   key = jax.random.PRNGKey(config.seed)
+  eval_every, run_step = t.eval_every, step_fn
+  if perf is not None:
+    records = input_pipeline.RecordFile(config.data.train_dir)
+    perf.hyperparameters(len(records), len(input_pipeline.RecordFile(config.data.eval_dir)))
+    # Compilation belongs to initialisation: the loop runs this executable.
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         dummy_batch(config, config.batch_size, records.num_keypoints))
+    key = jax.device_put(key, rep)  # an executable takes arrays already in its shardings
+    run_step = step_fn.lower(abstract, batch, key).compile()
+    eval_every = perf.eval_interval()
+    perf.run_start()
 
   logger = MetricLogger(workdir, is_main)
   for b in bad:
@@ -364,14 +366,17 @@ def _train(config, workdir, stop) -> Dict[str, float]:
                        dynamic_ncols=True)
   pending, previous_run = [], None
   last_log, eval_metrics, step = time.time(), {}, start
-  failed = True
+  failed, reached = True, False
   try:
     for step in range(start + 1, total + 1):
+      if perf is not None and (step - 1) % eval_every == 0:
+        block_first = step - 1
+        perf.block_start(block_first, min(eval_every, total - block_first))
       _on_save_failure(checkpointer.check_saves, on_save_failure, logger, step - 1)
       host_batch = next(data)
       _check_records(faults, config.data.get("on_corrupt", "fail"), logger, step)
       batch = sharding.global_batch(host_batch, mesh)
-      state, metrics = step_fn(state, batch, key)
+      state, metrics = run_step(state, batch, key)
       pending.append(metrics)
       # Read the previous step's skip counter: one step behind keeps dispatch async.
       if previous_run is not None and int(previous_run) >= t.max_nonfinite:
@@ -400,23 +405,40 @@ def _train(config, workdir, stop) -> Dict[str, float]:
           checkpointer.check_saves(block=True)  # a failed save (a full disk) is named first
           raise
 
-      stopping = stop.requested()
+      stopping = stop.requested(step)
       if (step % t.checkpoint_every == 0 or step == total or stopping):
         _on_save_failure(lambda: checkpointer.save(step, state, force=True),
                          on_save_failure, logger, step)
-      if t.eval_every and (step % t.eval_every == 0 or step == total) and not stopping:
+      if eval_every and (step % eval_every == 0 or step == total) and not stopping:
+        if perf is not None:
+          perf.block_stop(step, block_first)
+          perf.eval_start(step)
         eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step)
         checkpointer.save_best(step, state, eval_metrics)
         last_log = time.time()  # evaluation time is not training throughput
+        if perf is not None and perf.eval_stop(step, eval_metrics):
+          reached = True
+          logging.info("MLPerf: box AP %.4f and mask AP %.4f reached the targets at step %d",
+                       eval_metrics["bbox/AP"], eval_metrics["segm/AP"], step)
+          if step % t.checkpoint_every and step != total:  # else saved above
+            _on_save_failure(lambda: checkpointer.save(step, state, force=True),
+                             on_save_failure, logger, step)
+          break
       if stopping:
         logging.warning("stopped by signal at step %d; checkpoint saved", step)
         break
     if previous_run is not None and int(previous_run) >= t.max_nonfinite:
       raise NonFiniteError(f"{t.max_nonfinite} steps in a row had a non-finite loss or "
                            f"gradient at the end of the run; the last checkpoint is kept.")
+    if perf is not None:
+      seconds = perf.run_stop(reached, step)
+      if is_main:
+        print(f"MLPerf: run_stop {'success' if reached else 'aborted'} at step {step}: "
+              f"{seconds / 60:.2f} min from run_start" + (" (time to target)" if reached else ""))
     # One compiled program per run is the static-shape contract (DESIGN.md).
-    logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
-    logging.info("train step compiled %d time(s)", step_fn._cache_size())
+    compilations = step_fn._cache_size() + (run_step is not step_fn)  # + ahead of time
+    logger.write(step, {"step_compilations": compilations}, "train/")
+    logging.info("train step compiled %d time(s)", compilations)
     _on_save_failure(checkpointer.wait, on_save_failure, logger, step)  # the last save
     failed = False
   finally:
@@ -426,6 +448,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     else:
       checkpointer.close()
     logger.close(quiet=failed)
+    if perf is not None:
+      perf.close()
   return eval_metrics
 
 

@@ -11,6 +11,7 @@ from mrcnn_jax import evaluate, optim, train
 from mrcnn_jax.modeling import build
 
 CONFIGS = ["shapes", "coco_mask_rcnn_r50_fpn_1x", "coco_keypoint_rcnn_r50_fpn_1x",
+           "coco_mask_rcnn_r50_fpn_lsj_100ep",
            "torchvision_mask_rcnn", "detectron2_mask_rcnn"]
 
 

@@ -7,6 +7,7 @@ multi-process) use the CLIs in subprocesses, as a user would.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -335,19 +336,33 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_checkpoint(dataset, tmp_path):
-  """jax.distributed over localhost (gloo): two processes train 2 steps, one checkpoint."""
+def test_two_processes_train_and_stop_together_on_one_sigterm(dataset, tmp_path):
+  """jax.distributed over localhost (gloo): two processes train; SIGTERM to process 1
+  only stops both at the same step (preemption.py), each saves its part and exits 0."""
   workdir = str(tmp_path / "multi")
   port = _free_port()
-  flags = cli_flags(dataset, total_steps=2, **{"train.checkpoint_every": 2})
+  total = 40
+  flags = cli_flags(dataset, total_steps=total, **{"train.checkpoint_every": total,
+                                                   "train.log_every": 1})
   procs = [run_cli("train", ["--config=configs/shapes.py:tiny", f"--workdir={workdir}",
                              f"--coordinator_address=localhost:{port}", "--num_processes=2",
                              f"--process_id={i}", *flags]) for i in range(2)]
-  outs = [p.communicate(timeout=900)[0] for p in procs]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "no metric line"
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # process 0 hears of it from the runtime
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  steps = []
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
+    found = re.findall(r"stopped by signal at step (\d+)", out)
+    assert found, out[-3000:]
+    steps.append(int(found[0]))
   assert "process 0 of 2" in outs[0] or "2 processes" in outs[0], outs[0]
-  assert checkpointing.Checkpointer(workdir).latest_step() == 2
+  assert steps[0] == steps[1] < total
+  assert checkpointing.Checkpointer(workdir).latest_step() == steps[0]
   params = final_params(workdir)["params"]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 

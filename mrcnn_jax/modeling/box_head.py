@@ -4,7 +4,8 @@ FPN design (Lin et al. 2017, sec. 4.2): two 1024-d FC layers on the flattened
 7x7 RoIAlign output ("2fc"), then the predictor. ``num_convs`` 3x3 convs
 before the FCs give detectron2's FastRCNNConvFCHead ("4conv1fc" with
 ``num_convs=4, fc_dims=(1024,)``; ``norm="gn"`` adds a GroupNorm after each
-conv, as detectron2's GN configs do). Flattening is NHWC, (y, x, c) order;
+conv, as detectron2's GN configs do, ``norm="bn"`` a BatchNorm over the
+batch's RoIs, as its SyncBN and LSJ configs do). Flattening is NHWC, (y, x, c) order;
 torchvision flattens (c, y, x), so imported fc6 weights are reordered.
 Classes follow detectron2: logits for K foreground classes then background,
 and K class-specific box deltas.
@@ -45,16 +46,19 @@ class BoxHead(nn.Module):
   class_agnostic: bool = False
   num_convs: int = 0  # 3x3 convs (with ReLU) before the FCs
   conv_dim: int = 256
-  norm: str = "none"  # after each conv: "none" or "gn" (norm.HEAD_NORMS)
+  norm: str = "none"  # after each conv: "none", "gn" or "bn" (norm.BOX_HEAD_NORMS)
   dtype: jnp.dtype = jnp.float32
+  bn_groups: int = 1  # norm "bn": statistics groups of the batch's RoIs (batch_norm.py)
 
   @nn.compact
-  def __call__(self, pooled: jnp.ndarray):
+  def __call__(self, pooled: jnp.ndarray, train: bool = False):
+    """``train``: "bn" uses batch statistics (else the running averages)."""
     lead = pooled.shape[:-3]
     x = pooled.astype(self.dtype)
     if self.num_convs:
       x = x.reshape(-1, *pooled.shape[-3:])
-      x = conv_stack(x, self.num_convs, self.conv_dim, "conv{}", self.norm, self.dtype)
+      x = conv_stack(x, self.num_convs, self.conv_dim, "conv{}", self.norm, self.dtype,
+                     train=train, bn_groups=self.bn_groups)
     x = x.reshape(*lead, -1)
     for i, dim in enumerate(self.fc_dims):
       x = nn.relu(Dense(dim, kernel_init=fc_init, dtype=self.dtype, name=f"fc{i + 6}")(x))

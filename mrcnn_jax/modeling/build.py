@@ -6,8 +6,9 @@ to its R50-C4 recipe); experiment files in configs/ start from it and change
 what differs.
 """
 
-from typing import Any
+from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -16,7 +17,7 @@ from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import DECODES, KeypointHead
 from mrcnn_jax.modeling.mask_head import MaskHead
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-from mrcnn_jax.modeling.norm import HEAD_NORMS, NORMS
+from mrcnn_jax.modeling.norm import BOX_HEAD_NORMS, HEAD_NORMS, NORMS
 from mrcnn_jax.modeling.res5_head import Res5Head
 from mrcnn_jax.modeling.resnet import ResNet, frozen_prefixes
 from mrcnn_jax.modeling.rpn import RPNHead
@@ -38,6 +39,11 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "backbone": {"depth": "50", "width": 64, "norm": "frozen_bn", "freeze_at": 2,
                    "stride_in_1x1": False, "zero_init_residual": False},
       "fpn_channels": 256,
+      "fpn_norm": "none",  # after each FPN conv (norm.py; detectron2's FPN.NORM)
+      # Devices per BatchNorm statistics group for every "bn" norm: 0 = all
+      # devices, the global batch (cross-replica BN); N = groups of N
+      # neighbouring devices of the data axis (modeling/batch_norm.py).
+      "batch_norm_group_size": 0,
       # One tuple of sizes per RPN level: P2..P6, or C4's single level.
       "anchor_sizes": ((32, 64, 128, 256, 512),) if c4 else anchor_ops.FPN_SIZES,
       "aspect_ratios": anchor_ops.ASPECT_RATIOS,
@@ -57,6 +63,7 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
           "nms_threshold": 0.7, "min_size": 0.0, "iou_thresholds": (0.3, 0.7),
           "batch_size_per_image": 256, "positive_fraction": 0.5,
           "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
+          "num_convs": 1,  # shared 3x3 convs of the head (2 in the LSJ recipe)
       },
       "roi": {
           "batch_size_per_image": 512, "positive_fraction": 0.25, "iou_threshold": 0.5,
@@ -75,7 +82,7 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "box_head": {
           "pooler_resolution": 14 if c4 else 7, "fc_dims": (1024, 1024),
           "num_convs": 0, "conv_dim": 256,  # convs before the FCs (FPN design only)
-          "norm": "none",  # after each of those convs: "none" or "gn"
+          "norm": "none",  # after each of those convs: "none", "gn" or "bn"
           "class_agnostic": False, "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
       },
       "mask_head": {"enabled": True, "num_convs": 0 if c4 else 4, "conv_dim": 256,
@@ -104,16 +111,44 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
   return cfg
 
 
-def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
-  """``config.model`` (or a bare model section) -> a ``MaskRCNN`` module."""
+def batch_norm_groups(group_size: int, num_devices: int) -> int:
+  """Statistics groups of the global batch for ``group_size`` devices per group.
+
+  0, or a group at least as large as the mesh, is one group (the global
+  batch); otherwise the devices must split into whole groups.
+  """
+  if group_size < 0:
+    raise ValueError(f"model.batch_norm_group_size: expected >= 0, got {group_size}")
+  if group_size == 0 or group_size >= num_devices:
+    return 1
+  if num_devices % group_size:
+    raise ValueError(f"model.batch_norm_group_size={group_size} does not divide the "
+                     f"{num_devices} devices of the data axis")
+  return num_devices // group_size
+
+
+def build_model(config: ml_collections.ConfigDict,
+                num_devices: Optional[int] = None) -> MaskRCNN:
+  """``config.model`` (or a bare model section) -> a ``MaskRCNN`` module.
+
+  ``num_devices``: the data axis's size, for BatchNorm groups (default: every
+  device); only training reads batch statistics.
+  """
   m = config.model if "model" in config else config
   if m.dtype not in DTYPES:
     raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {m.dtype!r}")
   if m.backbone.norm not in NORMS:
     raise ValueError(f"model.backbone.norm: expected one of {NORMS}, got {m.backbone.norm!r}")
-  for head in ("box_head", "mask_head"):
-    if m[head].norm not in HEAD_NORMS:
-      raise ValueError(f"model.{head}.norm: expected one of {HEAD_NORMS}, got {m[head].norm!r}")
+  for head, norms in (("box_head", BOX_HEAD_NORMS), ("mask_head", HEAD_NORMS)):
+    if m[head].norm not in norms:
+      raise ValueError(f"model.{head}.norm: expected one of {norms}, got {m[head].norm!r}")
+  fpn_norm = m.fpn_norm
+  if fpn_norm not in NORMS:
+    raise ValueError(f"model.fpn_norm: expected one of {NORMS}, got {fpn_norm!r}")
+  if m.rpn.num_convs < 1:
+    raise ValueError(f"model.rpn.num_convs: expected >= 1, got {m.rpn.num_convs}")
+  bn_groups = batch_norm_groups(m.batch_norm_group_size,
+                                jax.device_count() if num_devices is None else num_devices)
   if not m.keypoint_head.box_scale > 0:
     raise ValueError(f"model.keypoint_head.box_scale: expected > 0, got "
                      f"{m.keypoint_head.box_scale!r}")
@@ -152,7 +187,8 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
   c4 = m.design == "c4"
   backbone = ResNet(depth=bb.depth, width=bb.width, norm=bb.norm, freeze_at=bb.freeze_at,
                     num_stages=3 if c4 else 4, stride_in_1x1=bb.stride_in_1x1,
-                    zero_init_residual=bb.zero_init_residual, dtype=dtype, name="backbone")
+                    zero_init_residual=bb.zero_init_residual, dtype=dtype,
+                    bn_groups=bn_groups, name="backbone")
   num_anchors = anchor_ops.num_anchors_per_location(m.anchor_sizes[0], m.aspect_ratios)
   if c4:
     box_head = Res5Head(num_classes=m.num_classes, depth=bb.depth, width=bb.width,
@@ -163,9 +199,10 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
     box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(m.box_head.fc_dims),
                        class_agnostic=m.box_head.class_agnostic,
                        num_convs=m.box_head.num_convs, conv_dim=m.box_head.conv_dim,
-                       norm=m.box_head.norm,
+                       norm=m.box_head.norm, bn_groups=bn_groups,
                        dtype=dtype, name="box_head")
-    fpn = FPN(channels=m.fpn_channels, dtype=dtype, name="fpn")
+    fpn = FPN(channels=m.fpn_channels, norm=fpn_norm, bn_groups=bn_groups, dtype=dtype,
+              name="fpn")
   mask_head = keypoint_head = None
   if m.mask_head.enabled:
     mask_head = MaskHead(num_classes=m.num_classes, num_convs=m.mask_head.num_convs,
@@ -177,7 +214,9 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
                                  conv_dim=m.keypoint_head.conv_dim, dtype=dtype,
                                  name="keypoint_head")
   return MaskRCNN(
-      backbone=backbone, rpn_head=RPNHead(num_anchors=num_anchors, dtype=dtype, name="rpn"),
+      backbone=backbone,
+      rpn_head=RPNHead(num_anchors=num_anchors, num_convs=m.rpn.num_convs,
+                       dtype=dtype, name="rpn"),
       box_head=box_head, fpn=fpn, mask_head=mask_head, keypoint_head=keypoint_head,
       num_classes=m.num_classes,
       anchor_sizes=tuple(tuple(s) for s in m.anchor_sizes),

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mrcnn_jax.modeling.norm import HEAD_NORMS, make_norm
+from mrcnn_jax.modeling.norm import BOX_HEAD_NORMS, make_norm
 
 # He normal over fan_out: torchvision's ResNet init and detectron2's c2_msra_fill
 # (box, mask and keypoint head convs). Transposed convs use deconv.msra_fill.
@@ -211,21 +211,24 @@ def conv_class(form: str = "auto"):
 
 
 def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = "none",
-               dtype=jnp.float32, form: str = "auto") -> jnp.ndarray:
+               dtype=jnp.float32, train: bool = False, bn_groups: int = 1,
+               form: str = "auto") -> jnp.ndarray:
   """The RoI heads' conv tower: ``num_convs`` x (3x3 conv of ``dim``, norm, ReLU).
 
   Call it from a compact module's ``__call__``. Conv i is named
   ``name.format(i + 1)``, its norm that name + ``"_norm"``. ``norm`` is
   detectron2's ROI_BOX_HEAD.NORM / ROI_MASK_HEAD.NORM: "none" (convs with a
-  bias) or "gn" (GroupNorm after bias-free convs, as in its GN configs).
+  bias), "gn" (GroupNorm after bias-free convs, as in its GN configs) or "bn"
+  (BatchNorm over the batch's RoIs, ``bn_groups`` groups of them, batch
+  statistics when ``train``: its SyncBN configs with stats_mode "N").
   ``form``: how the convolutions are computed (``FORMS``).
   """
-  if norm not in HEAD_NORMS:
-    raise ValueError(f"head norm: expected one of {HEAD_NORMS}, got {norm!r}")
+  if norm not in BOX_HEAD_NORMS:
+    raise ValueError(f"head norm: expected one of {BOX_HEAD_NORMS}, got {norm!r}")
   conv = conv_class(form)
   for i in range(num_convs):
     conv_name = name.format(i + 1)
     x = conv(dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=norm == "none",
              kernel_init=msra_init, dtype=dtype, name=conv_name)(x)
-    x = nn.relu(make_norm(norm, dim, False, dtype, conv_name + "_norm")(x))
+    x = nn.relu(make_norm(norm, dim, train, dtype, conv_name + "_norm", bn_groups=bn_groups)(x))
   return x

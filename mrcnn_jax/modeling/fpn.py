@@ -5,6 +5,10 @@ added to the laterals, a 3x3 output conv per level, and P6 as a stride-2
 subsample of P5 (torchvision's LastLevelMaxPool, a 1x1 max pool). Parameter
 names: ``lateral{k}`` / ``output{k}`` for level k = 2..5.
 
+``norm`` (detectron2's FPN.NORM) follows each lateral and output conv with
+a norm (norm.py; the convs then have no bias), named ``lateral{k}_norm`` /
+``output{k}_norm``, with statistics inside the image extent.
+
 Given an image extent (padding.py), each output conv's input and each
 output are zeroed outside it, so the RPN's 3x3 conv reads zeros there too.
 """
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 
 from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.norm import make_norm
 
 # detectron2 and torchvision initialise FPN convs with kaiming_uniform(a=1).
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -33,21 +38,32 @@ class FPN(nn.Module):
   channels: int = 256
   top_block: bool = True  # add P6 = P5[::2, ::2]
   dtype: jnp.dtype = jnp.float32
+  norm: str = "none"  # after each conv (norm.py); "none": convs with a bias
+  bn_groups: int = 1  # norm "bn": statistics groups of the batch (batch_norm.py)
 
   @nn.compact
   def __call__(self, features: Dict[str, jnp.ndarray],
-               image_extent: Optional[jnp.ndarray] = None) -> Dict[str, jnp.ndarray]:
+               image_extent: Optional[jnp.ndarray] = None,
+               train: bool = False) -> Dict[str, jnp.ndarray]:
     levels = sorted(int(k[1:]) for k in features)
+    bias = self.norm == "none"
+
+    def norm(y, name, mask):
+      layer = make_norm(self.norm, self.channels, train, self.dtype, name,
+                        bn_groups=self.bn_groups)
+      return layer(y, mask=padding.norm_mask(y, mask))
+
     out, top = {}, None
     for k in reversed(levels):
-      lateral = Conv(self.channels, (1, 1), kernel_init=fpn_init, dtype=self.dtype,
-                     name=f"lateral{k}")(features[f"c{k}"])
+      c = features[f"c{k}"]
+      mask = padding.valid_mask(c, image_extent, 2 ** k)
+      lateral = norm(Conv(self.channels, (1, 1), use_bias=bias, kernel_init=fpn_init,
+                          dtype=self.dtype, name=f"lateral{k}")(c), f"lateral{k}_norm", mask)
       top = lateral if top is None else lateral + upsample_nearest(top, lateral.shape[1:3])
-      mask = padding.valid_mask(top, image_extent, 2 ** k)
       top = padding.zero_outside(top, mask)
-      out[f"p{k}"] = padding.zero_outside(
-          Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=fpn_init,
-               dtype=self.dtype, name=f"output{k}")(top), mask)
+      y = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=bias,
+               kernel_init=fpn_init, dtype=self.dtype, name=f"output{k}")(top)
+      out[f"p{k}"] = padding.zero_outside(norm(y, f"output{k}_norm", mask), mask)
     if self.top_block:
       out[f"p{levels[-1] + 1}"] = out[f"p{levels[-1]}"][:, ::2, ::2]
     return {k: out[k] for k in sorted(out)}

@@ -29,7 +29,7 @@ class MaskHead(nn.Module):
     lead = pooled.shape[:-3]
     x = pooled.reshape(-1, *pooled.shape[-3:]).astype(self.dtype)
     x = conv_stack(x, self.num_convs, self.conv_dim, "mask_fcn{}", self.norm, self.dtype,
-                   self.conv_form)
+                   form=self.conv_form)
     x = nn.relu(Deconv(self.conv_dim, 2, 2, kernel_init=msra_fill(), dtype=self.dtype,
                        name="deconv")(x))
     # The predictor runs in float32 (DESIGN.md); normal(0.001) as detectron2.

@@ -153,7 +153,7 @@ class MaskRCNN(nn.Module):
     c = self.backbone(images, train=train, image_extent=image_extent)
     if self.fpn is None:  # C4: RPN and RoIs both read C4 (stride 16)
       return ([c["c4"]], [16]), ([c["c4"]], [16], image_extent)
-    p = self.fpn(c, image_extent=image_extent)
+    p = self.fpn(c, image_extent=image_extent, train=train)
     names = sorted(p, key=lambda n: int(n[1:]))
     rpn_maps = [p[n] for n in names]
     strides = [2 ** int(n[1:]) for n in names]
@@ -208,7 +208,7 @@ class MaskRCNN(nn.Module):
     if self.fpn is None:
       res5, logits, deltas = self.box_head(pooled, train=train)
       return logits, deltas, res5
-    logits, deltas = self.box_head(pooled)
+    logits, deltas = self.box_head(pooled, train=train)
     return logits, deltas, None
 
   # ------------------------------------------------------------------ init

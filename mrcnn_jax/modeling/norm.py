@@ -5,8 +5,9 @@
   Its four arrays live in the ``batch_stats`` collection, not in ``params``,
   so no optimiser ever sees them.
 - ``"gn"``: GroupNorm with 32 groups (Wu & He 2018), trainable.
-- ``"bn"``: BatchNorm. Under ``jax.jit`` over a sharded batch its statistics
-  are those of the whole global batch (synchronised BN) with no extra code.
+- ``"bn"``: BatchNorm (batch_norm.py). Under ``jax.jit`` over a sharded batch
+  its statistics are those of the whole global batch (synchronised BN), or
+  of ``bn_groups`` groups of it (groups of devices, as TPU recipes do).
 - ``"none"``: identity (convs then carry a bias).
 
 Every norm takes an optional ``mask=`` (``x``'s shape, True where valid):
@@ -20,8 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.batch_norm import BatchNorm
+
 NORMS = ("frozen_bn", "gn", "bn", "none")
-HEAD_NORMS = ("none", "gn")  # for the RoI heads' conv towers (conv.conv_stack)
+HEAD_NORMS = ("none", "gn")  # for the mask head's conv tower (conv.conv_stack)
+# The box head's tower may also use BatchNorm: its RoIs are all real samples,
+# where the mask head's fixed foreground slots include padding.
+BOX_HEAD_NORMS = HEAD_NORMS + ("bn",)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -43,9 +49,11 @@ class FrozenBatchNorm(nn.Module):
 
 
 def make_norm(kind: str, channels: int, train: bool, dtype, name: str,
-              zero_init: bool = False):
+              zero_init: bool = False, bn_groups: int = 1):
   """The norm layer ``kind`` for ``channels`` channels, named ``name``.
 
+  ``bn_groups``: BatchNorm's statistics groups of the leading axis (1: the
+  global batch).
   ``zero_init`` starts its scale at 0. GroupNorm uses 32 groups, or the
   largest count dividing ``channels`` when that is smaller (tiny test models).
 
@@ -59,8 +67,8 @@ def make_norm(kind: str, channels: int, train: bool, dtype, name: str,
     return nn.GroupNorm(num_groups=math.gcd(32, channels), epsilon=1e-5, dtype=dtype, scale_init=scale_init,
                         name=name)
   if kind == "bn":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, scale_init=scale_init, name=name)
+    return BatchNorm(use_running_average=not train, num_groups=bn_groups, momentum=0.9,
+                     epsilon=1e-5, dtype=dtype, scale_init=scale_init, name=name)
   if kind == "none":
     return lambda x, mask=None: x
   raise ValueError(f"norm: expected one of {NORMS}, got {kind!r}")

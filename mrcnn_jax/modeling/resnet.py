@@ -69,6 +69,7 @@ class Block(nn.Module):
   zero_init_residual: bool = False  # start each block as the identity
   train: bool = False
   dtype: jnp.dtype = jnp.float32
+  bn_groups: int = 1  # "bn": statistics groups of the batch (batch_norm.py)
 
   @nn.compact
   def __call__(self, x, image_extent=None, in_stride: int = 1):
@@ -84,7 +85,7 @@ class Block(nn.Module):
 
     def norm(c, name, y, mask, zero=False):
       layer = make_norm(self.norm, c, self.train, self.dtype, name,
-                        zero_init=zero and self.zero_init_residual)
+                        zero_init=zero and self.zero_init_residual, bn_groups=self.bn_groups)
       return layer(y, mask=padding.norm_mask(y, mask))
 
     if self.kind == "bottleneck":
@@ -120,6 +121,7 @@ class Stage(nn.Module):
   zero_init_residual: bool = False
   train: bool = False
   dtype: jnp.dtype = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, image_extent=None, in_stride: int = 1):
@@ -127,7 +129,7 @@ class Stage(nn.Module):
       stride = self.stride if i == 0 else 1
       x = Block(self.kind, self.width, stride, self.norm,
                 self.stride_in_1x1, self.zero_init_residual, self.train, self.dtype,
-                name=str(i))(x, image_extent, in_stride)
+                bn_groups=self.bn_groups, name=str(i))(x, image_extent, in_stride)
       in_stride *= stride
     return x
 
@@ -142,6 +144,7 @@ class ResNet(nn.Module):
   stride_in_1x1: bool = False
   zero_init_residual: bool = False
   dtype: jnp.dtype = jnp.float32  # compute dtype; params stay float32
+  bn_groups: int = 1  # "bn": statistics groups of the batch (batch_norm.py)
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False,
@@ -152,7 +155,8 @@ class ResNet(nn.Module):
     x = padding.zero_outside(x, padding.valid_mask(x, image_extent, 1))
     x = conv(self.width, 7, 2, self.norm == "none", self.dtype, "conv1")(x)
     mask = padding.valid_mask(x, image_extent, 2)
-    x = nn.relu(make_norm(self.norm, self.width, train, self.dtype, "norm1")(
+    x = nn.relu(make_norm(self.norm, self.width, train, self.dtype, "norm1",
+                          bn_groups=self.bn_groups)(
         x, mask=padding.norm_mask(x, mask)))
     # Zeros, not -inf, outside: after the ReLU they never win the max (as
     # the references' -inf padding never does).
@@ -166,7 +170,7 @@ class ResNet(nn.Module):
     for i in range(self.num_stages):
       x = Stage(kind, blocks[i], self.width * 2 ** i, 1 if i == 0 else 2, self.norm,
                 self.stride_in_1x1, self.zero_init_residual, train, self.dtype,
-                name=f"layer{i + 1}")(x, image_extent, stride)
+                bn_groups=self.bn_groups, name=f"layer{i + 1}")(x, image_extent, stride)
       stride *= 1 if i == 0 else 2
       if self.freeze_at >= i + 2:
         x = jax.lax.stop_gradient(x)

@@ -1,7 +1,8 @@
 """Region Proposal Network (Ren et al. 2015, sec. 3.1).
 
-One head shared by every level: a 3x3 conv with ReLU, then per anchor one
-objectness logit and four box deltas. Outputs are flattened in the anchors'
+One head shared by every level: a 3x3 conv with ReLU (``num_convs`` of them,
+named ``conv``, ``conv2``, ...: the TPU and LSJ recipes use two), then per
+anchor one objectness logit and four box deltas. Outputs are flattened in the anchors'
 order (position-major, then anchor; see ops/anchors.py), which is also the
 order of torchvision's channels ``a * 4 + coord``, so its weights line up.
 """
@@ -23,12 +24,14 @@ class RPNHead(nn.Module):
   """``[B, H, W, C]`` per level -> objectness ``[B, H*W*A]`` and deltas ``[B, H*W*A, 4]``."""
   num_anchors: int = 3  # A: anchors per position (sizes x aspect ratios)
   dtype: jnp.dtype = jnp.float32
+  num_convs: int = 1  # shared 3x3 convs (with ReLU) before the predictors
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray]) -> Tuple[List, List]:
     channels = features[0].shape[-1]
-    shared = Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=rpn_init,
-                  dtype=self.dtype, name="conv")
+    shared = [Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=rpn_init,
+                   dtype=self.dtype, name="conv" if i == 0 else f"conv{i + 1}")
+              for i in range(self.num_convs)]
     cls = Conv(self.num_anchors, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
                name="objectness")
     reg = Conv(self.num_anchors * 4, (1, 1), kernel_init=rpn_init, dtype=self.dtype,
@@ -36,7 +39,9 @@ class RPNHead(nn.Module):
     objectness, deltas = [], []
     for x in features:
       b = x.shape[0]
-      h = nn.relu(shared(x))
+      h = x
+      for conv in shared:
+        h = nn.relu(conv(h))
       objectness.append(cls(h).astype(jnp.float32).reshape(b, -1))
       deltas.append(reg(h).astype(jnp.float32).reshape(b, -1, 4))
     return objectness, deltas
