@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ from ml_collections import config_flags
 
 from mrcnn_jax import checkpointing, optim, sharding
 from mrcnn_jax import evaluate as evaluate_lib
+from mrcnn_jax.data import canvases as canvas_lib
 from mrcnn_jax.data import input_pipeline
 from mrcnn_jax.modeling import build
 
@@ -70,10 +71,12 @@ class LogWriteError(RuntimeError):
   """metrics.jsonl or TensorBoard cannot be written (a full or unwritable disk)."""
 
 
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> Dict[str, Any]:
-  """Zeros with the shapes and dtypes of one ``make_dataset`` batch."""
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
+                canvas: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+  """Zeros with the shapes and dtypes of one ``make_dataset`` batch of ``canvas``
+  (default: the config's first)."""
   d, m = config.data, config.model
-  h, w = d.canvas_size
+  h, w = canvas or canvas_lib.canvas_sizes(config)[0]
   g, kp = d.max_instances, m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
   z = lambda shape, dtype=np.float32: np.zeros((batch_size, *shape), dtype)
   return {
@@ -95,8 +98,9 @@ def _split_batch(batch):
 
 
 def create_state(model, tx, config, rng) -> TrainState:
-  """A fresh state (pure: run under ``jax.jit`` with output shardings)."""
-  images = jnp.zeros((1, *config.data.canvas_size, 3), jnp.float32)
+  """A fresh state (pure: run under ``jax.jit`` with output shardings). The parameters'
+  shapes do not depend on the canvas: the first one initialises."""
+  images = jnp.zeros((1, *canvas_lib.canvas_sizes(config)[0], 3), jnp.float32)
   variables = model.init(rng, images, method="initialize")
   params = variables.pop("params")
   zero = jnp.zeros((), jnp.int32)
@@ -257,7 +261,8 @@ def _programs(config, mesh):
 
 
 def compile_programs(config: ml_collections.ConfigDict) -> None:
-  """Compiles a run's initialisation and train step, needing neither data nor a workdir.
+  """Compiles a run's initialisation and its train step for every canvas, needing neither
+  data nor a workdir.
 
   With JAX's persistent compilation cache on (``JAX_COMPILATION_CACHE_DIR``), a
   later training process of the same config loads both instead of compiling
@@ -270,9 +275,10 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
   _, abstract, _, init, step_fn = _programs(config, mesh)
   key = jax.eval_shape(jax.random.PRNGKey, config.seed)  # what _train passes both
   init.lower(key).compile()
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       dummy_batch(config, config.batch_size))
-  step_fn.lower(abstract, batch, key).compile()
+  for canvas in canvas_lib.canvas_sizes(config):
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         dummy_batch(config, config.batch_size, canvas))
+    step_fn.lower(abstract, batch, key).compile()
 
 
 def _train(config, workdir, stop) -> Dict[str, float]:
@@ -396,7 +402,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     if previous_run is not None and int(previous_run) >= t.max_nonfinite:
       raise NonFiniteError(f"{t.max_nonfinite} steps in a row had a non-finite loss or "
                            f"gradient at the end of the run; the last checkpoint is kept.")
-    # One compiled program per run is the static-shape contract (DESIGN.md).
+    # One compiled program per canvas is the static-shape contract (DESIGN.md).
     logger.write(step, {"step_compilations": step_fn._cache_size()}, "train/")
     logging.info("train step compiled %d time(s)", step_fn._cache_size())
     _on_save_failure(checkpointer.wait, on_save_failure, logger, step)  # the last save
@@ -551,8 +557,8 @@ def _define_flags():
                                             "Processes in a multi-host run."),
       "process_id": flags.DEFINE_integer("process_id", None, "This process's index."),
       "compile_only": flags.DEFINE_bool(
-          "compile_only", False, "Only compile the initialisation and the train step "
-          "(into JAX_COMPILATION_CACHE_DIR when set; see compile_programs) and exit; "
+          "compile_only", False, "Only compile the initialisation and the train step of "
+          "every canvas (into JAX_COMPILATION_CACHE_DIR when set; see compile_programs) and exit; "
           "reads no data and writes nothing to --workdir."),
   }
 
@@ -566,6 +572,11 @@ def main(argv, args):
   checkpointing.quiet_failed_save_aftermath()
   sharding.initialize_distributed(args["coordinator_address"].value,
                                   args["num_processes"].value, args["process_id"].value)
+  try:
+    canvas_lib.canvas_sizes(config)  # a bad canvas setting is named before anything runs
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     if args["compile_only"].value:
       compile_programs(config)
