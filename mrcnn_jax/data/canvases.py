@@ -52,17 +52,17 @@ def canvas_sizes(config) -> List[Canvas]:
     raise ValueError(
         f"config.data: canvas_size {one} and canvas_sizes {several} are both set; set one "
         f"(e.g. --config.data.canvas_size='()' to use canvas_sizes)")
-  sizes = list(several) if several else [one]
+  if not several and not one:
+    raise ValueError("config.data: no canvas (set canvas_size or canvas_sizes)")
+  sizes, name = (list(several), "canvas_sizes") if several else ([one], "canvas_size")
   canvases = []
   for c in sizes:
     c = tuple(c) if isinstance(c, (tuple, list)) else (c,)
     if len(c) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                               and v > 0 for v in c):
-      raise ValueError(f"config.data.canvas_sizes: each canvas is (height, width), positive "
-                       f"integers; got {c!r} in {sizes!r}")
+      raise ValueError(f"config.data.{name}: each canvas is (height, width), positive "
+                       f"integers; got {c!r}")
     canvases.append((int(c[0]), int(c[1])))
-  if not canvases or canvases == [()]:
-    raise ValueError("config.data: no canvas (set canvas_size or canvas_sizes)")
   if len(set(canvases)) != len(canvases):
     raise ValueError(f"config.data.canvas_sizes: a canvas is listed twice in {canvases}")
   return canvases
