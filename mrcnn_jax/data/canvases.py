@@ -65,6 +65,12 @@ def canvas_sizes(config) -> List[Canvas]:
     canvases.append((int(c[0]), int(c[1])))
   if len(set(canvases)) != len(canvases):
     raise ValueError(f"config.data.canvas_sizes: a canvas is listed twice in {canvases}")
+  step = config.get("model", {}).get("size_divisibility", 0)
+  if len(canvases) > 1 and step and any(v % step for c in canvases for v in c):
+    # An image's padded extent (its size rounded up to this) must fit every canvas,
+    # else a canvas would cut it and results would depend on the canvas.
+    raise ValueError(f"config.data.canvas_sizes {canvases}: with several canvases each side "
+                     f"must be a multiple of model.size_divisibility ({step})")
   return canvases
 
 
