@@ -179,3 +179,14 @@ def test_images_larger_than_every_canvas_are_resized_to_fit_never_cropped(shapes
     # Nothing past each image is drawn: the padding is 0 (normalised space).
     for image, (h, w) in zip(b["images"], info["image_size"]):
       assert np.all(image[h:] == 0) and np.all(image[:, w:] == 0)
+
+
+def test_several_canvases_must_be_multiples_of_the_models_padding():
+  """An image's padded extent (size rounded up to size_divisibility) must fit every canvas,
+  or a canvas would cut it and its results would depend on the canvas."""
+  config = _config(canvas_size=(), canvas_sizes=((48, 64), (64, 48)))
+  config.model = {"size_divisibility": 32}
+  with pytest.raises(ValueError, match=r"multiple of model.size_divisibility \(32\)"):
+    canvases.canvas_sizes(config)
+  config.model.size_divisibility = 16
+  assert canvases.canvas_sizes(config) == [(48, 64), (64, 48)]
