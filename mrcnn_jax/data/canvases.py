@@ -223,22 +223,20 @@ class TrainOrder:
     """Record number of item ``q`` of ``canvas``'s stream."""
     epoch, j = divmod(int(q), int(self.counts[canvas]))
     with self._lock:
-      groups = self._epochs.get(epoch)
-    if groups is None:
+      group = self._epochs.get((canvas, epoch))
+    if group is None:
       perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.usable))
-      ordered = self.usable[perm]
-      canvas_of = self.canvas_of[perm]
-      groups = [ordered[canvas_of == c] for c in range(len(self.counts))]
-      with self._lock:  # a map runs a few items ahead: keep the neighbouring epochs
-        self._epochs = {e: v for e, v in self._epochs.items() if abs(e - epoch) <= 2}
-        self._epochs[epoch] = groups
-    return np.int64(groups[canvas][j])
+      group = self.usable[perm][self.canvas_of[perm] == canvas]
+      with self._lock:  # per canvas (their epochs drift apart): this one's last two
+        self._epochs = {k: v for k, v in self._epochs.items()
+                        if k[0] != canvas or k[1] in (epoch - 1, epoch + 1)}
+        self._epochs[canvas, epoch] = group
+    return np.int64(group[j])
 
 
-def padded_pixels(size, canvases: Sequence[Canvas], min_size: float = 0,
-                  max_size: float = 0, rounding: str = "round") -> Tuple[Canvas, Tuple[int, int], int]:
+def padded_pixels(size, canvases: Sequence[Canvas], min_size: float = 0, max_size: float = 0,
+                  rounding: str = "round") -> Tuple[Canvas, Tuple[int, int], int]:
   """(chosen canvas, resized (h, w), padded pixels) of an image of ``size`` (h, w)."""
   c = canvases[choose(size, canvases, min_size, max_size, rounding)]
   h, w = resized_size(size, c, min_size, max_size, rounding)
   return c, (h, w), c[0] * c[1] - h * w
-
