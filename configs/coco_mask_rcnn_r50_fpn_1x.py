@@ -16,7 +16,7 @@ Images are fitted (aspect kept) into a landscape 768x1024 or a portrait
 1024x768 canvas rather than detectron2's 800/1333 resize, each batch of
 one canvas, so that there are two static shapes (mrcnn_jax/data/canvases.py):
 COCO's 4:3 and 3:2 photos keep their longer side at 1024 with at most 11%
-padding (25-55% in one 1024x1024 canvas), squarer ones have their shorter
+padding (25-33% in one 1024x1024 canvas), squarer ones have their shorter
 side at 768. ``--config.data.canvas_sizes='((1024,1024),)'`` is the one
 square canvas (Google's TPU Mask R-CNN recipe).
 """
