@@ -359,6 +359,8 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       # take: the padding's extra batch never shows.
       parts.append(batches(canvases[c], locate, 0, padded // process_count)
                    .take(padded // global_batch))
+    if not parts:
+      raise ValueError(f"{d.eval_dir}: the split holds no record")
     ds = parts[0]
     for part in parts[1:]:
       ds = ds.concatenate(part)
