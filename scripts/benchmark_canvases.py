@@ -160,24 +160,27 @@ def throughput(tf_dir: str, steps: int, passes: int, block: int = 4) -> dict:
       if t.step_fn._cache_size() == len(canvases.canvas_sizes(t.config)):  # pylint: disable=protected-access
         break
     result[f"{name}_train_programs"] = t.step_fn._cache_size()  # pylint: disable=protected-access
-  seconds = {k: 0.0 for k in trainers}
+  blocks = {k: [] for k in trainers}
   for _ in range(-(-steps // block)):
     for name, t in trainers.items():
-      seconds[name] += t.run(block)
+      blocks[name].append(t.run(block))
   done = -(-steps // block) * block
-  for name in trainers:
-    result[f"{name}_train_images_per_s"] = done * configs[name].batch_size / seconds[name]
+  for name in trainers:  # the median block resists bursts of other jobs' load
+    images = block * configs[name].batch_size
+    result[f"{name}_train_images_per_s"] = done * configs[name].batch_size / sum(blocks[name])
+    result[f"{name}_train_images_per_s_median_block"] = images / float(np.median(blocks[name]))
   print(json.dumps(result), flush=True)
   variables = {"params": trainers["square"].state.params, **trainers["square"].state.model_state}
   detectors = {k: Detector(c, variables) for k, c in configs.items()}
   for d in detectors.values():
     d.run()  # compiles
-  seconds = {k: 0.0 for k in detectors}
+  seconds = {k: [] for k in detectors}
   for _ in range(passes):
     for name, d in detectors.items():
-      seconds[name] += d.run()
+      seconds[name].append(d.run())
   for name, d in detectors.items():
-    result[f"{name}_eval_images_per_s"] = passes * d.images / seconds[name]
+    result[f"{name}_eval_images_per_s"] = passes * d.images / sum(seconds[name])
+    result[f"{name}_eval_images_per_s_median_pass"] = d.images / float(np.median(seconds[name]))
     result[f"{name}_eval_programs"] = d.step._cache_size()  # pylint: disable=protected-access
   result.update(train_steps=done, eval_passes=passes, eval_images=detectors["pair"].images,
                 load_after=os.getloadavg()[0])
