@@ -4,7 +4,11 @@ the order in which training visits them.
 A config names its canvases as ``config.data.canvas_sizes = ((h, w), ...)``
 or, for one canvas, ``config.data.canvas_size = (h, w)``; exactly one of the
 two is set (the other left empty, ``()``). Each canvas compiles once (one
-train-step and one detect program per canvas in a run).
+train-step and one detect program per canvas in a run). Several canvases
+must be multiples of ``model.size_divisibility``, so that each image's
+padded extent fits whichever holds it and its results do not depend on the
+canvas. The choice reads each record's image size from the split's index
+(older conversions: its ground_truth.json).
 
 Which canvas (``choose``): the image is resized by its rule
 (``transforms.fit_scale``: fit the canvas, or shortest edge ``min_size``
@@ -24,9 +28,9 @@ Canvas c's training images form their own stream: its epoch e is the
 training permutation of epoch e (seeded by (seed, e), over all usable
 records, as with one canvas) restricted to c's images. Steps come in
 rounds of ``K = sum_c k_c`` steps, ``k_c = max(1, round(n_c / B))`` for a
-canvas with n_c images (B the global batch), in an order shuffled per
-round by (seed, round); canvas c's m-th step takes items m*B .. m*B + B - 1
-of its stream. Everything is a pure function of (seed, step), so a resumed
+canvas with n_c > 0 images (B the global batch; none for an empty one), in
+an order shuffled per round by (seed, round); canvas c's m-th step takes
+items m*B .. m*B + B - 1 of its stream. Everything is a pure function of (seed, step), so a resumed
 run sees the batches an uninterrupted one would, and every process of a
 multi-host run computes the same canvas for each step. With one canvas
 this is exactly the one-canvas order: step s takes positions s*B .. of
