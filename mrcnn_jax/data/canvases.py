@@ -30,9 +30,10 @@ records, as with one canvas) restricted to c's images. Steps come in
 rounds of ``K = sum_c k_c`` steps, ``k_c = max(1, round(n_c / B))`` for a
 canvas with n_c > 0 images (B the global batch; none for an empty one), in
 an order shuffled per round by (seed, round); canvas c's m-th step takes
-items m*B .. m*B + B - 1 of its stream. Everything is a pure function of (seed, step), so a resumed
-run sees the batches an uninterrupted one would, and every process of a
-multi-host run computes the same canvas for each step. With one canvas
+items m*B .. m*B + B - 1 of its stream. Everything is a pure function of
+(seed, step), so a resumed run sees the batches an uninterrupted one would,
+and every process of a multi-host run computes the same canvas for each
+step. With one canvas
 this is exactly the one-canvas order: step s takes positions s*B .. of
 the epoch permutations.
 """
