@@ -33,9 +33,8 @@ an order shuffled per round by (seed, round); canvas c's m-th step takes
 items m*B .. m*B + B - 1 of its stream. Everything is a pure function of
 (seed, step), so a resumed run sees the batches an uninterrupted one would,
 and every process of a multi-host run computes the same canvas for each
-step. With one canvas
-this is exactly the one-canvas order: step s takes positions s*B .. of
-the epoch permutations.
+step. With one canvas this is exactly the one-canvas order: step s takes
+positions s*B .. of the epoch permutations.
 """
 
 import json
