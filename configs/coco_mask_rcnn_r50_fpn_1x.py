@@ -12,8 +12,13 @@ steps, decay by 10x at 60k and 80k of 90k steps, frozen BN with the stem and
 res2 frozen. Start from ImageNet weights with ``--config.init_checkpoint=``
 (a backbone converted by ``mrcnn_jax.convert``) and ``--config.init_keep=backbone``;
 from scratch, use ``--config.model.backbone.norm=gn`` and a longer schedule.
-Images are fitted (aspect kept) into a 1024x1024 canvas rather than
-detectron2's 800/1333 resize, so that every batch has one static shape.
+Images are fitted (aspect kept) into a landscape 768x1024 or a portrait
+1024x768 canvas rather than detectron2's 800/1333 resize, each batch of
+one canvas, so that there are two static shapes (mrcnn_jax/data/canvases.py):
+COCO's 4:3 and 3:2 photos keep their longer side at 1024 with at most 11%
+padding (25-33% in one 1024x1024 canvas), squarer ones have their shorter
+side at 768. ``--config.data.canvas_sizes='((1024,1024),)'`` is the one
+square canvas (Google's TPU Mask R-CNN recipe).
 """
 
 import ml_collections
@@ -22,7 +27,7 @@ from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
 
-CANVAS = 1024
+CANVASES = ((768, 1024), (1024, 768))  # (h, w): landscape 4:3 and portrait 3:4, longer side 1024
 MAX_INSTANCES = 100
 
 
@@ -36,7 +41,10 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/coco/tf/train2017", "eval_dir": "data/coco/tf/val2017",
       "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
-      "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
+      # canvas_sizes: each image to the one that fits it best; canvas_size
+      # (h, w) instead, for one canvas (then canvas_sizes=()).
+      "canvas_size": (), "canvas_sizes": CANVASES,
+      "max_instances": MAX_INSTANCES, "mask_size": 28,
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),  # torchvision
       "channel_order": "rgb", "resize_rounding": "round",  # or "floor" (torchvision)
       "flip": True, "scale_range": None,

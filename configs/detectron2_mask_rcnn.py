@@ -18,10 +18,10 @@ normalisation) for detectron2-format files built from torchvision weights.
 What matches detectron2: the model-zoo backbones are MSRA's ResNets, so the
 stride sits in each block's 1x1 conv and the input is BGR, mean-subtracted
 (103.53, 116.28, 123.675) with std 1; shorter side 800, longer at most 1333,
-the size rounded half up (ResizeShortestEdge), in a 1344 x 1344 canvas whose
-padding is 0 after normalisation and masked at every convolution (each image
-seen as padded to a multiple of 32 alone); frozen BN; anchors at the nominal
-strides, not rounded; RPN 1000 per level before NMS and 1000 after at test
+the size rounded half up (ResizeShortestEdge), in an 832 x 1344 or (portrait)
+1344 x 832 canvas whose padding is 0 after normalisation and masked at every
+convolution (each image seen as padded to a multiple of 32 alone); frozen BN;
+anchors at the nominal strides, not rounded; RPN 1000 per level before NMS and 1000 after at test
 (2000/1000 in training), NMS 0.7; ROIAlignV2 (aligned=True) with adaptive
 sampling (sampling_ratio=0: ceil(RoI size / output size) samples per bin);
 box score threshold 0.05, NMS 0.5, 100 detections.

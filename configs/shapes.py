@@ -47,6 +47,9 @@ def get_config(arg=None):
       "train_dir": "data/shapes/tf/train", "eval_dir": "data/shapes/tf/val",
       "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
+      # Several canvases instead of canvas_size (then set to ()): ((h, w), ...),
+      # see mrcnn_jax/data/canvases.py.
+      "canvas_sizes": (),
       # ImageNet statistics on 0..255 RGB, as torchvision's transform does.
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),
       "channel_order": "rgb", "resize_rounding": "round",  # or "floor" (torchvision)

@@ -16,10 +16,11 @@
 
 What matches torchvision: RGB input normalised with ImageNet statistics;
 the shorter side resized to 800 with the longer at most 1333, the size
-floored (GeneralizedRCNNTransform), placed in a 1344 x 1344 canvas (1333
-rounded up to 32) whose padding is 0 after normalisation and masked at every
-convolution, so each image is seen as torchvision sees it alone, padded to a
-multiple of 32; frozen BN; anchors 32..512 with ratios 0.5/1/2, rounded, at
+floored (GeneralizedRCNNTransform), placed in an 832 x 1344 canvas, or
+1344 x 832 for a portrait image (800 and 1333 rounded up to 32), whose
+padding is 0 after normalisation and masked at every convolution, so each
+image is seen as torchvision sees it alone, padded to a multiple of 32;
+frozen BN; anchors 32..512 with ratios 0.5/1/2, rounded, at
 the stride torchvision derives per image (padded size // grid: 61 on P6 of an
 800-pixel image); RPN 1000 boxes per level before NMS and 1000 after at test
 (2000/2000 in training), NMS 0.7, minimum size 1e-3; RoIAlign with
@@ -34,7 +35,9 @@ keypoints are decoded from the same bicubic interpolant on a static grid
 from configs import coco_keypoint_rcnn_r50_fpn_1x
 from configs import coco_mask_rcnn_r50_fpn_1x
 
-CANVAS = 1344  # 1333 rounded up to a multiple of 32
+# (h, w): 800 and 1333 rounded up to multiples of 32, landscape and portrait; an
+# image at the 800/1333 scale always fits one of them.
+CANVASES = ((832, 1344), (1344, 832))
 MIN_SIZE, MAX_SIZE = 800, 1333
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's (0.485, 0.456, 0.406) x 255
 IMAGENET_STD = (58.395, 57.12, 57.375)  # (0.229, 0.224, 0.225) x 255
@@ -45,7 +48,7 @@ def get_config(arg=None):
     raise ValueError(f"config arg: expected 'mask', 'keypoint' or 'faster', got {arg!r}")
   base = coco_keypoint_rcnn_r50_fpn_1x if arg == "keypoint" else coco_mask_rcnn_r50_fpn_1x
   config = base.get_config()
-  config.data.update(canvas_size=(CANVAS, CANVAS), min_size=MIN_SIZE, max_size=MAX_SIZE,
+  config.data.update(canvas_size=(), canvas_sizes=CANVASES, min_size=MIN_SIZE, max_size=MAX_SIZE,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD, channel_order="rgb",
                      resize_rounding="floor")
   m = config.model

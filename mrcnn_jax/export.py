@@ -3,11 +3,11 @@
     python -m mrcnn_jax.export --config=configs/shapes.py --checkpoint=workdirs/shapes \\
         --output=DIR [--platforms=cpu,cuda,tpu] [--batch_size=1] [--dtype=float32|bfloat16]
 
-writes DIR/manifest.json and one DIR/detect_HxW.jax per canvas (see
-``mrcnn_jax.artifact``): the whole of ``MaskRCNN.detect`` with the
-checkpoint's parameters embedded as constants, lowered once for every
-platform asked for (lowering for GPU and TPU needs no accelerator), taking a
-fixed batch of normalised canvases and their image sizes and returning the
+writes DIR/manifest.json and one DIR/detect_HxW.jax for each of the config's
+canvases (``config.data.canvas_sizes``; see ``mrcnn_jax.artifact``): the
+whole of ``MaskRCNN.detect`` with the checkpoint's parameters embedded as
+constants, lowered once for every platform asked for (lowering for GPU and
+TPU needs no accelerator), taking a fixed batch of normalised canvases and their image sizes and returning the
 fixed-size detections, masks and keypoints. The batch size is fixed, not
 symbolic: the model's shape-dependent choices (conv.py's ``MIN_MACS``,
 RoIAlign's chunking) need a known batch. Config overrides work as in
@@ -79,11 +79,13 @@ def export(config, checkpoint: str, output: str, platforms: Sequence[str] = DEFA
     return model.apply(variables, images, {"image_size": image_size}, method="detect")
 
   programs, signature = {}, None
-  for canvas in [live.canvas]:
+  for canvas in live.canvases:
     args = (jax.ShapeDtypeStruct((batch_size, *canvas, 3), jnp.float32),
             jax.ShapeDtypeStruct((batch_size, 2), jnp.int32))
     exported = jax.export.export(jax.jit(detect), platforms=platforms)(*args)
     programs[canvas] = exported.serialize()
+    if signature is not None:
+      continue
     outputs = jax.tree.unflatten(exported.out_tree, exported.out_avals)
     signature = {"inputs": artifact.describe_avals(INPUT_NAMES, args),
                  "outputs": artifact.describe_avals(sorted(outputs),
@@ -96,8 +98,10 @@ def export(config, checkpoint: str, output: str, platforms: Sequence[str] = DEFA
       "platforms": list(platforms),
       "calling_convention_version": exported.calling_convention_version,
       "batch_size": batch_size,  # fixed; Predictor.from_exported fills a short batch
+      # Each image goes to the canvas that fits it best (mrcnn_jax.data.canvases.choose,
+      # with preprocessing.resize); shapes below are the first canvas's, another
+      # changes only H and W.
       "canvases": [list(c) for c in programs],
-      # Shapes for the first canvas; another canvas changes only H and W.
       "signature": signature,
       "compute_dtype": m.dtype,
       "parameters": "embedded",  # constants inside each program

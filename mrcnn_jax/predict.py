@@ -20,7 +20,8 @@ their settings from its manifest, and the results are the live model's:
 
 Class names come from the training workdir's meta.json (or the eval split).
 Any size and mode works: the image goes through the same resize, pad and
-normalisation as evaluation (aspect kept, fitted into the canvas), and the
+normalisation as evaluation (aspect kept, into the config's canvas that fits
+it best, ``data.canvases``; one compiled program per canvas), and the
 results come back in its own pixels. Grayscale is repeated to RGB, 16-bit is
 scaled to 8-bit, alpha is dropped (as the dataset converter does); EXIF
 orientation of files is applied.
@@ -30,7 +31,7 @@ import collections
 import functools
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -40,6 +41,7 @@ from ml_collections import config_flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mrcnn_jax import artifact, checkpointing, storage
+from mrcnn_jax.data import canvases as canvas_lib
 from mrcnn_jax.data import coco as coco_data
 from mrcnn_jax.data import input_pipeline, transforms
 from mrcnn_jax.evaluation import coco as coco_eval
@@ -132,7 +134,7 @@ def preprocess(rgb: np.ndarray, canvas, preprocessing: Dict[str, Any]):
 
 
 class Predictor:
-  """``image -> dict`` with a trained model; compiled once for the config's canvas.
+  """``image -> dict`` with a trained model; compiled once for each of the config's canvases.
 
   The dict holds, for detections scoring at least ``score_threshold``:
   ``boxes [N, 4]`` (x1, y1, x2, y2 in the image's pixels), ``scores [N]``,
@@ -149,7 +151,7 @@ class Predictor:
     from mrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
     self.config = config
     self.score_threshold = score_threshold
-    self.canvas = tuple(config.data.canvas_size)
+    self.canvases = canvas_lib.canvas_sizes(config)
     self.preprocessing = preprocessing_of(config)
     self.checkpoint = checkpoint = checkpointing.resolve(checkpoint)  # a missing one named first
     self.meta = meta or _find_meta(config, checkpoint)
@@ -165,22 +167,25 @@ class Predictor:
     """A Predictor over an export directory (``artifact.load``; its errors are
     ``artifact.ArtifactError``): the same results as the live model it came from."""
     exported = artifact.load(directory)
-    if len(exported.canvases) != 1:  # the manifest allows several; one canvas per config today
-      raise artifact.ArtifactError(f"{directory}: {len(exported.canvases)} canvases; this "
-                                   f"Predictor serves one")
     self = cls.__new__(cls)
     self.config = None
     self.score_threshold = score_threshold
-    self.canvas = exported.canvases[0]
+    self.canvases = exported.canvases
     self.preprocessing = exported.manifest["preprocessing"]
     self.meta = exported.meta
     self.names = dict(zip(self.meta["coco_ids"], self.meta["names"]))
     self.detect = exported.detect
     return self
 
+  def canvas_for(self, size) -> Tuple[int, int]:
+    """The canvas an image of ``size`` (h, w) goes to (``data.canvases.choose``)."""
+    r = self.preprocessing["resize"]
+    return self.canvases[canvas_lib.choose(size, self.canvases, r["min_size"], r["max_size"],
+                                           r["rounding"])]
+
   def preprocess(self, rgb: np.ndarray):
     """``[H, W, 3]`` uint8 -> (normalised canvas [1, H', W', 3], image_info)."""
-    return preprocess(rgb, self.canvas, self.preprocessing)
+    return preprocess(rgb, self.canvas_for(rgb.shape[:2]), self.preprocessing)
 
   def __call__(self, image: np.ndarray, image_id: int = 0) -> Dict[str, Any]:
     rgb = to_rgb_array(image)

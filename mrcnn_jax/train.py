@@ -38,7 +38,7 @@ import functools
 import json
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,7 @@ from ml_collections import config_flags
 
 from mrcnn_jax import checkpointing, mlperf, optim, preemption, sharding, storage
 from mrcnn_jax import evaluate as evaluate_lib
+from mrcnn_jax.data import canvases as canvas_lib
 from mrcnn_jax.data import input_pipeline
 from mrcnn_jax.modeling import build
 
@@ -76,14 +77,16 @@ class LogWriteError(RuntimeError):
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
-                num_keypoints: Optional[int] = None) -> Dict[str, Any]:
-  """Zeros with the shapes and dtypes of one ``make_dataset`` batch.
+                num_keypoints: Optional[int] = None,
+                canvas: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+  """Zeros with the shapes and dtypes of one ``make_dataset`` batch of ``canvas``
+  (default: the config's first).
 
   ``num_keypoints``: the data's keypoints per instance (what the pipeline
   yields); default: the keypoint head's, or 0 without one.
   """
   d, m = config.data, config.model
-  h, w = d.canvas_size
+  h, w = canvas or canvas_lib.canvas_sizes(config)[0]
   kp = num_keypoints
   if kp is None:
     kp = m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
@@ -108,8 +111,9 @@ def _split_batch(batch):
 
 
 def create_state(model, tx, config, rng) -> TrainState:
-  """A fresh state (pure: run under ``jax.jit`` with output shardings)."""
-  images = jnp.zeros((1, *config.data.canvas_size, 3), jnp.float32)
+  """A fresh state (pure: run under ``jax.jit`` with output shardings). The parameters'
+  shapes do not depend on the canvas: the first one initialises."""
+  images = jnp.zeros((1, *canvas_lib.canvas_sizes(config)[0], 3), jnp.float32)
   variables = model.init(rng, images, method="initialize")
   params = variables.pop("params")
   zero = jnp.zeros((), jnp.int32)
@@ -240,7 +244,8 @@ def _programs(config, mesh):
 
 
 def compile_programs(config: ml_collections.ConfigDict) -> None:
-  """Compiles a run's initialisation and train step, needing neither data nor a workdir.
+  """Compiles a run's initialisation and its train step for every canvas, needing neither
+  data nor a workdir.
 
   With JAX's persistent compilation cache on (``JAX_COMPILATION_CACHE_DIR``), a
   later training process of the same config loads both instead of compiling
@@ -253,9 +258,10 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
   _, abstract, _, init, step_fn = _programs(config, mesh)
   key = jax.eval_shape(jax.random.PRNGKey, config.seed)  # what _train passes both
   init.lower(key).compile()
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       dummy_batch(config, config.batch_size))
-  step_fn.lower(abstract, batch, key).compile()
+  for canvas in canvas_lib.canvas_sizes(config):
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         dummy_batch(config, config.batch_size, canvas=canvas))
+    step_fn.lower(abstract, batch, key).compile()
 
 
 def _check_paths(config, workdir: str) -> None:
@@ -340,15 +346,18 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       config, "train", start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), faults=faults).as_numpy_iterator())
   key = jax.random.PRNGKey(config.seed)
-  eval_every, run_step = t.eval_every, step_fn
+  eval_every, run_step, ahead = t.eval_every, step_fn, {}
   if perf is not None:
     records = input_pipeline.RecordFile(config.data.train_dir)
     perf.hyperparameters(len(records), len(input_pipeline.RecordFile(config.data.eval_dir)))
-    # Compilation belongs to initialisation: the loop runs this executable.
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         dummy_batch(config, config.batch_size, records.num_keypoints))
+    # Compilation belongs to initialisation: the loop runs these executables,
+    # one per canvas, picked by the batch's image shape.
     key = jax.device_put(key, rep)  # an executable takes arrays already in its shardings
-    run_step = step_fn.lower(abstract, batch, key).compile()
+    for canvas in canvas_lib.canvas_sizes(config):
+      batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dummy_batch(
+          config, config.batch_size, records.num_keypoints, canvas=canvas))
+      ahead[tuple(canvas)] = step_fn.lower(abstract, batch, key).compile()
+    run_step = lambda state, batch, key: ahead[batch["images"].shape[1:3]](state, batch, key)
     eval_every = perf.eval_interval()
     perf.run_start()
 
@@ -435,8 +444,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       if is_main:
         print(f"MLPerf: run_stop {'success' if reached else 'aborted'} at step {step}: "
               f"{seconds / 60:.2f} min from run_start" + (" (time to target)" if reached else ""))
-    # One compiled program per run is the static-shape contract (DESIGN.md).
-    compilations = step_fn._cache_size() + (run_step is not step_fn)  # + ahead of time
+    # One compiled program per canvas is the static-shape contract (DESIGN.md).
+    compilations = step_fn._cache_size() + len(ahead)  # + ahead of time
     logger.write(step, {"step_compilations": compilations}, "train/")
     logging.info("train step compiled %d time(s)", compilations)
     _on_save_failure(checkpointer.wait, on_save_failure, logger, step)  # the last save
@@ -593,8 +602,8 @@ def _define_flags():
                                             "Processes in a multi-host run."),
       "process_id": flags.DEFINE_integer("process_id", None, "This process's index."),
       "compile_only": flags.DEFINE_bool(
-          "compile_only", False, "Only compile the initialisation and the train step "
-          "(into JAX_COMPILATION_CACHE_DIR when set; see compile_programs) and exit; "
+          "compile_only", False, "Only compile the initialisation and the train step of "
+          "every canvas (into JAX_COMPILATION_CACHE_DIR when set; see compile_programs) and exit; "
           "reads no data and writes nothing to --workdir."),
   }
 
@@ -608,6 +617,11 @@ def main(argv, args):
   checkpointing.quiet_failed_save_aftermath()
   sharding.initialize_distributed(args["coordinator_address"].value,
                                   args["num_processes"].value, args["process_id"].value)
+  try:
+    canvas_lib.canvas_sizes(config)  # a bad canvas setting is named before anything runs
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     if args["compile_only"].value:
       compile_programs(config)

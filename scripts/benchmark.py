@@ -241,7 +241,7 @@ def configure(config, batch_size: int, canvas: int, dtype=None, rois=None, mask_
   """A copy of ``config`` with the benchmark's settings (max_instances fits gt_count)."""
   config = copy.deepcopy(config)
   config.batch_size = batch_size
-  config.data.canvas_size = (canvas, canvas)
+  config.data.update(canvas_size=(canvas, canvas), canvas_sizes=())
   roi = config.model.roi
   if dtype:
     config.model.dtype = dtype

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 import mrcnn_jax  # noqa: E402
 from mrcnn_jax import checkpointing, export, predict  # noqa: E402
+from mrcnn_jax.data import canvases  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py", "Experiment config.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "init", "A checkpoint, or 'init'.")
@@ -49,7 +50,7 @@ def _initial_checkpoint(config, directory: str) -> str:
   from mrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
   model = build.build_model(config)
   variables = jax.jit(functools.partial(model.init, method="initialize"))(
-      jax.random.key(0), jnp.zeros((1, *config.data.canvas_size, 3)))
+      jax.random.key(0), jnp.zeros((1, *canvases.canvas_sizes(config)[0], 3)))
   saver = checkpointing.Checkpointer(directory)
   state = {"params": variables["params"]}
   if len(variables) > 1:  # BatchNorm statistics
@@ -85,7 +86,7 @@ def _benchmark(config, scratch: str):
   checkpoint = _CHECKPOINT.value
   if checkpoint == "init":
     checkpoint = _initial_checkpoint(config, os.path.join(scratch, "init"))
-  result = {"canvas": list(config.data.canvas_size), "checkpoint": _CHECKPOINT.value,
+  result = {"canvases": [list(c) for c in canvases.canvas_sizes(config)], "checkpoint": _CHECKPOINT.value,
             "load_average": os.getloadavg(), "cpus": os.cpu_count()}
   directory = _EXPORTED.value
   if directory is None:
@@ -97,7 +98,7 @@ def _benchmark(config, scratch: str):
                         "program_bytes": sum(f["bytes"] for f in manifest["functions"]),
                         "manifest_bytes": os.path.getsize(os.path.join(directory, "manifest.json"))}
 
-  canvas = tuple(config.data.canvas_size)
+  canvas = canvases.canvas_sizes(config)[0]
   image = (predict.read_image(_IMAGE.value) if _IMAGE.value else
            np.random.default_rng(0).integers(0, 256, (*canvas, 3), np.uint8))
   live, result["live_startup_s"] = _seconds(

@@ -259,3 +259,28 @@ def test_benchmark_script_times_both_predictors(workdir, exported, tmp_path):
     assert result[f"{name}_first_call_s"] > 0
   assert result["detections"]["live"] == result["detections"]["exported"]
   assert result["max_score_difference"] < 1e-5
+
+
+def test_each_canvas_is_exported_and_images_pick_theirs(workdir, tmp_path):
+  """Two canvases: one program each; the exported predictor puts a landscape and a
+  portrait image in its own canvas and agrees, in original pixels, with the live model
+  in one square canvas (the same scale, 2.4, for these 2:1 images)."""
+  pair = small_config()
+  pair.data.update(canvas_size=(), canvas_sizes=((64, 96), (96, 64)))
+  manifest = export.export(pair, str(workdir), str(tmp_path / "pair"), platforms=("cpu",))
+  assert manifest["canvases"] == [[64, 96], [96, 64]]
+  assert [f["file"] for f in manifest["functions"]] == ["detect_64x96.jax", "detect_96x64.jax"]
+  exported = predict.Predictor.from_exported(str(tmp_path / "pair"), score_threshold=0.0)
+  square = small_config()
+  square.data.canvas_size = (96, 96)
+  live = predict.Predictor(square, str(workdir), score_threshold=0.0)
+  rng = np.random.default_rng(1)
+  for shape, canvas in (((20, 40), (64, 96)), ((40, 20), (96, 64))):
+    image = rng.integers(0, 255, (*shape, 3), np.uint8)
+    assert exported.canvas_for(shape) == canvas and live.canvas_for(shape) == (96, 96)
+    got, want = exported(image), live(image)
+    assert len(want["results"]) > 0
+    assert got["category_ids"].tolist() == want["category_ids"].tolist()
+    np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+    np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+    assert (got["masks"] != want["masks"]).mean() < 1e-3

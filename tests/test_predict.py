@@ -59,3 +59,43 @@ def test_preprocess_reads_its_settings_as_data():
   with pytest.raises(ValueError, match="resize rounding 'nearest'"):
     predict.preprocess(rgb, (32, 32), {**settings, "resize": {**settings["resize"],
                                                                "rounding": "nearest"}})
+
+
+@pytest.mark.parametrize("shape, canvas", [((30, 40), (64, 96)), ((40, 30), (96, 64))])
+def test_results_map_back_to_original_pixels_from_either_canvas(shape, canvas):
+  """A landscape and a portrait image go to their own canvas (scale 64 / 30 each); a detector
+  that boxes the bright rectangle it sees in the canvas gives the rectangle's original
+  pixels back, box and mask."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config("tiny")
+  config.data.update(canvas_size=(), canvas_sizes=((64, 96), (96, 64)))
+  h, w = shape
+  y1, x1, y2, x2 = 6, 10, h - 8, w - 5  # the rectangle, original pixels
+  rgb = np.zeros((h, w, 3), np.uint8)
+  rgb[y1:y2, x1:x2] = 255
+  seen = []
+
+  def detect(images, info):
+    seen.append(images.shape)
+    bright = images[0, ..., 0] > images[0, ..., 0].max() / 2
+    ys, xs = np.flatnonzero(bright.any(1)), np.flatnonzero(bright.any(0))
+    box = [xs[0], ys[0], xs[-1] + 1, ys[-1] + 1]  # canvas pixels
+    return {"boxes": np.float32([[box]]), "scores": np.float32([[0.9]]),
+            "classes": np.int32([[0]]), "valid": np.array([[True]]),
+            "masks": np.ones((1, 1, 14, 14), np.float32)}
+
+  predictor = predict.Predictor.__new__(predict.Predictor)
+  predictor.score_threshold = 0.5
+  predictor.canvases = [(64, 96), (96, 64)]
+  predictor.preprocessing = predict.preprocessing_of(config)
+  predictor.meta = {"coco_ids": [7], "names": ["r"], "keypoint_category_ids": []}
+  predictor.names = {7: "r"}
+  predictor.detect = detect
+  out = predictor(rgb)
+  assert seen == [(1, *canvas, 3)]
+  np.testing.assert_allclose(out["boxes"], [[x1, y1, x2, y2]], atol=0.7)
+  want = np.zeros((h, w), bool)
+  want[y1:y2, x1:x2] = True
+  assert out["masks"].shape == (1, h, w)
+  assert (out["masks"][0] != want).sum() <= 2 * (x2 - x1 + y2 - y1)  # at most a 1-pixel rim
+  assert out["category_ids"].tolist() == [7]

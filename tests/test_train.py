@@ -395,24 +395,31 @@ def test_two_processes_evaluate_as_one(dataset, reference_run, tmp_path):
 
 def test_compile_only_fills_the_cache_that_training_then_loads(dataset, tmp_path):
   """--compile_only needs no data and writes no workdir; with JAX's persistent cache, a
-  training run of the same flags compiles neither its initialisation nor its train step."""
+  training run of the same flags compiles neither its initialisation nor its train step,
+  one program per canvas (a landscape and a portrait one here, both used in 4 steps)."""
   cache = tmp_path / "cache"
   env = {"JAX_COMPILATION_CACHE_DIR": str(cache),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   programs = lambda: sorted(p.name for p in cache.iterdir()
                             if p.name.startswith(("jit_train_step-", "jit_create_state-")))
-  flags = ["--config=configs/shapes.py:tiny", *cli_flags(dataset, total_steps=2)]
+  flags = ["--config=configs/shapes.py:tiny", "--config.data.canvas_size=()",
+           "--config.data.canvas_sizes=((64,96),(96,64))",
+           *[f for f in cli_flags(dataset, total_steps=4) if "canvas_size" not in f]]
   proc = run_cli("train", [*flags, f"--workdir={tmp_path / 'unused'}", "--compile_only",
                            f"--config.data.train_dir={tmp_path / 'nowhere'}"], env=env)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   assert not (tmp_path / "unused").exists()
   compiled = programs()
-  assert [n.split("-")[0] for n in compiled] == ["jit_create_state", "jit_train_step"], compiled
+  assert [n.split("-")[0] for n in compiled] == [
+      "jit_create_state", "jit_train_step", "jit_train_step"], compiled
   proc = run_cli("train", [*flags, f"--workdir={tmp_path / 'run'}"], env=env)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
-  assert programs() == compiled  # the same two programs: loaded, not compiled anew
+  assert programs() == compiled  # the same three programs: loaded, not compiled anew
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  assert lines[-1]["train/step_compilations"] == 2  # each canvas once
 
 
 def test_train_cli_names_a_missing_dataset(tmp_path):

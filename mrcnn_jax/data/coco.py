@@ -22,7 +22,7 @@ that window as x, y, w, h), so the pipeline never decodes a full-image mask.
 
 Beside the shards: ``index.json`` (the byte offset and length of every
 record, so the pipeline reads any example by number, and per-record instance
-counts), ``meta.json`` (the class-id mapping, category names, keypoint
+counts and image sizes), ``meta.json`` (the class-id mapping, category names, keypoint
 names, flip map and skeleton, the source paths, and the conversion summary)
 and ``ground_truth.json``: the COCO JSON of exactly what was converted (the
 images written, the annotations kept as they were given, with a missing
@@ -467,7 +467,8 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   shard_names = [f"data-{s:05d}-of-{num_shards:05d}.tfrecord" for s in range(num_shards)]
   writers = [tf.io.TFRecordWriter(storage.join(output, n)) for n in shard_names]
   offsets = [0] * num_shards
-  index = {"shards": shard_names, "records": []}  # [shard, offset, length, instances, image_id]
+  # records: [shard, offset, length, instances, image_id]; image_sizes: [height, width]
+  index = {"shards": shard_names, "records": [], "image_sizes": []}
   counts = collections.Counter()
   # A split where no annotation has a segmentation is a box-only (detection)
   # dataset: its instances are kept with empty masks and meta.json says so
@@ -513,6 +514,7 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
         n = len(rec["classes"])
         index["records"].append([shard, offsets[shard], len(serialized), n,
                                  int(result["image_id"])])
+        index["image_sizes"].append([int(rec["height"]), int(rec["width"])])
         offsets[shard] += len(serialized) + RECORD_OVERHEAD
         counts["images written"] += 1
         counts["instances written"] += n

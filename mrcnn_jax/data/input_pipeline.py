@@ -10,16 +10,25 @@ change:
     gt_boxes      [B, G, 4]   gt_classes [B, G]   gt_valid [B, G]   gt_is_crowd [B, G]
     gt_masks      [B, G, M, M] (box-cropped)      gt_keypoints [B, G, K, 3]
 
-Order is a pure function of the seed and the step: the training example at
-global position p is record ``perm_e[p mod n]`` of epoch ``e = p // n``
-(``perm_e`` a permutation seeded by (seed, e)), and its augmentation is
+Every batch is of one canvas (``config.data.canvas_sizes``, or the one
+``canvas_size``; see ``canvases``), so ``images`` is [B, H, W, 3] of that
+canvas's H and W; the batches of a run come in as many shapes as it has
+canvases.
+
+Order is a pure function of the seed and the step (``canvases.TrainOrder``):
+with one canvas, the training example at global position p = step * B + i
+is record ``perm_e[p mod n]`` of epoch ``e = p // n`` (``perm_e`` a
+permutation seeded by (seed, e)); with several, each step's canvas is
+drawn per round of steps and its images are that canvas's share of the same
+permutations. The augmentation of the example at global position p is
 seeded by (seed, p). A run resumed at step k therefore sees exactly the
 batches an uninterrupted run would. Records are read by number through the
 converter's byte-offset index. With several processes, each reads only its
-own contiguous slice of every global batch.
+own contiguous slice of every global batch, all of one canvas.
 
-Evaluation visits every record once, in file order; the last global batch is
-padded with copies of record 0 flagged ``valid = False``.
+Evaluation visits every record once: each canvas's records in file order,
+canvas after canvas; each canvas's last global batch is padded with copies
+of record 0 flagged ``valid = False``.
 
 Corrupt records: every read checks the TFRecord framing's two masked CRC32Cs
 (of the length and of the data), and a record that fails them or does not
@@ -48,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn_jax import storage
+from mrcnn_jax.data import canvases as canvas_lib
 from mrcnn_jax.data import transforms
 
 
@@ -91,6 +101,9 @@ class RecordFile:
                                      f"({type(e).__name__}: {str(e)[:200]})") from None
     records = np.asarray(index["records"], np.int64).reshape(-1, 5)
     self.shard, self.offset, self.length, self.num_instances, self.image_id = records.T
+    # (h, w) of each image; splits converted before the index held them have none.
+    sizes = index.get("image_sizes")
+    self.image_sizes = None if sizes is None else np.asarray(sizes, np.int64).reshape(-1, 2)
     self.shard_names = list(index["shards"])
     self._files = [storage.RangeReader(storage.join(directory, s)) for s in index["shards"]]
     self.num_keypoints = len(self.meta["keypoint_names"])
@@ -177,30 +190,6 @@ class RecordFile:
     return None
 
 
-class _EpochOrder:
-  """Record of global training position ``p``: ``usable[perm_e[p mod n]]``, ``e = p // n``.
-
-  ``perm_e`` is seeded by (seed, e). Called from tf.data's map threads: the
-  cache keeps the last two epochs' permutations (the map runs a few examples
-  ahead, so it can straddle an epoch boundary) and is guarded by a lock.
-  """
-
-  def __init__(self, usable: np.ndarray, seed: int):
-    self.usable, self.seed = usable, seed
-    self._lock = threading.Lock()
-    self._cache = {}
-
-  def __call__(self, position) -> np.int64:
-    epoch, j = divmod(int(position), len(self.usable))
-    with self._lock:
-      perm = self._cache.get(epoch)
-      if perm is None:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.usable))
-        self._cache = {e: v for e, v in self._cache.items() if e == epoch - 1}
-        self._cache[epoch] = perm
-    return np.int64(self.usable[perm[j]])
-
-
 class RecordFaults:
   """The records a pipeline dropped, in stream order, each named by ``RecordFile.describe``.
 
@@ -264,109 +253,16 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   if global_batch % process_count:
     raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
   local = global_batch // process_count
-  canvas = tuple(d.canvas_size)
+  canvases = canvas_lib.canvas_sizes(config)
+  canvas_of = canvas_lib.record_canvases(records, config)
   flip_map = records.meta["keypoint_flip_map"]
   rounding = d.get("resize_rounding", "round")
   if rounding not in transforms.ROUNDINGS:
     raise ValueError(f"config.data.resize_rounding: expected one of {transforms.ROUNDINGS}, "
                      f"got {rounding!r}")
-
-  # This process's positions: in every global batch (step s), the slice
-  # [s * global_batch + process_index * local, ... + local). Pure tf.data
-  # arithmetic: a Python generator source (from_generator) measurably slowed
-  # the XLA train step running next to it (0.71 -> 0.86 s/step on 2 cores).
-  def position_of(i):
-    step, k = i // local, i % local
-    return step * global_batch + process_index * local + k
-
   on_corrupt = d.get("on_corrupt", "fail")
   if on_corrupt not in ("fail", "skip"):
     raise ValueError(f"config.data.on_corrupt: expected 'fail' or 'skip', got {on_corrupt!r}")
-
-  if is_train:
-    usable = np.arange(len(records))
-    if d.get("filter_empty", True):
-      usable = usable[records.num_instances > 0]
-    if not len(usable):
-      raise ValueError(f"{d.train_dir}: no training image has an annotation")
-    order = _EpochOrder(usable, config.seed)
-    record_of = order
-    ds = tf.data.Dataset.range(start_step * local, np.iinfo(np.int64).max).map(position_of)
-    ds = ds.map(lambda p: (p, tf.ensure_shape(
-        tf.numpy_function(order, [p], tf.int64, stateful=False), [])))
-  else:
-    n = len(records)
-    padded = -(-n // global_batch) * global_batch
-    ds = tf.data.Dataset.range(padded // process_count).map(position_of)
-    ds = ds.map(lambda p: (p, tf.where(p < n, p, tf.constant(-1, tf.int64))))
-    record_of = lambda p: max(int(p), 0) if p < n else 0
-
-  def load(position, record):
-    serialized = tf.numpy_function(lambda i: records.read(max(int(i), 0)), [record], tf.string,
-                                   stateful=False)
-    ex = transforms.parse(tf.ensure_shape(serialized, []), records.num_keypoints)
-    ex = transforms.keep_largest(ex, d.max_instances)
-    ex = transforms.decode_image(ex, d.get("channel_order", "rgb"))
-    if is_train:
-      seed = tf.stack([tf.constant(config.seed, tf.int64), position])
-      scale_range = tuple(d.scale_range) if d.get("scale_range") else None
-      scale, offset, flip = transforms.random_geometry(
-          ex["original_size"], canvas, seed, d.get("flip", True), scale_range,
-          d.get("min_size", 0), d.get("max_size", 0), rounding)
-    else:
-      scale = transforms.fit_scale(ex["original_size"], canvas, d.get("min_size", 0),
-                                   d.get("max_size", 0))
-      offset, flip = tf.zeros([2]), tf.constant(False)
-    ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map,
-                                   rounding)
-    out = transforms.pad_instances(ex, d.max_instances)
-    out["images"] = transforms.normalize(ex["image"], d.mean, d.std,  # channels ordered at decode
-                                         image_size=ex["image_size"])
-    out["image_info"] = {
-        "image_size": ex["image_size"], "original_size": ex["original_size"],
-        "scale": ex["scale"], "image_id": tf.cast(ex["image_id"], tf.int32),
-        "valid": record >= 0, "num_dropped": ex["num_dropped"],
-    }
-    return position, out
-
-  # A dropped (corrupt) element shows as a gap in this process's positions,
-  # seen in order by one sequential map after ignore_errors. The eval stream's
-  # fill (position -1, below) marks its end: gaps up to there are reported too.
-  start_index = start_step * local if is_train else 0
-  end_index = None if is_train else padded // process_count
-  expected, last = [start_index], [-1]
-  def note_gaps(position):
-    final = position < 0
-    if not final and position <= last[0]:  # the dataset is iterated anew
-      expected[0] = start_index
-    last[0] = max(last[0], position)
-    while True:
-      i = expected[0]
-      if final and i >= end_index:
-        return np.bool_(True)
-      p = position_of(np.int64(i))
-      expected[0] += 1
-      if not final and p >= position:
-        return np.bool_(True)
-      record = int(record_of(p))
-      try:
-        why = records.problem(record) or "the input pipeline could not decode it"
-      except UnreadableRecordError as e:  # an I/O failure: never skipped
-        if faults is None:
-          raise
-        faults.add_unreadable(str(e))
-        continue
-      description = records.describe(record, why)
-      if faults is not None:
-        faults.add(description)
-      elif on_corrupt == "fail":
-        raise CorruptRecordError(description)
-
-  def checked(position, out):
-    ok = tf.numpy_function(note_gaps, [position], tf.bool, stateful=True)
-    with tf.control_dependencies([ok]):
-      return tf.nest.map_structure(tf.identity, out)
-
   # parallel_calls 0: tf.data's autotuner picks the decode parallelism at run
   # time. It runs a model thread that sleeps up to 60 s between rounds, and
   # on TF 2.21 the iterator's destructor waits for it: up to a minute lost at
@@ -376,15 +272,135 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       or parallel_calls < 0):
     raise ValueError(f"config.data.parallel_calls: expected an integer >= 0 (0 = tf.data "
                      f"autotuning), got {parallel_calls!r}")
-  ds = ds.map(load, num_parallel_calls=int(parallel_calls) or tf.data.AUTOTUNE,
-              deterministic=True)
-  if not is_train:  # fill the batches a dropped record shortens (evaluate takes their number)
-    pad = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(-1, tf.int64)))
-    ds = ds.concatenate(pad.repeat(local).map(load))
-  ds = ds.ignore_errors().map(checked)
-  ds = ds.batch(local, drop_remainder=True)
-  if not is_train:
-    ds = ds.take(padded // global_batch)  # the padding's extra batch never shows
+
+  def load_into(canvas):
+    def load(index, position, record):
+      serialized = tf.numpy_function(lambda i: records.read(max(int(i), 0)), [record],
+                                     tf.string, stateful=False)
+      ex = transforms.parse(tf.ensure_shape(serialized, []), records.num_keypoints)
+      ex = transforms.keep_largest(ex, d.max_instances)
+      ex = transforms.decode_image(ex, d.get("channel_order", "rgb"))
+      if is_train:
+        seed = tf.stack([tf.constant(config.seed, tf.int64), position])
+        scale_range = tuple(d.scale_range) if d.get("scale_range") else None
+        scale, offset, flip = transforms.random_geometry(
+            ex["original_size"], canvas, seed, d.get("flip", True), scale_range,
+            d.get("min_size", 0), d.get("max_size", 0), rounding)
+      else:
+        scale = transforms.fit_scale(ex["original_size"], canvas, d.get("min_size", 0),
+                                     d.get("max_size", 0))
+        offset, flip = tf.zeros([2]), tf.constant(False)
+      ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map,
+                                     rounding)
+      out = transforms.pad_instances(ex, d.max_instances)
+      out["images"] = transforms.normalize(ex["image"], d.mean, d.std,  # channels ordered at decode
+                                           image_size=ex["image_size"])
+      out["image_info"] = {
+          "image_size": ex["image_size"], "original_size": ex["original_size"],
+          "scale": ex["scale"], "image_id": tf.cast(ex["image_id"], tf.int32),
+          "valid": record >= 0, "num_dropped": ex["num_dropped"],
+      }
+      return index, out
+    return load
+
+  def batches(canvas, locate, start_index, end_index):
+    """This process's batches of one canvas: its i-th item (from ``start_index``; up to
+    ``end_index`` for evaluation) is ``locate(i)`` = (global position, record; -1 for
+    an eval batch's padding)."""
+    ds = tf.data.Dataset.range(start_index, end_index or np.iinfo(np.int64).max)
+    # One host call per item gives its position and record (a Python generator
+    # source measurably slowed the XLA train step running next to it).
+    ds = ds.map(lambda i: (i, *[tf.ensure_shape(t, []) for t in tf.numpy_function(
+        lambda i: tuple(np.int64(v) for v in locate(int(i))), [i], [tf.int64, tf.int64],
+        stateful=False)]))
+    load = load_into(canvas)
+    ds = ds.map(load, num_parallel_calls=int(parallel_calls) or tf.data.AUTOTUNE,
+                deterministic=True)
+    if not is_train:  # fill the batches a dropped record shortens (evaluate takes their number)
+      pad = tf.data.Dataset.from_tensors(tuple(tf.constant(-1, tf.int64) for _ in range(3)))
+      ds = ds.concatenate(pad.repeat(local).map(load))
+
+    # A dropped (corrupt) item shows as a gap in the indices, seen in order by
+    # one sequential map after ignore_errors. The eval stream's fill (index -1)
+    # marks its end: gaps up to there are reported too.
+    expected, last = [start_index], [-1]
+    def note_gaps(index):
+      final = index < 0
+      if not final and index <= last[0]:  # the dataset is iterated anew
+        expected[0] = start_index
+      last[0] = max(last[0], index)
+      while True:
+        i = expected[0]
+        if final and i >= end_index:
+          return np.bool_(True)
+        expected[0] += 1
+        if not final and i >= index:
+          return np.bool_(True)
+        record = max(int(locate(i)[1]), 0)
+        try:
+          why = records.problem(record) or "the input pipeline could not decode it"
+        except UnreadableRecordError as e:  # an I/O failure: never skipped
+          if faults is None:
+            raise
+          faults.add_unreadable(str(e))
+          continue
+        description = records.describe(record, why)
+        if faults is not None:
+          faults.add(description)
+        elif on_corrupt == "fail":
+          raise CorruptRecordError(description)
+
+    def checked(index, out):
+      ok = tf.numpy_function(note_gaps, [index], tf.bool, stateful=True)
+      with tf.control_dependencies([ok]):
+        return tf.nest.map_structure(tf.identity, out)
+
+    return ds.ignore_errors().map(checked).batch(local, drop_remainder=True)
+
+  # This process's items in every global batch: [process_index * local, ... + local).
+  if is_train:
+    usable = np.arange(len(records))
+    if d.get("filter_empty", True):
+      usable = usable[records.num_instances > 0]
+    if not len(usable):
+      raise ValueError(f"{d.train_dir}: no training image has an annotation")
+    order = canvas_lib.TrainOrder(usable, canvas_of[usable], len(canvases), global_batch,
+                                  config.seed)
+    parts = []
+    for c in order.canvases_used:
+      def locate(i, c=c):
+        m, k = divmod(i, local)
+        offset = process_index * local + k
+        return (order.step_of(c, m) * global_batch + offset,
+                order.record(c, m * global_batch + offset))
+      parts.append(batches(canvases[c], locate, order.steps_before(c, start_step) * local,
+                           None))
+    ds = parts[0]
+    if len(parts) > 1:
+      used = order.canvases_used
+      selector = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(
+          lambda s: tf.ensure_shape(tf.numpy_function(
+              lambda s: np.int64(used.index(order.canvas_at(int(s)))), [s], tf.int64,
+              stateful=False), []))
+      ds = tf.data.Dataset.choose_from_datasets(parts, selector)
+  else:
+    parts = []
+    for c, group in enumerate(canvas_lib.eval_groups(canvas_of, len(canvases))):
+      if not len(group):
+        continue
+      padded = -(-len(group) // global_batch) * global_batch
+      def locate(i, group=group):
+        step, k = divmod(i, local)
+        q = step * global_batch + process_index * local + k
+        return q, (group[q] if q < len(group) else -1)
+      # take: the padding's extra batch never shows.
+      parts.append(batches(canvases[c], locate, 0, padded // process_count)
+                   .take(padded // global_batch))
+    if not parts:
+      raise ValueError(f"{d.eval_dir}: the split holds no record")
+    ds = parts[0]
+    for part in parts[1:]:
+      ds = ds.concatenate(part)
   options = tf.data.Options()
   options.threading.private_threadpool_size = d.get("threads", 0) or 0
   options.deterministic = True
@@ -393,7 +409,8 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
 
 
 def num_eval_steps(config, batch_size: Optional[int] = None) -> int:
-  """Batches in one eval pass (the last one padded)."""
-  n = len(RecordFile(config.data.eval_dir))
-  b = batch_size or config.eval_batch_size
-  return -(-n // b)
+  """Batches in one eval pass (each canvas's last one padded)."""
+  records = RecordFile(config.data.eval_dir)
+  return canvas_lib.num_eval_batches(canvas_lib.record_canvases(records, config),
+                                     len(canvas_lib.canvas_sizes(config)),
+                                     batch_size or config.eval_batch_size)

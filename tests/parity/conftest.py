@@ -115,7 +115,7 @@ def our_config(keypoint: bool):
   """configs/torchvision_mask_rcnn.py at the test's image size and class count."""
   from configs import torchvision_mask_rcnn
   config = torchvision_mask_rcnn.get_config("keypoint" if keypoint else None)
-  config.data.update(canvas_size=(H, W), min_size=H, max_size=W)
+  config.data.update(canvas_size=(H, W), canvas_sizes=(), min_size=H, max_size=W)
   if keypoint:
     config.model.test.detections_per_image = KEYPOINT_DETECTIONS
   else:

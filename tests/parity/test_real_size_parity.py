@@ -1,9 +1,9 @@
-"""torchvision parity at a real image size, in the torchvision config's own 1344 canvas.
+"""torchvision parity at a real image size, in the torchvision config's own 832 x 1344 canvas.
 
 At 256 x 320 (test_torchvision_parity.py) the image is its own canvas and
 every anchor stride is nominal. At 800 x 1216 in configs/torchvision_mask_rcnn.py
-(1344 x 1344) three things show that do not show there: P6's anchor stride
-(torchvision's 800 // 13 = 61, not 64), the canvas's padding (0 after
+(its landscape canvas, 832 x 1344) three things show that do not show there:
+P6's anchor stride (torchvision's 800 // 13 = 61, not 64), the canvas's padding (0 after
 normalisation, and masked at every convolution so features near the image's
 edges and on deep levels are the ones torchvision computes on its 800 x 1216
 tensor) and RoIAlign's clamping at the edge of the image's own maps.
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import checkpointing
+from mrcnn_jax.data import canvases
 from mrcnn_jax.modeling import build
 from tests.parity import conftest as parity
 from tests.parity.test_torchvision_parity import _stages, assert_close, match_detections
@@ -131,8 +132,9 @@ def _compare(theirs, final, box_masks, image, config, checkpoint, keypoint, name
   """Stage by stage and end to end: ours (``config``, ``checkpoint``) against the reference's run."""
   from mrcnn_jax.predict import Predictor
   height, width = image.shape[:2]
-  canvas = tuple(config.data.canvas_size)
-  assert canvas == (1344, 1344)
+  choices = canvases.canvas_sizes(config)
+  canvas = choices[canvases.choose((height, width), choices, *canvases.resize_rule(config))]
+  assert canvas == (832, 1344)
   x = np.zeros((1, *canvas, 3), np.float32)
   x[0, :height, :width] = theirs["inputs"][0].permute(1, 2, 0).numpy()
   size = np.asarray([[height, width]], np.int32)
