@@ -61,10 +61,12 @@ def traced_in(mesh: Mesh, fn):
   its own empty chunks) in ``shard_map`` over the context mesh's data axis;
   jit ``traced_in(mesh, step)`` so that it sees the mesh its inputs live on.
   """
-  @functools.wraps(fn)
   def traced(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
+  # jit names its program (and persistent-cache entry) after this: keep fn's
+  # name, a partial's function's where fn is a functools.partial.
+  traced.__name__ = getattr(fn, "__name__", None) or getattr(fn, "func", fn).__name__
   return traced
 
 
