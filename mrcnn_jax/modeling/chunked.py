@@ -43,7 +43,8 @@ def run(fn: Callable[[Any, Any], Any], params: Any, items: Any, valid: jnp.ndarr
     params: closed over by every chunk; replicated under a mesh.
     items: pytree of ``[B, M, ...]`` arrays (B images of M slots each).
     valid: ``[B, M]`` bool, which slots hold a real item.
-    chunk_size: items per chunk (> 0).
+    chunk_size: at most this many items per chunk (> 0); the slots are split
+      into as few chunks as that allows, of equal size.
 
   Returns:
     ``fn``'s outputs as ``[B, M, ...]``, zeros where ``valid`` is False.
@@ -70,6 +71,7 @@ def _run_local(fn, chunk_size, manual_axes, params, items, valid):
   b, m = valid.shape
   n = b * m
   chunks = -(-n // chunk_size)
+  chunk_size = -(-n // chunks)  # as even as chunk_size allows: 100 slots -> 4 x 25, not 4 x 32
   flat_valid = valid.reshape(n)
   order = jnp.argsort(~flat_valid, stable=True)  # real items first, in slot order
   count = jnp.sum(flat_valid)
