@@ -247,7 +247,7 @@ def check_reachable(path: str, what: str) -> None:
   try:
     exists(path)
     parent = os.path.dirname(path.rstrip("/"))
-    if parent and "://" not in parent[-3:]:
+    if parent and not parent.rstrip("/").endswith(":"):  # not a scheme's root ("gs:", "file://")
       exists(parent)
   except Exception as e:  # pylint: disable=broad-except  # OSError or any tf.errors.OpError
     raise UnreachableError(f"{what} {path}: cannot be reached ({type(e).__name__}: "

@@ -258,10 +258,18 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
   _, abstract, _, init, step_fn = _programs(config, mesh)
   key = jax.eval_shape(jax.random.PRNGKey, config.seed)  # what _train passes both
   init.lower(key).compile()
+  compile_steps(config, abstract, step_fn, key)
+
+
+def compile_steps(config, abstract, step_fn, key, num_keypoints: Optional[int] = None):
+  """``{canvas: the train step compiled for it}``, one per canvas of ``config``
+  (``num_keypoints``: the data's, see ``dummy_batch``)."""
+  compiled = {}
   for canvas in canvas_lib.canvas_sizes(config):
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         dummy_batch(config, config.batch_size, canvas=canvas))
-    step_fn.lower(abstract, batch, key).compile()
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dummy_batch(
+        config, config.batch_size, num_keypoints, canvas=canvas))
+    compiled[tuple(canvas)] = step_fn.lower(abstract, batch, key).compile()
+  return compiled
 
 
 def _check_paths(config, workdir: str) -> None:
@@ -297,11 +305,12 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       raise SetupError(str(e)) from None
     perf = mlperf.MLPerfRun(config, workdir, is_main)  # init_start: the run's clock starts
     perf.submission(f"{jax.device_count()}x{jax.devices()[0].device_kind}")
-  meta = input_pipeline.RecordFile(config.data.train_dir).meta
-  build.check_dataset(config, meta, f"the training split {config.data.train_dir}")
+  train_records = input_pipeline.RecordFile(config.data.train_dir)
+  build.check_dataset(config, train_records.meta, f"the training split {config.data.train_dir}")
+  eval_records = None
   if t.eval_every or perf:  # what periodic evaluation needs, before hours of training
-    build.check_dataset(config, input_pipeline.RecordFile(config.data.eval_dir).meta,
-                        f"the eval split {config.data.eval_dir}")
+    eval_records = input_pipeline.RecordFile(config.data.eval_dir)
+    build.check_dataset(config, eval_records.meta, f"the eval split {config.data.eval_dir}")
     evaluate_lib.eval_annotations(config)
 
   mesh = sharding.make_mesh()
@@ -345,18 +354,15 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   data = iter(input_pipeline.make_dataset(
       config, "train", start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), faults=faults).as_numpy_iterator())
-  key = jax.random.PRNGKey(config.seed)
+  # Placed once: the step takes it replicated (an executable takes arrays
+  # already in its shardings).
+  key = jax.device_put(jax.random.PRNGKey(config.seed), rep)
   eval_every, run_step, ahead = t.eval_every, step_fn, {}
   if perf is not None:
-    records = input_pipeline.RecordFile(config.data.train_dir)
-    perf.hyperparameters(len(records), len(input_pipeline.RecordFile(config.data.eval_dir)))
+    perf.hyperparameters(len(train_records), len(eval_records))
     # Compilation belongs to initialisation: the loop runs these executables,
     # one per canvas, picked by the batch's image shape.
-    key = jax.device_put(key, rep)  # an executable takes arrays already in its shardings
-    for canvas in canvas_lib.canvas_sizes(config):
-      batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dummy_batch(
-          config, config.batch_size, records.num_keypoints, canvas=canvas))
-      ahead[tuple(canvas)] = step_fn.lower(abstract, batch, key).compile()
+    ahead = compile_steps(config, abstract, step_fn, key, train_records.num_keypoints)
     run_step = lambda state, batch, key: ahead[batch["images"].shape[1:3]](state, batch, key)
     eval_every = perf.eval_interval()
     perf.run_start()
@@ -378,9 +384,10 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   failed, reached = True, False
   try:
     for step in range(start + 1, total + 1):
-      if perf is not None and (step - 1) % eval_every == 0:
-        block_first = step - 1
-        perf.block_start(block_first, min(eval_every, total - block_first))
+      if perf is not None and ((step - 1) % eval_every == 0 or step == start + 1):
+        block_first = step - 1  # a resumed run opens its first block where it resumes
+        perf.block_start(block_first, min(eval_every - block_first % eval_every,
+                                          total - block_first))
       _on_save_failure(checkpointer.check_saves, on_save_failure, logger, step - 1)
       host_batch = next(data)
       _check_records(faults, config.data.get("on_corrupt", "fail"), logger, step)
@@ -415,7 +422,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
           raise
 
       stopping = stop.requested(step)
-      if (step % t.checkpoint_every == 0 or step == total or stopping):
+      saved = step % t.checkpoint_every == 0 or step == total or stopping
+      if saved:
         _on_save_failure(lambda: checkpointer.save(step, state, force=True),
                          on_save_failure, logger, step)
       if eval_every and (step % eval_every == 0 or step == total) and not stopping:
@@ -429,7 +437,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
           reached = True
           logging.info("MLPerf: box AP %.4f and mask AP %.4f reached the targets at step %d",
                        eval_metrics["bbox/AP"], eval_metrics["segm/AP"], step)
-          if step % t.checkpoint_every and step != total:  # else saved above
+          if not saved:
             _on_save_failure(lambda: checkpointer.save(step, state, force=True),
                              on_save_failure, logger, step)
           break

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"  # sharding.DATA_AXIS (modeling does not import the trainer's modules)
+from mrcnn_jax.sharding import DATA_AXIS
+
 
 
 def run(fn: Callable[[Any, Any], Any], params: Any, items: Any, valid: jnp.ndarray,

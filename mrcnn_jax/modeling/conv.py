@@ -181,7 +181,15 @@ def _conv_matmul_bwd(strides, padding, precision, residuals, dy):
 
 _conv_matmul.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)
 
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+def conv_class(form: str = "auto"):
+  """``Conv`` with convolutions in ``form`` (one of ``FORMS``)."""
+  if form not in FORMS:
+    raise ValueError(f"conv form: expected one of {FORMS}, got {form!r}")
+  return functools.partial(nn.Conv, conv_general_dilated=functools.partial(
+      conv_general_dilated, form=form))
+
+
+Conv = conv_class("auto")
 
 
 def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -202,12 +210,6 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
 Dense = functools.partial(nn.Dense, dot_general=accumulating_dot_general)
 
 
-def conv_class(form: str = "auto"):
-  """``Conv`` with convolutions in ``form`` (one of ``FORMS``)."""
-  if form not in FORMS:
-    raise ValueError(f"conv form: expected one of {FORMS}, got {form!r}")
-  return functools.partial(nn.Conv, conv_general_dilated=functools.partial(
-      conv_general_dilated, form=form))
 
 
 def conv_stack(x: jnp.ndarray, num_convs: int, dim: int, name: str, norm: str = "none",
