@@ -342,7 +342,7 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       storage.write_text(storage.join(workdir, "config.json"),
                          config.to_json_best_effort(indent=1))
       # Class names and keypoint metadata travel with the checkpoints (predict reads them).
-      storage.write_json(storage.join(workdir, "meta.json"), meta, indent=1)
+      storage.write_json(storage.join(workdir, "meta.json"), train_records.meta, indent=1)
     except (OSError, tf.errors.OpError) as e:
       checkpointer.close()
       raise SetupError(f"--workdir {workdir}: cannot write ({checkpointing.cause(e)})") from None
