@@ -408,7 +408,7 @@ def stage_breakdown(ours, batch, step_s: float) -> Dict:
     p["share_of_step"] = p["ms"] / (1000 * step_s)
   out = {"pieces": pieces, "sum_ms": total, "step_ms": 1000 * step_s,
          "rest_ms": 1000 * step_s - total}
-  if ours.model.keypoint_head is not None:
+  if ours.model.roi_heads.keypoint_head is not None:
     out["note"] = "the keypoint head is not among the pieces: its time is in rest_ms"
   return out
 

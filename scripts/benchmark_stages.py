@@ -25,8 +25,8 @@ features the step differentiates through.
 The whole step minus the sum of the pieces ("rest") is the optimiser update,
 the gradient norm, diagnostics and glue, less whatever fusing the whole step
 saves. Not covered: the keypoint head (its time falls in "rest") and the C4
-design (no breakdown). The pieces call MaskRCNN's private helpers (_features,
-_anchors, _pool) so that they run exactly the model's code.
+design (no breakdown). The pieces call the model's parts (MaskRCNN.features,
+RPN.anchors, RoIHeads.pooler) so that they run exactly the model's code.
 """
 
 import time
@@ -39,6 +39,7 @@ import numpy as np
 from mrcnn_jax import losses as loss_lib
 from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling import rpn as rpn_lib
+from mrcnn_jax.modeling.roi_heads import RoIFeatures
 from mrcnn_jax.ops import targets as target_ops
 
 COVERS = {
@@ -85,6 +86,7 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
       return model.apply(variables, *args, method=method, mutable=list(model_state))[0]
     return model.apply(variables, *args, method=method)
 
+  rpn, roi_heads = model.rpn, model.roi_heads
   images = batch["images"]
   image_size = batch["image_info"]["image_size"]
   gt_boxes = batch["gt_boxes"].astype(jnp.float32)
@@ -93,12 +95,12 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
 
   # backbone + FPN
   def backbone_fpn(p, images, cot):
-    f = lambda sub: apply(lambda m, x, s: m._features(x, s, True)[0][0], {**p, **sub}, images,
+    f = lambda sub: apply(lambda m, x, s: m.features(x, s, True)[0], {**p, **sub}, images,
                           image_size)
     maps, vjp = jax.vjp(f, {k: p[k] for k in ("backbone", "fpn")})
     return maps, vjp(cot)
   maps_shape = jax.eval_shape(
-      lambda p, x: apply(lambda m, y, s: m._features(y, s, True)[0][0], p, x, image_size),
+      lambda p, x: apply(lambda m, y, s: m.features(y, s, True)[0], p, x, image_size),
       params, images)
   (maps, _), out["backbone_fpn"] = _timed(
       backbone_fpn, (params, images, _cotangent(maps_shape, 1)), repeats)
@@ -108,38 +110,39 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
 
   # RPN head and proposals
   def rpn_proposals(p, maps, image_size, cot):
-    f = lambda sub, x: apply(lambda m, y: m.rpn_head(y), {**p, "rpn_head": sub}, x)
+    f = lambda sub, x: apply(lambda m, y: m.rpn.rpn_head(y), {**p, "rpn_head": sub}, x)
     (objectness, deltas), vjp = jax.vjp(f, p["rpn_head"], maps)
-    anchors, valid = apply(lambda m, x: m._anchors(x, strides, image_extent), p, maps)
+    anchors, valid = apply(lambda m, x: m.rpn.anchors(x, strides, image_extent), p, maps)
     objectness = [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, valid)]
     proposals = rpn_lib.propose(objectness, deltas, anchors, image_size,
-                                model.rpn_pre_nms_topk_train, model.rpn_post_nms_topk_train,
-                                model.rpn_nms_threshold, model.rpn_min_size)
+                                rpn.pre_nms_topk_train, rpn.post_nms_topk_train,
+                                rpn.nms_threshold, rpn.min_size)
     return (objectness, deltas), proposals, vjp(cot)
-  head_shape = jax.eval_shape(lambda p, x: apply(lambda m, y: m.rpn_head(y), p, x), params, maps)
+  head_shape = jax.eval_shape(lambda p, x: apply(lambda m, y: m.rpn.rpn_head(y), p, x),
+                              params, maps)
   ((objectness, deltas), (proposals, _, proposals_valid), _), out["rpn_proposals"] = _timed(
       rpn_proposals, (params, maps, image_size, _cotangent(head_shape, 2)), repeats)
   all_anchors, all_valid = (jnp.concatenate(x, axis=1) for x in apply(
-      lambda m, x: m._anchors(x, strides, image_extent), params, maps))
+      lambda m, x: m.rpn.anchors(x, strides, image_extent), params, maps))
 
   # Targets and sampling (the same calls as MaskRCNN.losses)
-  m_rois = min(model.num_mask_rois, model.roi_batch_size_per_image)
-  mask_size = 2 * model.mask_pooler_resolution
+  m_rois = min(roi_heads.num_mask_rois, roi_heads.batch_size_per_image)
+  mask_size = 2 * roi_heads.mask_pooler_resolution
 
   def targets_sampling(proposals, proposals_valid, gt, anchors, anchors_valid, key):
     rpn_key, roi_key = jax.random.split(key)
     boxes, valid, crowd = gt["gt_boxes"].astype(jnp.float32), gt["gt_valid"], gt["gt_is_crowd"]
     rpn_t = jax.vmap(lambda a, av, gb, gv, gc, k: target_ops.rpn_targets(
-        a, gb, gv, gc, k, model.rpn_iou_thresholds, model.rpn_batch_size_per_image,
-        model.rpn_positive_fraction, model.crowd_ioa_threshold, anchors_valid=av))(
+        a, gb, gv, gc, k, rpn.iou_thresholds, rpn.batch_size_per_image,
+        rpn.positive_fraction, rpn.crowd_ioa_threshold, anchors_valid=av))(
             anchors, anchors_valid, boxes, valid, crowd, jax.random.split(rpn_key, b))
     rois = jax.vmap(lambda p, pv, gb, gcl, gv, gc, k: target_ops.roi_targets(
-        p, pv, gb, gcl, gv, gc, k, model.num_classes, model.roi_batch_size_per_image,
-        model.roi_positive_fraction, model.roi_iou_threshold, model.crowd_ioa_threshold))(
+        p, pv, gb, gcl, gv, gc, k, roi_heads.num_classes, roi_heads.batch_size_per_image,
+        roi_heads.positive_fraction, roi_heads.iou_threshold, roi_heads.crowd_ioa_threshold))(
             proposals, proposals_valid, boxes, gt["gt_classes"], valid, crowd,
             jax.random.split(roi_key, b))
     mask_t = jax.vmap(lambda r, i, gb, gm: target_ops.mask_targets(
-        r, i, gb, gm, mask_size, model.sampling_ratio))(
+        r, i, gb, gm, mask_size, roi_heads.pooler.sampling_ratio))(
             rois["boxes"][:, :m_rois], rois["matched_gt"][:, :m_rois], boxes, gt["gt_masks"])
     return rpn_t, rois, mask_t
   gt = {k: v for k, v in batch.items() if k.startswith("gt_")}
@@ -150,11 +153,9 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
   roi_strides = strides[:-1]
 
   def pool(maps, box_rois, mask_rois):
-    feats = (maps, roi_strides, image_extent if model.size_divisibility else None)
-    return (model.apply({}, feats, box_rois, model.box_pooler_resolution,
-                        method=lambda m, f, r, s: m._pool(f, r, s)),
-            model.apply({}, feats, mask_rois, model.mask_pooler_resolution,
-                        method=lambda m, f, r, s: m._pool(f, r, s)))
+    feats = RoIFeatures(maps, roi_strides, image_extent if model.size_divisibility else None)
+    return (roi_heads.pooler(feats, box_rois, roi_heads.box_pooler_resolution),
+            roi_heads.pooler(feats, mask_rois, roi_heads.mask_pooler_resolution))
 
   def roi_align(maps, box_rois, mask_rois, cot):
     pooled, vjp = jax.vjp(lambda x: pool(x, box_rois, mask_rois), maps)
@@ -165,11 +166,11 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
       roi_align, (maps[:-1], box_rois, mask_rois, _cotangent(pooled_shape, 3)), repeats)
 
   # Heads
-  classes = jnp.minimum(rois["classes"][:, :m_rois], model.num_classes - 1)
+  classes = jnp.minimum(rois["classes"][:, :m_rois], roi_heads.num_classes - 1)
 
   def head_outputs(p, pooled_box, pooled_mask):
-    logits, box_deltas = apply(lambda m, x: m.box_head(x), p, pooled_box)
-    mask_logits = apply(lambda m, x: m.mask_head(x), p, pooled_mask)
+    logits, box_deltas = apply(lambda m, x: m.roi_heads.box_head(x), p, pooled_box)
+    mask_logits = apply(lambda m, x: m.roi_heads.mask_head(x), p, pooled_mask)
     picked = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
     return logits, box_deltas, picked
 
@@ -187,10 +188,10 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
     def total(preds):
       objectness, deltas, logits, box_deltas, picked = preds
       out = loss_lib.rpn_losses(jnp.concatenate(objectness, 1), jnp.concatenate(deltas, 1),
-                                anchors, rpn_t, model.rpn_batch_size_per_image,
-                                model.rpn_loss_type, model.rpn_smooth_l1_beta)
-      out |= loss_lib.box_head_losses(logits, box_deltas, rois, model.box_loss_type,
-                                      model.box_smooth_l1_beta)
+                                anchors, rpn_t, rpn.batch_size_per_image,
+                                rpn.loss_type, rpn.smooth_l1_beta)
+      out |= loss_lib.box_head_losses(logits, box_deltas, rois, roi_heads.box_loss_type,
+                                      roi_heads.box_smooth_l1_beta)
       out["loss_mask"] = loss_lib.mask_loss(picked, mask_t, rois["foreground"][:, :m_rois])
       return loss_lib.total(out)
     return jax.value_and_grad(total)(preds)

@@ -20,7 +20,8 @@ from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import BOX_HEAD_NORMS, HEAD_NORMS, NORMS
 from mrcnn_jax.modeling.res5_head import Res5Head
 from mrcnn_jax.modeling.resnet import ResNet, frozen_prefixes
-from mrcnn_jax.modeling.rpn import RPNHead
+from mrcnn_jax.modeling.roi_heads import Pooler, Postprocess, RoIHeads
+from mrcnn_jax.modeling.rpn import RPN, RPNHead
 from mrcnn_jax.ops import anchors as anchor_ops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -135,6 +136,84 @@ def build_model(config: ml_collections.ConfigDict,
   device); only training reads batch statistics.
   """
   m = config.model if "model" in config else config
+  check_model_config(m)
+  dtype = DTYPES[m.dtype]
+  bn_groups = batch_norm_groups(m.batch_norm_group_size,
+                                jax.device_count() if num_devices is None else num_devices)
+  c4 = m.design == "c4"
+  bb = m.backbone
+  backbone = ResNet(depth=bb.depth, width=bb.width, norm=bb.norm, freeze_at=bb.freeze_at,
+                    num_stages=3 if c4 else 4, stride_in_1x1=bb.stride_in_1x1,
+                    zero_init_residual=bb.zero_init_residual, dtype=dtype, bn_groups=bn_groups)
+  fpn = None if c4 else FPN(channels=m.fpn_channels, norm=m.fpn_norm, bn_groups=bn_groups,
+                            dtype=dtype)
+  return MaskRCNN(
+      backbone=backbone, fpn=fpn, rpn=_rpn(m, dtype), roi_heads=_roi_heads(m, dtype, bn_groups),
+      size_divisibility=m.size_divisibility,
+      test_flip=m.test.flip, test_scales=tuple(float(s) for s in m.test.scales),
+      test_augment_boxes=m.test.augment_boxes,
+      keypoint_flip_map=tuple(m.keypoint_head.flip_map))
+
+
+def _rpn(m: ml_collections.ConfigDict, dtype) -> RPN:
+  num_anchors = anchor_ops.num_anchors_per_location(m.anchor_sizes[0], m.aspect_ratios)
+  return RPN(
+      rpn_head=RPNHead(num_anchors=num_anchors, num_convs=m.rpn.num_convs, dtype=dtype),
+      anchor_sizes=tuple(tuple(s) for s in m.anchor_sizes),
+      aspect_ratios=tuple(m.aspect_ratios), anchor_layout=m.anchor_layout,
+      pre_nms_topk_train=m.rpn.pre_nms_topk_train,
+      post_nms_topk_train=m.rpn.post_nms_topk_train,
+      pre_nms_topk_test=m.rpn.pre_nms_topk_test, post_nms_topk_test=m.rpn.post_nms_topk_test,
+      nms_threshold=m.rpn.nms_threshold, min_size=m.rpn.min_size,
+      iou_thresholds=tuple(m.rpn.iou_thresholds),
+      batch_size_per_image=m.rpn.batch_size_per_image,
+      positive_fraction=m.rpn.positive_fraction,
+      crowd_ioa_threshold=m.roi.crowd_ioa_threshold,
+      loss_type=m.rpn.loss_type, smooth_l1_beta=m.rpn.smooth_l1_beta)
+
+
+def _roi_heads(m: ml_collections.ConfigDict, dtype, bn_groups: int) -> RoIHeads:
+  bb, box, mask, kp = m.backbone, m.box_head, m.mask_head, m.keypoint_head
+  if m.design == "c4":
+    box_head = Res5Head(num_classes=m.num_classes, depth=bb.depth, width=bb.width,
+                        norm=bb.norm, stride_in_1x1=bb.stride_in_1x1,
+                        class_agnostic=box.class_agnostic, dtype=dtype)
+  else:
+    box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(box.fc_dims),
+                       class_agnostic=box.class_agnostic, num_convs=box.num_convs,
+                       conv_dim=box.conv_dim, norm=box.norm, bn_groups=bn_groups, dtype=dtype)
+  mask_head = keypoint_head = None
+  if mask.enabled:
+    mask_head = MaskHead(num_classes=m.num_classes, num_convs=mask.num_convs,
+                         conv_dim=mask.conv_dim, norm=mask.norm, dtype=dtype)
+  if kp.enabled:
+    keypoint_head = KeypointHead(num_keypoints=kp.num_keypoints, num_convs=kp.num_convs,
+                                 conv_dim=kp.conv_dim, dtype=dtype)
+  return RoIHeads(
+      box_head=box_head, mask_head=mask_head, keypoint_head=keypoint_head,
+      num_classes=m.num_classes,
+      batch_size_per_image=m.roi.batch_size_per_image,
+      positive_fraction=m.roi.positive_fraction, iou_threshold=m.roi.iou_threshold,
+      crowd_ioa_threshold=m.roi.crowd_ioa_threshold,
+      num_mask_rois=m.roi.num_mask_rois, num_keypoint_rois=m.roi.num_keypoint_rois,
+      head_chunk_size=m.roi.head_chunk_size,
+      pooler=Pooler(sampling_ratio=m.roi.sampling_ratio,
+                    max_sampling_ratio=m.roi.max_sampling_ratio, aligned=m.roi.aligned,
+                    canonical_box_size=m.roi.canonical_box_size),
+      box_pooler_resolution=box.pooler_resolution,
+      mask_pooler_resolution=mask.pooler_resolution,
+      keypoint_pooler_resolution=kp.pooler_resolution,
+      box_loss_type=box.loss_type, box_smooth_l1_beta=box.smooth_l1_beta,
+      keypoint_loss_weight=kp.loss_weight, keypoint_position_loss_weight=kp.position_loss_weight,
+      keypoint_box_scale=kp.box_scale, keypoint_decode=kp.decode,
+      postprocess=Postprocess(
+          score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
+          detections_per_image=m.test.detections_per_image,
+          max_candidates=m.test.max_candidates, min_box_size=m.test.min_box_size))
+
+
+def check_model_config(m: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first ``model.*`` key with a value no part accepts."""
   if m.dtype not in DTYPES:
     raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {m.dtype!r}")
   if m.backbone.norm not in NORMS:
@@ -142,13 +221,10 @@ def build_model(config: ml_collections.ConfigDict,
   for head, norms in (("box_head", BOX_HEAD_NORMS), ("mask_head", HEAD_NORMS)):
     if m[head].norm not in norms:
       raise ValueError(f"model.{head}.norm: expected one of {norms}, got {m[head].norm!r}")
-  fpn_norm = m.fpn_norm
-  if fpn_norm not in NORMS:
-    raise ValueError(f"model.fpn_norm: expected one of {NORMS}, got {fpn_norm!r}")
+  if m.fpn_norm not in NORMS:
+    raise ValueError(f"model.fpn_norm: expected one of {NORMS}, got {m.fpn_norm!r}")
   if m.rpn.num_convs < 1:
     raise ValueError(f"model.rpn.num_convs: expected >= 1, got {m.rpn.num_convs}")
-  bn_groups = batch_norm_groups(m.batch_norm_group_size,
-                                jax.device_count() if num_devices is None else num_devices)
   if not m.keypoint_head.box_scale > 0:
     raise ValueError(f"model.keypoint_head.box_scale: expected > 0, got "
                      f"{m.keypoint_head.box_scale!r}")
@@ -182,77 +258,6 @@ def build_model(config: ml_collections.ConfigDict,
                      f"{m.roi.head_chunk_size}")
   if m.roi.num_keypoint_rois < 1:
     raise ValueError(f"model.roi.num_keypoint_rois: expected >= 1, got {m.roi.num_keypoint_rois}")
-  dtype = DTYPES[m.dtype]
-  bb = m.backbone
-  c4 = m.design == "c4"
-  backbone = ResNet(depth=bb.depth, width=bb.width, norm=bb.norm, freeze_at=bb.freeze_at,
-                    num_stages=3 if c4 else 4, stride_in_1x1=bb.stride_in_1x1,
-                    zero_init_residual=bb.zero_init_residual, dtype=dtype,
-                    bn_groups=bn_groups, name="backbone")
-  num_anchors = anchor_ops.num_anchors_per_location(m.anchor_sizes[0], m.aspect_ratios)
-  if c4:
-    box_head = Res5Head(num_classes=m.num_classes, depth=bb.depth, width=bb.width,
-                        norm=bb.norm, stride_in_1x1=bb.stride_in_1x1,
-                        class_agnostic=m.box_head.class_agnostic, dtype=dtype, name="box_head")
-    fpn = None
-  else:
-    box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(m.box_head.fc_dims),
-                       class_agnostic=m.box_head.class_agnostic,
-                       num_convs=m.box_head.num_convs, conv_dim=m.box_head.conv_dim,
-                       norm=m.box_head.norm, bn_groups=bn_groups,
-                       dtype=dtype, name="box_head")
-    fpn = FPN(channels=m.fpn_channels, norm=fpn_norm, bn_groups=bn_groups, dtype=dtype,
-              name="fpn")
-  mask_head = keypoint_head = None
-  if m.mask_head.enabled:
-    mask_head = MaskHead(num_classes=m.num_classes, num_convs=m.mask_head.num_convs,
-                         conv_dim=m.mask_head.conv_dim, norm=m.mask_head.norm, dtype=dtype,
-                         name="mask_head")
-  if m.keypoint_head.enabled:
-    keypoint_head = KeypointHead(num_keypoints=m.keypoint_head.num_keypoints,
-                                 num_convs=m.keypoint_head.num_convs,
-                                 conv_dim=m.keypoint_head.conv_dim, dtype=dtype,
-                                 name="keypoint_head")
-  return MaskRCNN(
-      backbone=backbone,
-      rpn_head=RPNHead(num_anchors=num_anchors, num_convs=m.rpn.num_convs,
-                       dtype=dtype, name="rpn"),
-      box_head=box_head, fpn=fpn, mask_head=mask_head, keypoint_head=keypoint_head,
-      num_classes=m.num_classes,
-      anchor_sizes=tuple(tuple(s) for s in m.anchor_sizes),
-      aspect_ratios=tuple(m.aspect_ratios), anchor_layout=m.anchor_layout,
-      size_divisibility=m.size_divisibility,
-      rpn_pre_nms_topk_train=m.rpn.pre_nms_topk_train,
-      rpn_post_nms_topk_train=m.rpn.post_nms_topk_train,
-      rpn_pre_nms_topk_test=m.rpn.pre_nms_topk_test,
-      rpn_post_nms_topk_test=m.rpn.post_nms_topk_test,
-      rpn_nms_threshold=m.rpn.nms_threshold, rpn_min_size=m.rpn.min_size,
-      rpn_iou_thresholds=tuple(m.rpn.iou_thresholds),
-      rpn_batch_size_per_image=m.rpn.batch_size_per_image,
-      rpn_positive_fraction=m.rpn.positive_fraction,
-      roi_batch_size_per_image=m.roi.batch_size_per_image,
-      roi_positive_fraction=m.roi.positive_fraction,
-      roi_iou_threshold=m.roi.iou_threshold,
-      num_mask_rois=m.roi.num_mask_rois, num_keypoint_rois=m.roi.num_keypoint_rois,
-      crowd_ioa_threshold=m.roi.crowd_ioa_threshold, head_chunk_size=m.roi.head_chunk_size,
-      box_pooler_resolution=m.box_head.pooler_resolution,
-      mask_pooler_resolution=m.mask_head.pooler_resolution,
-      keypoint_pooler_resolution=m.keypoint_head.pooler_resolution,
-      sampling_ratio=m.roi.sampling_ratio, max_sampling_ratio=m.roi.max_sampling_ratio,
-      aligned=m.roi.aligned,
-      canonical_box_size=m.roi.canonical_box_size,
-      rpn_loss_type=m.rpn.loss_type, rpn_smooth_l1_beta=m.rpn.smooth_l1_beta,
-      box_loss_type=m.box_head.loss_type, box_smooth_l1_beta=m.box_head.smooth_l1_beta,
-      keypoint_loss_weight=m.keypoint_head.loss_weight,
-      keypoint_position_loss_weight=m.keypoint_head.position_loss_weight,
-      keypoint_box_scale=m.keypoint_head.box_scale,
-      keypoint_decode=m.keypoint_head.decode, keypoint_flip_map=flip_map,
-      score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
-      detections_per_image=m.test.detections_per_image,
-      max_candidates=m.test.max_candidates, min_box_size=m.test.min_box_size,
-      test_flip=m.test.flip,
-      test_scales=tuple(float(s) for s in m.test.scales),
-      test_augment_boxes=m.test.augment_boxes)
 
 
 class DataMismatchError(ValueError):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.modeling import build
-from mrcnn_jax.modeling import mask_rcnn as mrcnn
+from mrcnn_jax.modeling import views as view_lib
 from tests.modeling.conftest import make_batch, tiny_config
 
 KEY = jax.random.PRNGKey(0)
@@ -48,7 +48,7 @@ def test_mirrored_view_reverses_each_image_within_its_width():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(2, 8, 12, 3)).astype(np.float32)
   size = jnp.asarray([[8, 12], [8, 7]], jnp.int32)
-  out, out_size, view = mrcnn._view_images(jnp.asarray(images), size, 1.0, True)
+  out, out_size, view = view_lib.view_images(jnp.asarray(images), size, 1.0, True)
   want = images.copy()
   want[0] = images[0, :, ::-1]
   want[1, :, :7] = images[1, :, 6::-1]  # columns 7.. are padding and stay
@@ -65,7 +65,7 @@ def test_scaled_view_resamples_bilinearly_and_pads_to_the_stride():
   (j + 0.5) / s away from the clamped borders; the canvas is padded to a multiple of 32."""
   h, w = 40, 64
   ramp = np.broadcast_to((np.arange(w) + 0.5)[None, :, None], (1, h, w, 3)).astype(np.float32)
-  out, out_size, view = mrcnn._view_images(jnp.asarray(ramp), jnp.asarray([[40, 50]]), 1.25,
+  out, out_size, view = view_lib.view_images(jnp.asarray(ramp), jnp.asarray([[40, 50]]), 1.25,
                                            False)
   assert out.shape == (1, 64, 96, 3)  # 50 x 80, padded up to multiples of 32
   j = np.arange(2, 78)
@@ -74,7 +74,7 @@ def test_scaled_view_resamples_bilinearly_and_pads_to_the_stride():
   np.testing.assert_allclose(np.asarray(out_size), [[50.0, 62.5]])
   boxes = jnp.asarray([[[4.0, 8.0, 20.0, 16.0]]])
   np.testing.assert_allclose(np.asarray(view.to_view(boxes)), [[[5.0, 10.0, 25.0, 20.0]]])
-  _, _, mirrored = mrcnn._view_images(jnp.asarray(ramp), jnp.asarray([[40, 50]]), 1.25, True)
+  _, _, mirrored = view_lib.view_images(jnp.asarray(ramp), jnp.asarray([[40, 50]]), 1.25, True)
   # Scaled, then mirrored about the scaled width rounded to whole pixels (62.5 -> 62).
   np.testing.assert_allclose(np.asarray(mirrored.to_view(boxes)), [[[37.0, 10.0, 57.0, 20.0]]])
   np.testing.assert_allclose(np.asarray(mirrored.from_view(mirrored.to_view(boxes))), boxes,
@@ -91,13 +91,13 @@ def test_mirrored_view_heads_equal_the_heads_on_the_mirrored_image(setup):
   classes = jnp.asarray([[2, 0], [1, 2]], jnp.int32)
 
   def flip_view(module, images, size):
-    view_images, view_size, view = mrcnn._view_images(images, size, 1.0, True)
-    _, features = module._features(view_images, view_size, train=False)
+    view_images, view_size, view = view_lib.view_images(images, size, 1.0, True)
+    features = module.features(view_images, view_size, train=False)[2]
     return module._views_heads([(features, view)], boxes, classes, jnp.ones(classes.shape, bool))
 
   def plain(module, images, boxes):
-    _, features = module._features(images, info["image_size"], train=False)
-    return module._detection_heads(features, boxes, classes, jnp.ones(classes.shape, bool))
+    features = module.features(images, info["image_size"], train=False)[2]
+    return module.roi_heads.detection_heads(features, boxes, classes, jnp.ones(classes.shape, bool))
 
   masks, heatmaps = jax.jit(lambda p: model.apply({"params": p}, images, info["image_size"],
                                                   method=flip_view))(params)

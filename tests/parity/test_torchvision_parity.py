@@ -16,7 +16,6 @@ import pytest
 
 from mrcnn_jax import checkpointing
 from mrcnn_jax.modeling import build
-from mrcnn_jax.modeling import rpn as rpn_lib
 from tests.parity import conftest as parity
 
 pytestmark = pytest.mark.slow
@@ -39,22 +38,21 @@ def _stages(m, x, proposals, keypoint, image_size=None):
   ``image_size`` None: the canvas is the image. Given, the image sits in a larger
   canvas, and our own proposals are returned too (``proposals``, ``proposals_valid``).
   """
-  (rpn_maps, strides), roi = m._features(x, image_size, train=False)
-  objectness, deltas = m.rpn_head(rpn_maps)
-  logits, box_deltas, _ = m._box_head(roi, proposals, False)
+  rpn_maps, strides, roi = m.features(x, image_size, train=False)
+  objectness, deltas = m.rpn.rpn_head(rpn_maps)
+  logits, box_deltas, _ = m.roi_heads.box_outputs(roi, proposals, False)
   out = {"fpn": rpn_maps, "objectness": objectness, "deltas": deltas, "logits": logits,
          "box_deltas": box_deltas}
   if image_size is not None:
-    anchors, valid = m._anchors(rpn_maps, strides, roi[2])
-    out["proposals"], _, out["proposals_valid"] = rpn_lib.propose(
-        [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, valid)], deltas, anchors,
-        image_size, m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test, m.rpn_nms_threshold,
-        m.rpn_min_size)
+    rpn_out = m.rpn(rpn_maps, strides, roi.image_extent, image_size, training_counts=False)
+    out["proposals"], out["proposals_valid"] = rpn_out.proposals, rpn_out.proposals_valid
   boxes = proposals[:, :parity.NUM_HEAD_BOXES]
+  heads = m.roi_heads
   if keypoint:
-    out["heatmaps"] = m.keypoint_head(m._pool(roi, boxes, m.keypoint_pooler_resolution))
+    out["heatmaps"] = heads.keypoint_head(heads.pooler(roi, boxes,
+                                                       heads.keypoint_pooler_resolution))
   else:
-    out["masks"] = m.mask_head(m._pool(roi, boxes, m.mask_pooler_resolution))
+    out["masks"] = heads.mask_head(heads.pooler(roi, boxes, heads.mask_pooler_resolution))
   return out
 
 
