@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mrcnn_jax.modeling import backbones
 from mrcnn_jax.modeling.box_head import BoxHead
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import DECODES, KeypointHead
@@ -19,7 +20,6 @@ from mrcnn_jax.modeling.mask_head import MaskHead
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import BOX_HEAD_NORMS, HEAD_NORMS, NORMS
 from mrcnn_jax.modeling.res5_head import Res5Head
-from mrcnn_jax.modeling.resnet import ResNet, frozen_prefixes
 from mrcnn_jax.modeling.roi_heads import Pooler, Postprocess, RoIHeads
 from mrcnn_jax.modeling.rpn import RPN, RPNHead
 from mrcnn_jax.ops import anchors as anchor_ops
@@ -36,8 +36,10 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
       "design": design,
       "num_classes": 80,
       "dtype": "float32",  # compute dtype: float32 or bfloat16 (params stay float32)
-      # depth: "18", "34", "50", "101" or "tiny"; norm: see modeling/norm.py.
-      "backbone": {"depth": "50", "width": 64, "norm": "frozen_bn", "freeze_at": 2,
+      # name: a backbone registered in modeling/backbones.py; the other keys
+      # are its settings. ResNet's depth: "18", "34", "50", "101" or "tiny";
+      # norm: see modeling/norm.py.
+      "backbone": {"name": "resnet", "depth": "50", "width": 64, "norm": "frozen_bn", "freeze_at": 2,
                    "stride_in_1x1": False, "zero_init_residual": False},
       "fpn_channels": 256,
       "fpn_norm": "none",  # after each FPN conv (norm.py; detectron2's FPN.NORM)
@@ -141,10 +143,8 @@ def build_model(config: ml_collections.ConfigDict,
   bn_groups = batch_norm_groups(m.batch_norm_group_size,
                                 jax.device_count() if num_devices is None else num_devices)
   c4 = m.design == "c4"
-  bb = m.backbone
-  backbone = ResNet(depth=bb.depth, width=bb.width, norm=bb.norm, freeze_at=bb.freeze_at,
-                    num_stages=3 if c4 else 4, stride_in_1x1=bb.stride_in_1x1,
-                    zero_init_residual=bb.zero_init_residual, dtype=dtype, bn_groups=bn_groups)
+  backbone = backbones.build(m.backbone, dtype=dtype, bn_groups=bn_groups,
+                             num_stages=3 if c4 else 4)
   fpn = None if c4 else FPN(channels=m.fpn_channels, norm=m.fpn_norm, bn_groups=bn_groups,
                             dtype=dtype)
   return MaskRCNN(
@@ -216,7 +216,12 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first ``model.*`` key with a value no part accepts."""
   if m.dtype not in DTYPES:
     raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {m.dtype!r}")
-  if m.backbone.norm not in NORMS:
+  backbones.entry(m.backbone)  # a registered name
+  resnet = backbones.name_of(m.backbone) == "resnet"
+  if m.design == "c4" and not resnet:
+    raise ValueError(f"model.design='c4' runs ResNet's res5 stage as its box head: it needs "
+                     f"model.backbone.name='resnet', got {backbones.name_of(m.backbone)!r}")
+  if resnet and m.backbone.norm not in NORMS:
     raise ValueError(f"model.backbone.norm: expected one of {NORMS}, got {m.backbone.norm!r}")
   for head, norms in (("box_head", BOX_HEAD_NORMS), ("mask_head", HEAD_NORMS)):
     if m[head].norm not in norms:
@@ -312,4 +317,4 @@ def check_flip_map(config: ml_collections.ConfigDict, meta: dict, origin: str) -
 def frozen_parameters(config: ml_collections.ConfigDict):
   """Parameter paths (tuples of names) the config freezes: the optimiser skips them."""
   m = config.model if "model" in config else config
-  return [("backbone", name) for name in frozen_prefixes(m.backbone.freeze_at)]
+  return [("backbone", name) for name in backbones.entry(m.backbone).frozen(m.backbone)]
