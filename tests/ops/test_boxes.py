@@ -8,64 +8,9 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.ops import boxes as box_ops
+from tests import references
 from tests.conftest import random_boxes
 
-CLIP = math.log(1000.0 / 16)
-
-
-# ---------------------------------------------------------------------------
-# Plain-NumPy references (loops, float64), independent of the jnp code.
-
-def _np_area(b):
-  return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
-
-
-def _np_inter(a, b):
-  w = min(a[2], b[2]) - max(a[0], b[0])
-  h = min(a[3], b[3]) - max(a[1], b[1])
-  return max(w, 0.0) * max(h, 0.0)
-
-
-def _np_iou(a, b):
-  out = np.zeros((len(a), len(b)))
-  for i, p in enumerate(a.astype(np.float64)):
-    for j, q in enumerate(b.astype(np.float64)):
-      union = _np_area(p) + _np_area(q) - _np_inter(p, q)
-      out[i, j] = _np_inter(p, q) / union if union > 0 else 0.0
-  return out
-
-
-def _np_ioa(a, b):
-  out = np.zeros((len(a), len(b)))
-  for i, p in enumerate(a.astype(np.float64)):
-    for j, q in enumerate(b.astype(np.float64)):
-      out[i, j] = _np_inter(p, q) / _np_area(p) if _np_area(p) > 0 else 0.0
-  return out
-
-
-def _np_encode(boxes, anchors, weights):
-  out = np.zeros((len(boxes), 4))
-  for i, (b, a) in enumerate(zip(boxes.astype(np.float64), anchors.astype(np.float64))):
-    aw, ah = a[2] - a[0], a[3] - a[1]
-    bw, bh = b[2] - b[0], b[3] - b[1]
-    ax, ay = a[0] + aw / 2, a[1] + ah / 2
-    bx, by = b[0] + bw / 2, b[1] + bh / 2
-    out[i] = [weights[0] * (bx - ax) / aw, weights[1] * (by - ay) / ah,
-              weights[2] * math.log(bw / aw), weights[3] * math.log(bh / ah)]
-  return out
-
-
-def _np_decode(deltas, anchors, weights):
-  out = np.zeros((len(deltas), 4))
-  for i, (d, a) in enumerate(zip(deltas.astype(np.float64), anchors.astype(np.float64))):
-    aw, ah = a[2] - a[0], a[3] - a[1]
-    ax, ay = a[0] + aw / 2, a[1] + ah / 2
-    cx = d[0] / weights[0] * aw + ax
-    cy = d[1] / weights[1] * ah + ay
-    w = math.exp(min(d[2] / weights[2], CLIP)) * aw
-    h = math.exp(min(d[3] / weights[3], CLIP)) * ah
-    out[i] = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-  return out
 
 
 def _random_deltas(rng, n, big=False):
@@ -178,11 +123,11 @@ def test_iou_ioa_match_numpy_reference(rng):
   a[0] = [5, 5, 5, 9]  # zero-area: IoU/IoA must stay finite
   b[1] = a[2]  # an exact duplicate: IoU 1
   iou = np.asarray(box_ops.pairwise_iou(jnp.asarray(a), jnp.asarray(b)))
-  np.testing.assert_allclose(iou, _np_iou(a, b), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(iou, references.iou(a, b), rtol=1e-5, atol=1e-6)
   assert iou[2, 1] == pytest.approx(1.0)
   np.testing.assert_allclose(box_ops.pairwise_ioa(jnp.asarray(a), jnp.asarray(b)),
-                             _np_ioa(a, b), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(box_ops.area(jnp.asarray(a)), [_np_area(x) for x in a], rtol=1e-6)
+                             references.ioa(a, b), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(box_ops.area(jnp.asarray(a)), references.area(a.astype(np.float64)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0),
@@ -192,12 +137,12 @@ def test_encode_decode_match_numpy_reference(rng, weights):
   anchors = random_boxes(rng, 16, min_size=4.0)
   boxes = random_boxes(rng, 16, min_size=4.0)
   deltas = np.asarray(box_ops.encode(jnp.asarray(boxes), jnp.asarray(anchors), weights))
-  np.testing.assert_allclose(deltas, _np_encode(boxes, anchors, weights), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(deltas, references.encode(boxes, anchors, weights), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(box_ops.decode(jnp.asarray(deltas), jnp.asarray(anchors), weights),
                              boxes, rtol=1e-5, atol=1e-3)
   d = _random_deltas(rng, 16, big=True)
   np.testing.assert_allclose(box_ops.decode(jnp.asarray(d), jnp.asarray(anchors), weights),
-                             _np_decode(d, anchors, weights), rtol=1e-5, atol=1e-3)
+                             references.decode(d, anchors, weights), rtol=1e-5, atol=1e-3)
 
 
 def test_clip_and_formats_match_numpy_reference(rng):

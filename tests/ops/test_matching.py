@@ -7,6 +7,7 @@ import pytest
 
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import IGNORE, NEGATIVE, POSITIVE, ignore_crowd, match
+from tests import references
 from tests.conftest import random_boxes
 
 RPN = dict(thresholds=(0.3, 0.7), labels=(NEGATIVE, IGNORE, POSITIVE))
@@ -45,13 +46,11 @@ def _np_match(iou, gt_valid, thresholds, labels, allow_low_quality_matches):
 
 def _np_ignore_crowd(labels, boxes, gt_boxes, gt_crowd, thresh):
   out = np.array(labels, np.int32)
-  for i, b in enumerate(boxes.astype(np.float64)):
-    a = max(b[2] - b[0], 0) * max(b[3] - b[1], 0)
-    for g, c in zip(gt_boxes.astype(np.float64), gt_crowd):
-      w = min(b[2], g[2]) - max(b[0], g[0])
-      h = min(b[3], g[3]) - max(b[1], g[1])
-      inter = max(w, 0) * max(h, 0)
-      if c and a > 0 and inter / a >= thresh and out[i] == NEGATIVE:
+  ioa = references.ioa(boxes, gt_boxes)
+  nonempty = references.area(np.asarray(boxes, np.float64)) > 0
+  for i in range(len(boxes)):
+    for g, c in enumerate(gt_crowd):
+      if c and nonempty[i] and ioa[i, g] >= thresh and out[i] == NEGATIVE:
         out[i] = IGNORE
   return out
 

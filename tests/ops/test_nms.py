@@ -8,39 +8,12 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.ops.nms import batched_nms, nms
+from tests import references
 from tests.conftest import random_boxes
 
 
-def _iou(box, others):
-  """IoU of one xyxy box with each of ``others [M, 4]``, in float32 like the op."""
-  box, others = box.astype(np.float32), others.astype(np.float32).reshape(-1, 4)
-  w = np.maximum(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0)
-  h = np.maximum(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0)
-  inter = w * h
-  union = ((box[2] - box[0]) * (box[3] - box[1])
-           + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]) - inter)
-  return np.where(union > 0, inter / np.where(union > 0, union, 1), np.float32(0))
-
-
-def _greedy_reference(boxes, scores, iou_threshold, classes=None, valid=None):
-  """Textbook greedy NMS, one box at a time: kept indices by decreasing score.
-
-  Ties in score are visited lower index first; NaN scores and invalid boxes are
-  dropped before anything else, so they can neither be kept nor suppress.
-  """
-  ok = ~np.isnan(scores)
-  if valid is not None:
-    ok &= valid
-  kept = []
-  for i in np.argsort(-scores, kind="stable"):
-    if not ok[i]:
-      continue
-    suppressors = _iou(boxes[i], boxes[kept]) > iou_threshold
-    if classes is not None:
-      suppressors &= classes[kept] == classes[i]
-    if not suppressors.any():
-      kept.append(int(i))
-  return np.asarray(kept, np.int64)
+# IoU in float32 as the op computes it, so that thresholds tie exactly as there.
+_greedy_reference = functools.partial(references.greedy_nms, dtype=np.float32)
 
 
 def _kept(indices, valid):
@@ -218,7 +191,7 @@ def test_large_input_under_jit(rng):
   assert (np.diff(scores[kept]) < 0).all()
   assert kept[0] == np.argmax(scores)
   for i in range(1, len(kept)):
-    assert (_iou(boxes[kept[i]], boxes[kept[:i]]) <= 0.5).all(), i
+    assert (references.iou(boxes[kept[i]], boxes[kept[:i]], np.float32)[0] <= 0.5).all(), i
 
 
 @pytest.mark.parametrize("with_classes", [False, True])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.ops.postprocess import detect
+from tests import references
 from tests.conftest import random_boxes
 
-BBOX_XFORM_CLIP = np.log(1000.0 / 16)
 
 # The random-input tests call the op through jit: one compile instead of one
 # per primitive keeps them fast on a small CPU.
@@ -20,15 +20,6 @@ _detect = jax.jit(detect, static_argnames=(
 
 # ----------------------------------------------------------------------------
 # Independent NumPy reference (float64).
-
-
-def _np_iou(a, b):
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-  area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-  return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def _np_detect(class_logits, box_deltas, proposals, proposals_valid, image_size,
@@ -51,8 +42,8 @@ def _np_detect(class_logits, box_deltas, proposals, proposals_valid, image_size,
     for c in range(num_classes):
       dx, dy, dw, dh = box_deltas[r, c if box_deltas.shape[1] > 1 else 0].astype(np.float64)
       cx, cy = x1 + aw / 2 + dx / wx * aw, y1 + ah / 2 + dy / wy * ah
-      w = np.exp(min(dw / ww, BBOX_XFORM_CLIP)) * aw
-      h = np.exp(min(dh / wh, BBOX_XFORM_CLIP)) * ah
+      w = np.exp(min(dw / ww, references.BBOX_XFORM_CLIP)) * aw
+      h = np.exp(min(dh / wh, references.BBOX_XFORM_CLIP)) * ah
       box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
       box[0::2] = np.clip(box[0::2], 0, width)
       box[1::2] = np.clip(box[1::2], 0, height)
@@ -61,7 +52,7 @@ def _np_detect(class_logits, box_deltas, proposals, proposals_valid, image_size,
   candidates.sort(key=lambda t: -t[0])
   kept = []
   for cand in candidates:
-    if all(k[1] != cand[1] or _np_iou(k[3][None], cand[3][None])[0, 0] <= nms_threshold
+    if all(k[1] != cand[1] or references.iou(k[3], cand[3])[0, 0] <= nms_threshold
            for k in kept):
       kept.append(cand)
   kept = kept[:detections_per_image]

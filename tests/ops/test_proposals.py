@@ -8,9 +8,9 @@ import pytest
 from mrcnn_jax.ops import anchors as anchor_ops
 from mrcnn_jax.ops.proposals import generate_proposals
 
-BBOX_XFORM_CLIP = np.log(1000.0 / 16)
 
 # The random-input tests call the op through jit: one compile instead of one
+from tests import references
 # per primitive keeps them fast on a small CPU.
 _jit_proposals = jax.jit(generate_proposals, static_argnames=(
     "pre_nms_topk", "post_nms_topk", "nms_threshold", "min_size", "weights"))
@@ -20,37 +20,6 @@ _jit_proposals = jax.jit(generate_proposals, static_argnames=(
 # Independent NumPy reference.
 
 
-def _np_iou(a, b):
-  """IoU matrix of a [N, 4] and b [M, 4], float64."""
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-  area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-  return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def _np_nms(boxes, scores, threshold):
-  """Greedy NMS: indices kept, by decreasing score."""
-  order = np.argsort(-scores, kind="stable")
-  keep = []
-  for i in order:
-    if all(_np_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= threshold for j in keep):
-      keep.append(i)
-  return np.asarray(keep, np.int64)
-
-
-def _np_decode(deltas, anchors):
-  """Faster R-CNN decode with unit (RPN) weights, dw/dh clamped."""
-  w = anchors[:, 2] - anchors[:, 0]
-  h = anchors[:, 3] - anchors[:, 1]
-  cx = anchors[:, 0] + 0.5 * w + deltas[:, 0] * w
-  cy = anchors[:, 1] + 0.5 * h + deltas[:, 1] * h
-  pw = np.exp(np.minimum(deltas[:, 2], BBOX_XFORM_CLIP)) * w
-  ph = np.exp(np.minimum(deltas[:, 3], BBOX_XFORM_CLIP)) * h
-  return np.stack([cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2], axis=1)
-
-
 def _np_proposals(objectness, deltas, anchors, image_size, pre_nms_topk, post_nms_topk,
                   nms_threshold=0.7, min_size=0.0):
   """Loops over levels: top-k, decode, clip, drop small, NMS; then merge by score."""
@@ -58,13 +27,13 @@ def _np_proposals(objectness, deltas, anchors, image_size, pre_nms_topk, post_nm
   all_boxes, all_scores = [], []
   for logits, d, a in zip(objectness, deltas, anchors):
     top = np.argsort(-logits, kind="stable")[:pre_nms_topk]
-    boxes = _np_decode(d[top].astype(np.float64), a[top].astype(np.float64))
+    boxes = references.decode(d[top], a[top], (1.0, 1.0, 1.0, 1.0))
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
     scores = logits[top].astype(np.float64)
     big = np.all(boxes[:, 2:] - boxes[:, :2] > min_size, axis=1)
     boxes, scores = boxes[big], scores[big]
-    keep = _np_nms(boxes, scores, nms_threshold)
+    keep = references.greedy_nms(boxes, scores, nms_threshold)
     all_boxes.append(boxes[keep])
     all_scores.append(scores[keep])
   boxes, scores = np.concatenate(all_boxes), np.concatenate(all_scores)

@@ -9,6 +9,7 @@ import pytest
 
 from mrcnn_jax.ops.targets import (keypoint_rois, keypoint_targets, mask_targets, roi_targets,
                                    rpn_targets)
+from tests import references
 from tests.conftest import random_boxes
 
 BOX_HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -31,37 +32,6 @@ _keypoint_rois = jax.jit(keypoint_rois, static_argnames=("num_slots",))
 # Independent NumPy references (float64).
 
 
-def _np_iou(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-  area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-  return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def _np_ioa(a, b):
-  """Fraction of each box of a [N, 4] inside each region of b [M, 4]."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  return inter / np.prod(a[:, 2:] - a[:, :2], axis=1)[:, None]
-
-
-def _np_encode(boxes, anchors, weights):
-  boxes, anchors = np.asarray(boxes, np.float64), np.asarray(anchors, np.float64)
-  aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
-  bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-  wx, wy, ww, wh = weights
-  return np.stack([
-      wx * (boxes[:, 0] + bw / 2 - anchors[:, 0] - aw / 2) / aw,
-      wy * (boxes[:, 1] + bh / 2 - anchors[:, 1] - ah / 2) / ah,
-      ww * np.log(bw / aw),
-      wh * np.log(bh / ah)], axis=1)
-
-
 def _np_labels(boxes, gt_boxes, gt_valid, gt_is_crowd, thresholds, low_quality,
                crowd_ioa=0.7):
   """Per box: label (1 positive, 0 negative, -1 ignore), matched gt, best IoU.
@@ -73,8 +43,8 @@ def _np_labels(boxes, gt_boxes, gt_valid, gt_is_crowd, thresholds, low_quality,
   """
   objects = gt_valid & ~gt_is_crowd
   crowd = gt_valid & gt_is_crowd
-  iou = _np_iou(boxes, gt_boxes)
-  ioa = _np_ioa(boxes, gt_boxes)
+  iou = references.iou(boxes, gt_boxes)
+  ioa = references.ioa(boxes, gt_boxes)
   n = len(boxes)
   labels = np.zeros(n, np.int64)
   matched = np.zeros(n, np.int64)
@@ -234,8 +204,8 @@ def test_rpn_matches_numpy_reference(rng, batch_size):
   if batch_size == 256:
     np.testing.assert_array_equal(positive, labels == 1)
   np.testing.assert_array_equal(out["objectness"], positive.astype(np.float32))
-  ref = _np_encode(gt_boxes[matched], anchors, (1, 1, 1, 1))
-  np.testing.assert_allclose(out["box_deltas"][positive], ref[positive], atol=1e-5)
+  want = references.encode(gt_boxes[matched], anchors, (1, 1, 1, 1))
+  np.testing.assert_allclose(out["box_deltas"][positive], want[positive], atol=1e-5)
   np.testing.assert_array_equal(out["box_deltas"][~positive], 0.0)
 
 
@@ -395,8 +365,8 @@ def test_roi_matches_numpy_reference(rng):
   np.testing.assert_array_equal(out["classes"][~fg], num_classes)
   np.testing.assert_array_equal(out["matched_gt"][fg], matched[rows[fg]])
   np.testing.assert_allclose(out["matched_iou"], best[rows], atol=1e-6)
-  ref = _np_encode(gt_boxes[matched[rows]], candidates[rows], BOX_HEAD_WEIGHTS)
-  np.testing.assert_allclose(out["box_deltas"][fg], ref[fg], atol=2e-5)
+  want = references.encode(gt_boxes[matched[rows]], candidates[rows], BOX_HEAD_WEIGHTS)
+  np.testing.assert_allclose(out["box_deltas"][fg], want[fg], atol=2e-5)
   np.testing.assert_array_equal(out["box_deltas"][~fg], 0.0)
 
 

@@ -10,12 +10,12 @@ model and our ``Predictor`` on the same uint8 images, from the checkpoint
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mrcnn_jax import checkpointing
 from mrcnn_jax.modeling import build
+from tests import references
 from tests.parity import conftest as parity
 
 pytestmark = pytest.mark.slow
@@ -93,14 +93,6 @@ def test_stages_match_torchvision(torch, converted, arch):
     assert_close("mask logits", ours["masks"], masks.reshape(b, -1, *masks.shape[1:]))
 
 
-def _box_iou(a, b):
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-  area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)
-  return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def match_detections(ours, theirs, mask_iou=0.95):
   """Greedy one-to-one matching of torchvision's detections (in score order) to ours.
 
@@ -108,7 +100,7 @@ def match_detections(ours, theirs, mask_iou=0.95):
   (where present) mask IoU >= 0.95 and every keypoint within 1 pixel.
   Returns (number matched, per-criterion worst values over matched pairs).
   """
-  iou = _box_iou(theirs["boxes"], ours["boxes"]) if len(ours["boxes"]) else None
+  iou = references.iou(theirs["boxes"], ours["boxes"]) if len(ours["boxes"]) else None
   used = np.zeros(len(ours["boxes"]), bool)
   matched, worst = 0, {"box_iou": 1.0, "score": 0.0, "mask_iou": 1.0, "keypoint_px": 0.0}
   for i in range(len(theirs["boxes"])):
