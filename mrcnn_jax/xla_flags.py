@@ -1,14 +1,10 @@
 """XLA:CPU flags that mrcnn_jax sets when it is imported.
 
 jaxlib 0.10.2's XLA:CPU hands convolutions to YNNPACK by default, and
-YNNPACK's convolution gradients are slow: measured on the 2-core CPU
-(2026-11-28), the mask head's 3x3 256->256 conv over 256 RoIs of 14x14 runs
-forward and both gradients in 1491 ms through YNNPACK and in 699 ms through
-XLA's own (Eigen) convolution, forward 298 -> 226 ms; with it (and
-modeling/conv.py's matching change) the R50-FPN train step of
-``scripts/benchmark.py`` goes 9.2 -> 7.2 s and the shapes config's 0.41 ->
-0.35 s. ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
-takes convolutions out of YNNPACK and leaves its other fusions (matmuls,
+YNNPACK's convolution gradients run about twice as long as XLA's own (Eigen)
+convolution's (docs/experiments.md, "Measurements behind the code").
+``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` takes
+convolutions out of YNNPACK and leaves its other fusions (matmuls,
 elementwise) as they are.
 
 The flag is added to ``XLA_FLAGS`` when ``mrcnn_jax`` is imported, with three

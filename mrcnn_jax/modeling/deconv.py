@@ -5,8 +5,8 @@ pixel to a k x k patch of output, ``patch = x[h, w] @ kernel``, placed at
 ``(s*h, s*w)`` and summed where patches overlap. Written that way it is one
 matmul and (k/s)^2 shifted adds, whose gradients are a matmul and slices.
 ``flax.linen.ConvTranspose`` computes the same numbers as a convolution of the
-dilated input, whose backward pass runs about 6x slower on CPU (measured:
-640 ms vs 100 ms for the mask head's 2x2 deconv on 128 RoIs of 14x14x64).
+dilated input, whose backward pass runs about 6x slower on CPU
+(docs/experiments.md, "Measurements behind the code").
 
 Parameters are named and shaped as ``nn.ConvTranspose``'s (``kernel
 [k, k, in, out]``, ``bias [out]``), with the same meaning: PyTorch's

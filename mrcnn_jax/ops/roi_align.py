@@ -32,10 +32,9 @@ ground-truth masks (each RoI reads its matched instance's mask).
 On CPU the RoIs are pooled in chunks (``lax.map``) sized so that one chunk's
 gathered samples stay in cache (about 1.5 MiB): XLA:CPU materialises each
 gather's ``[R, Sh*g, Sw*g, C]`` result, and at once for all RoIs that
-traffic, not the arithmetic, set the cost. Measured on this 2-core CPU,
-forward + backward: R18-FPN at 128 px (8 images x 128 RoIs, C=64) 178 ms
--> 42 ms; R50-FPN at 512 px (2 x 512 RoIs, C=256) 765 ms -> 276 ms. On
-GPU/TPU one gather serves all RoIs.
+traffic, not the arithmetic, set the cost (chunking makes the pooling
+forward + backward 3-4x faster: docs/experiments.md, "Measurements behind
+the code"). On GPU/TPU one gather serves all RoIs.
 """
 
 import functools
@@ -56,7 +55,7 @@ CANONICAL_BOX_SIZE = 224
 Size = Union[int, Tuple[int, int]]
 
 # Bytes of gathered samples per chunk of RoIs on CPU (see the module docstring):
-# the measured optimum for C = 64 (32 RoIs of 7x7x2x2 samples) and C = 256 (8).
+# the fastest for C = 64 (32 RoIs of 7x7x2x2 samples) and C = 256 (8).
 CPU_CHUNK_BYTES = 1_600_000
 
 
