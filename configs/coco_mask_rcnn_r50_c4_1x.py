@@ -1,7 +1,8 @@
 """Mask R-CNN R50-C4, the 1x schedule on COCO 2017 (detectron2's mask_rcnn_R_50_C4_1x).
 
-    # data prepared as in configs/coco_mask_rcnn_r50_fpn_1x.py, then
-    python -m mrcnn_jax.train --config=configs/coco_mask_rcnn_r50_c4_1x.py \\
+    # data prepared as in configs/coco_mask_rcnn_r50_fpn_1x.py; weights/r50 from
+    # python -m mrcnn_jax.convert --from=torchvision --arch=resnet50 (see below)
+    python -m mrcnn_jax.train --config=configs/coco_mask_rcnn_r50_c4_1x.py:torchvision_backbone \\
         --workdir=workdirs/mrcnn_r50_c4_1x --config.init_checkpoint=weights/r50
     # detectron2's model-zoo model (box AP 36.8, mask AP 32.2 in its MODEL_ZOO.md):
     #   https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/
@@ -30,6 +31,9 @@ normalisation): the start for training from a torchvision ImageNet ResNet-50
 converted with ``python -m mrcnn_jax.convert --from=torchvision
 --arch=resnet50`` (``weights/r50`` above), as detectron2's own start, MSRA's
 R-50.pkl, is in Caffe2 names that mrcnn_jax.convert does not read.
+``init_keep="backbone"`` loads the checkpoint's stem and res2..res4; res5,
+here the box head (``box_head/res5``), keeps its random initialisation
+(detectron2 starts it from the ImageNet res5).
 """
 
 from configs import coco_mask_rcnn_r50_fpn_1x as base

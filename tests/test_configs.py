@@ -78,17 +78,11 @@ def test_c4_recipe_is_detectron2s():
     c4.get_config("keypoint")
 
 
-@pytest.fixture(scope="module")
-def shapes_dataset(tmp_path_factory):
-  from tests.conftest import make_shapes_dataset  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp("c4")
-  make_shapes_dataset(root, train=8, val=2, size=64, seed=5, shards=1)
-  return root / "tf"
-
-
 @pytest.mark.slow
-def test_tiny_c4_recipe_trains_with_one_compilation(shapes_dataset, tmp_path):
+def test_tiny_c4_recipe_trains_with_one_compilation(tmp_path):
   """The C4 recipe at test size (tiny ResNet, 64 px) through the real training loop."""
+  from tests.conftest import make_shapes_dataset  # pylint: disable=g-import-not-at-top
+  _, shapes_dataset = make_shapes_dataset(tmp_path, train=8, val=2, size=64, seed=5, shards=1)
   config = importlib.import_module("configs.coco_mask_rcnn_r50_c4_1x").get_config()
   config.data.update(train_dir=str(shapes_dataset / "train"), eval_dir=str(shapes_dataset / "val"),
                      canvas_size=(64, 64), canvas_sizes=(), max_instances=8)
