@@ -35,9 +35,10 @@ NUM_CLASSES = 5
 SIZES, RATIOS = (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)  # detectron2's C4 anchors
 # Per image: RoIs of several sizes; the 300-pixel-wide one takes 2 samples per
 # bin along x (ceil(300 / 16 / 14)), the rest 1: adaptive sampling exercised.
-BOXES = np.array([[[4.0, 6.0, 304.0, 180.0], [20.5, 30.2, 90.7, 75.1], [100.0, 10.0, 131.0, 170.0]],
-                  [[0.0, 0.0, 64.0, 64.0], [150.3, 40.8, 310.6, 150.2], [50.0, 120.0, 58.0, 126.0]]],
-                 np.float32)
+BOXES = np.array([
+    [[4.0, 6.0, 304.0, 180.0], [20.5, 30.2, 90.7, 75.1], [100.0, 10.0, 131.0, 170.0]],
+    [[0.0, 0.0, 64.0, 64.0], [150.3, 40.8, 310.6, 150.2], [50.0, 120.0, 58.0, 126.0]],
+], np.float32)
 
 
 def _d2_name(name: str) -> str:
@@ -64,7 +65,8 @@ def build_reference(torch, torchvision, seed=0):
       "rpn_conv": nn.Conv2d(1024, 1024, 3, padding=1), "objectness": nn.Conv2d(1024, a, 1),
       "anchor_deltas": nn.Conv2d(1024, 4 * a, 1),
       "cls_score": nn.Linear(2048, NUM_CLASSES + 1), "bbox_pred": nn.Linear(2048, 4 * NUM_CLASSES),
-      "deconv": nn.ConvTranspose2d(2048, 256, 2, stride=2), "predictor": nn.Conv2d(256, NUM_CLASSES, 1),
+      "deconv": nn.ConvTranspose2d(2048, 256, 2, stride=2),
+      "predictor": nn.Conv2d(256, NUM_CLASSES, 1),
   })
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
