@@ -17,8 +17,8 @@ off in the recipe) is the same map of COCO's names, checked against the data.
 """
 
 from configs import coco_mask_rcnn_r50_fpn_1x as base
-from mrcnn_jax.convert import COCO_KEYPOINT_NAMES
 from mrcnn_jax.data.coco import flip_map
+from mrcnn_jax.data.coco_names import COCO_KEYPOINT_NAMES
 
 
 def get_config(arg=None):

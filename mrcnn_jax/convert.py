@@ -4,11 +4,15 @@
         --input=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --output=weights/tv_maskrcnn_r50
     python -m mrcnn_jax.convert --from=detectron2 --arch=mask_rcnn_R_50_FPN \\
         --input=model_final_f10217.pkl --output=weights/d2_maskrcnn_r50
+    python -m mrcnn_jax.convert --from=detectron2 --arch=mask_rcnn_R_50_C4 \\
+        --input=model_final_9243eb.pkl --output=weights/d2_maskrcnn_r50_c4
 
 Architectures: torchvision ``maskrcnn_resnet50_fpn``, ``keypointrcnn_resnet50_fpn``,
 ``fasterrcnn_resnet50_fpn`` and the bare ImageNet backbones ``resnet50`` /
 ``resnet101`` (their ``fc`` classifier is dropped); detectron2
-``{mask,keypoint,faster}_rcnn_R_{50,101}_FPN``. The output directory is an
+``{mask,keypoint,faster}_rcnn_R_{50,101}_FPN`` and ``{mask,faster}_rcnn_R_{50,101}_C4``
+(the C4 design: ResNet's res5 stage, ``roi_heads.res5``, is the box head; see
+modeling/res5_head.py). The output directory is an
 orbax checkpoint (step 0, ``params`` + ``model_state``) that evaluate and
 predict take as ``--checkpoint`` and train takes as ``--config.init_checkpoint``
 (with ``init_keep=backbone`` or ``no_predictors`` for another class count),
@@ -24,6 +28,9 @@ missing or unused tensor is an error that names it. Layouts:
   reads ``(y, x, C)``: its input rows are reordered;
 - frozen BN statistics are carried as they are (``batch_stats``:
   scale/bias/mean/var), so ``norm="frozen_bn"`` computes what the source does;
+- RPN anchors: ours (and torchvision's) are ordered aspect ratio first, then
+  size; detectron2's size first. With several sizes per level (C4: five) the
+  RPN predictors' output channels are reordered to ours;
 - classes: ours are K foreground logits then background, K boxes and K masks
   (detectron2's order). torchvision puts background first and has a box and a
   mask for it too: those are dropped. Its COCO models have 91 classes indexed
@@ -45,31 +52,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-# COCO 2017 category ids and names (instances_*.json); keypoint names and
-# skeleton (1-based) of the "person" category (person_keypoints_*.json).
-COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
-            24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47,
-            48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70,
-            72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
-COCO_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
-    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
-    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
-    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
-    "toothbrush"]
-COCO_KEYPOINT_NAMES = [
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
-    "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
-    "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"]
-COCO_SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7],
-                 [6, 8], [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5],
-                 [4, 6], [5, 7]]
+from mrcnn_jax.data.coco_names import COCO_IDS, COCO_KEYPOINT_NAMES, COCO_NAMES, COCO_SKELETON
 
 
 class ConversionError(ValueError):
@@ -82,6 +65,7 @@ class Arch:
   detector: bool = True  # False: a bare ImageNet backbone
   mask: bool = False
   keypoints: bool = False
+  c4: bool = False  # the C4 design: no FPN, res5 as the box head
 
 
 TORCHVISION_ARCHS = {
@@ -94,6 +78,9 @@ TORCHVISION_ARCHS = {
 DETECTRON2_ARCHS = {
     f"{kind}_rcnn_R_{depth}_FPN": Arch(depth, mask=kind == "mask", keypoints=kind == "keypoint")
     for kind in ("mask", "keypoint", "faster") for depth in (50, 101)
+} | {
+    f"{kind}_rcnn_R_{depth}_C4": Arch(depth, mask=kind == "mask", c4=True)
+    for kind in ("mask", "faster") for depth in (50, 101)
 }
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # bottleneck blocks in res2..res5
 
@@ -242,6 +229,7 @@ class Names:
   kp_conv: str = ""  # format with i (1..8)
   kp_score: str = ""
   ignored: Tuple[str, ...] = ()  # regexes of tensors that have no counterpart
+  res5: str = ""  # C4: format with index; the res5 stage in the RoI heads
 
 
 BN_TV = ("weight", "bias", "running_mean", "running_var")
@@ -275,31 +263,44 @@ DETECTRON2 = Names(
     mask_predictor="roi_heads.mask_head.predictor",
     kp_conv="roi_heads.keypoint_head.conv_fcn{i}", kp_score="roi_heads.keypoint_head.score_lowres",
     ignored=(r"\.num_batches_tracked$",))
+# The C4 design's backbone is the bare ResNet (no ``bottom_up``), up to res4.
+DETECTRON2_C4 = dataclasses.replace(
+    DETECTRON2, stem_conv="backbone.stem.conv1", stem_norm="backbone.stem.conv1.norm",
+    block="backbone.res{stage1}.{index}", res5="roi_heads.res5.{index}")
 
 
 Path = Tuple[str, ...]
 
 
-def _backbone(src: Tensors, n: Names, depth: int) -> Iterator[Tuple[Path, np.ndarray]]:
-  def norm(name: str, path: Path):
-    for ours, theirs in zip(("scale", "bias", "mean", "var"), n.bn):
-      yield ("batch_stats", *path, ours), src.take(f"{name}.{theirs}")
+def _norm(src: Tensors, n: Names, name: str, path: Path) -> Iterator[Tuple[Path, np.ndarray]]:
+  for ours, theirs in zip(("scale", "bias", "mean", "var"), n.bn):
+    yield ("batch_stats", *path, ours), src.take(f"{name}.{theirs}")
 
+
+def _stage(src: Tensors, n: Names, block_name: str, count: int,
+           path: Path) -> Iterator[Tuple[Path, np.ndarray]]:
+  """One ResNet stage of ``count`` bottlenecks (``block_name`` formats with index)."""
+  for index in range(count):
+    block, block_path = block_name.format(index=index), path + (str(index),)
+    for i in (1, 2, 3):
+      yield ("params", *block_path, f"conv{i}", "kernel"), conv(
+          src.take(n.conv.format(block=block, i=i) + ".weight"))
+      yield from _norm(src, n, n.norm.format(block=block, i=i), block_path + (f"norm{i}",))
+    if index == 0:
+      yield ("params", *block_path, "downsample_conv", "kernel"), conv(
+          src.take(n.shortcut_conv.format(block=block) + ".weight"))
+      yield from _norm(src, n, n.shortcut_norm.format(block=block),
+                       block_path + ("downsample_norm",))
+
+
+def _backbone(src: Tensors, n: Names, depth: int,
+              num_stages: int = 4) -> Iterator[Tuple[Path, np.ndarray]]:
   root = ("backbone",)
   yield ("params", *root, "conv1", "kernel"), conv(src.take(f"{n.stem_conv}.weight"))
-  yield from norm(n.stem_norm, root + ("norm1",))
-  for stage, count in enumerate(BLOCKS[depth], start=1):
-    for index in range(count):
-      block = n.block.format(stage=stage, stage1=stage + 1, index=index)
-      path = root + (f"layer{stage}", str(index))
-      for i in (1, 2, 3):
-        yield ("params", *path, f"conv{i}", "kernel"), conv(
-            src.take(n.conv.format(block=block, i=i) + ".weight"))
-        yield from norm(n.norm.format(block=block, i=i), path + (f"norm{i}",))
-      if index == 0:
-        yield ("params", *path, "downsample_conv", "kernel"), conv(
-            src.take(n.shortcut_conv.format(block=block) + ".weight"))
-        yield from norm(n.shortcut_norm.format(block=block), path + ("downsample_norm",))
+  yield from _norm(src, n, n.stem_norm, root + ("norm1",))
+  for stage, count in enumerate(BLOCKS[depth][:num_stages], start=1):
+    block = n.block.replace("{stage}", str(stage)).replace("{stage1}", str(stage + 1))
+    yield from _stage(src, n, block, count, root + (f"layer{stage}",))
 
 
 def _layer(src: Tensors, name: str, path: Path, layout) -> Iterator[Tuple[Path, np.ndarray]]:
@@ -318,20 +319,48 @@ def class_rows(source: str, num_source_classes: int, classes: str) -> List[int]:
   return list(range(1, num_source_classes))  # background is row 0
 
 
+def anchor_order(num_anchors: int, num_ratios: int = 3) -> List[int]:
+  """detectron2's RPN output channel of each of our anchors at one position.
+
+  detectron2 orders a level's anchors size first (``s * R + r``), ours
+  aspect ratio first (``r * S + s``); with one size per level (FPN) the two
+  orders are the same.
+  """
+  if num_anchors % num_ratios:
+    raise ConversionError(f"RPN objectness: {num_anchors} anchors per position is not a "
+                          f"multiple of {num_ratios} aspect ratios")
+  num_sizes = num_anchors // num_ratios
+  return [s * num_ratios + r for r in range(num_ratios) for s in range(num_sizes)]
+
+
+def _rpn(src: Tensors, n: Names, source: str) -> Iterator[Tuple[Path, np.ndarray]]:
+  conv_name, objectness, deltas = n.rpn
+  yield from _layer(src, conv_name, ("rpn_head", "conv"), conv)
+  w, b = src.take(f"{objectness}.weight"), src.take(f"{objectness}.bias")
+  order = anchor_order(len(b)) if source == "detectron2" else list(range(len(b)))
+  yield ("params", "rpn_head", "objectness", "kernel"), conv(w[order])
+  yield ("params", "rpn_head", "objectness", "bias"), b[order]
+  w, b = src.take(f"{deltas}.weight"), src.take(f"{deltas}.bias")
+  w = w.reshape(len(order), 4, *w.shape[1:])[order].reshape(w.shape)  # rows anchor * 4 + coord
+  yield ("params", "rpn_head", "deltas", "kernel"), conv(w)
+  yield ("params", "rpn_head", "deltas", "bias"), b.reshape(len(order), 4)[order].reshape(-1)
+
+
 def _detector(src: Tensors, n: Names, arch: Arch, source: str,
               classes: str) -> Iterator[Tuple[Path, np.ndarray]]:
-  for k in (2, 3, 4, 5):
-    yield from _layer(src, n.lateral.format(k=k, j=k - 2), ("fpn", f"lateral{k}"), conv)
-    yield from _layer(src, n.output.format(k=k, j=k - 2), ("fpn", f"output{k}"), conv)
-  for name, ours in zip(n.rpn, ("conv", "objectness", "deltas")):
-    yield from _layer(src, name, ("rpn_head", ours), conv)
-
-  fpn_channels = src.arrays[f"{n.output.format(k=2, j=0)}.weight"].shape[0]
-  fc6, fc7 = n.box_fc
-  yield ("params", "box_head", "fc6", "kernel"), dense_from_chw(src.take(f"{fc6}.weight"),
-                                                                fpn_channels)
-  yield ("params", "box_head", "fc6", "bias"), src.take(f"{fc6}.bias")
-  yield from _layer(src, fc7, ("box_head", "fc7"), dense)
+  yield from _rpn(src, n, source)
+  if arch.c4:  # res5 is the box head: its pooled output feeds the predictor
+    yield from _stage(src, n, n.res5, BLOCKS[arch.depth][3], ("box_head", "res5"))
+  else:
+    for k in (2, 3, 4, 5):
+      yield from _layer(src, n.lateral.format(k=k, j=k - 2), ("fpn", f"lateral{k}"), conv)
+      yield from _layer(src, n.output.format(k=k, j=k - 2), ("fpn", f"output{k}"), conv)
+    fpn_channels = src.arrays[f"{n.output.format(k=2, j=0)}.weight"].shape[0]
+    fc6, fc7 = n.box_fc
+    yield ("params", "box_head", "fc6", "kernel"), dense_from_chw(src.take(f"{fc6}.weight"),
+                                                                  fpn_channels)
+    yield ("params", "box_head", "fc6", "bias"), src.take(f"{fc6}.bias")
+    yield from _layer(src, fc7, ("box_head", "fc7"), dense)
 
   logits_w, logits_b = src.take(f"{n.cls_score}.weight"), src.take(f"{n.cls_score}.bias")
   rows = class_rows(source, logits_w.shape[0], classes)
@@ -346,7 +375,7 @@ def _detector(src: Tensors, n: Names, arch: Arch, source: str,
   yield ("params", "box_head", "predictor", "bbox_pred", "bias"), box_b
 
   if arch.mask:
-    for i in (1, 2, 3, 4):
+    for i in range(1, 1 if arch.c4 else 5):  # the C4 mask head is the deconv alone
       yield from _layer(src, n.mask_conv.format(i=i, j=i - 1), ("mask_head", f"mask_fcn{i}"), conv)
     yield from _layer(src, n.mask_deconv, ("mask_head", "deconv"), deconv)
     # detectron2 has no background mask: its rows are ours as they are.
@@ -377,10 +406,10 @@ def convert_arrays(arrays: Dict[str, np.ndarray], source: str, arch_name: str,
     arrays = upgrade_torchvision_names(arrays)
     names = TORCHVISION if arch.detector else TORCHVISION_RESNET
   else:
-    names = DETECTRON2
+    names = DETECTRON2_C4 if arch.c4 else DETECTRON2
   src = Tensors({k: v for k, v in arrays.items()
                  if not any(re.search(p, k) for p in names.ignored)}, origin)
-  pieces = list(_backbone(src, names, arch.depth))
+  pieces = list(_backbone(src, names, arch.depth, num_stages=3 if arch.c4 else 4))
   if arch.detector:
     pieces += list(_detector(src, names, arch, source, classes))
   src.check_all_used()
@@ -398,15 +427,18 @@ def model_section(variables: Dict[str, dict], arch: Arch):
   """The ``config.model`` section whose variables have exactly these shapes."""
   from mrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
   params = variables["params"]
-  model = build.model_config(num_classes=80)
+  model = build.model_config(design="c4" if arch.c4 else "fpn", num_classes=80)
   model.backbone.update(depth=str(arch.depth), norm="frozen_bn")
   if not arch.detector:
     return model
   model.num_classes = params["box_head"]["predictor"]["cls_score"]["bias"].shape[0] - 1
-  model.fpn_channels = params["fpn"]["output2"]["bias"].shape[0]
-  model.box_head.fc_dims = (params["box_head"]["fc6"]["bias"].shape[0],
-                            params["box_head"]["fc7"]["bias"].shape[0])
+  if not arch.c4:
+    model.fpn_channels = params["fpn"]["output2"]["bias"].shape[0]
+    model.box_head.fc_dims = (params["box_head"]["fc6"]["bias"].shape[0],
+                              params["box_head"]["fc7"]["bias"].shape[0])
   model.mask_head.enabled = arch.mask
+  if arch.mask:
+    model.mask_head.conv_dim = params["mask_head"]["deconv"]["bias"].shape[0]
   if arch.keypoints:
     kp = params["keypoint_head"]
     model.keypoint_head.update(enabled=True, num_keypoints=kp["score_lowres"]["bias"].shape[0],
@@ -477,6 +509,13 @@ def save(variables: Dict[str, dict], output: str, overwrite: bool = False) -> st
   return os.path.join(output, "0")
 
 
+def config_file(source: str, arch: Arch) -> str:
+  """The config that runs a converted model with its source's settings."""
+  if source == "torchvision":
+    return "configs/torchvision_mask_rcnn.py"
+  return "configs/coco_mask_rcnn_r50_c4_1x.py" if arch.c4 else "configs/detectron2_mask_rcnn.py"
+
+
 def convert(source: str, arch_name: str, input_path: str, output: str,
             classes: str = "auto", overwrite: bool = False) -> dict:
   """The whole CLI: read, convert, check against the model, save. Returns convert.json's content."""
@@ -489,8 +528,7 @@ def convert(source: str, arch_name: str, input_path: str, output: str,
   step_dir = save(variables, output, overwrite)
   summary = {"from": source, "arch": arch_name, "input": os.path.abspath(input_path),
              "checkpoint": step_dir, "classes": classes,
-             "config": "configs/torchvision_mask_rcnn.py" if source == "torchvision"
-                       else "configs/detectron2_mask_rcnn.py",
+             "config": config_file(source, arch),
              "model": json.loads(model_cfg.to_json())}
   if arch.detector:
     num_keypoints = model_cfg.keypoint_head.num_keypoints if arch.keypoints else 0
