@@ -567,8 +567,10 @@ def _evaluate(model, state, config, mesh, workdir, logger, step):
 def _load_initialisation(state: TrainState, config, sharding_) -> TrainState:
   """Overwrites parameters (and norm statistics) from ``config.init_checkpoint``.
 
-  ``config.init_keep`` selects what is taken: "all", "backbone" (ResNet only),
-  or "no_predictors" (everything except class-count-dependent layers).
+  ``config.init_keep`` selects what is taken: "all", "backbone" (the
+  backbone only; in the C4 design also the box head's res5 stage, from the
+  file's ``backbone/layer4`` as detectron2 initialises it), or
+  "no_predictors" (everything except class-count-dependent layers).
   """
   loaded = checkpointing.load_variables(config.init_checkpoint)
   keep = config.get("init_keep", "all")
@@ -576,7 +578,9 @@ def _load_initialisation(state: TrainState, config, sharding_) -> TrainState:
 
   def pick(path, current):
     names = tuple(getattr(k, "key", str(k)) for k in path)
-    if keep == "backbone" and names[1:2] != ("backbone",):
+    if keep == "backbone" and names[1:3] == ("box_head", "res5"):
+      names = (names[0], "backbone", "layer4") + names[3:]
+    elif keep == "backbone" and names[1:2] != ("backbone",):
       return current
     if keep == "no_predictors" and any(n in class_specific for n in names):
       return current

@@ -165,6 +165,21 @@ def test_backbone_initialises_training_of_a_new_class_count(torch, torchvision, 
   with pytest.raises(KeyError, match="no tensor params/"):
     train._load_initialisation(state, config, device)
 
+  # C4: the box head's res5 stage starts from the file's layer4, as in detectron2.
+  c4 = config.copy_and_resolve_references()
+  c4.model = build.model_config("c4", num_classes=3)
+  c4.init_keep = "backbone"
+  model = build.build_model(c4)
+  state = train.create_state(model, optax.sgd(0.1), c4, jax.random.PRNGKey(0))
+  loaded = train._load_initialisation(state, c4, device)
+  res5 = loaded.params["box_head"]["res5"]
+  layer4 = resnet.state_dict()["layer4.2.conv3.weight"].numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_array_equal(res5["2"]["conv3"]["kernel"], layer4)
+  np.testing.assert_array_equal(
+      loaded.model_state["batch_stats"]["box_head"]["res5"]["0"]["norm1"]["mean"],
+      resnet.state_dict()["layer4.0.bn1.running_mean"].numpy())
+  assert "layer4" not in loaded.params["backbone"]
+
 
 def test_pickle_with_code_is_refused(tmp_path):
   class Exploit:
