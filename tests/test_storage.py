@@ -32,6 +32,19 @@ def test_files_round_trip_on_every_filesystem(tmp_path):
   assert storage.abspath("ram://b/x") == "ram://b/x"
 
 
+def test_a_missing_file_is_file_not_found_on_every_filesystem(tmp_path):
+  """A bucket's tf.errors.NotFoundError reaches callers as FileNotFoundError naming the path."""
+  for root in _roots(tmp_path):
+    storage.makedirs(root)
+    path = storage.join(root, "absent.json")
+    for read in (storage.read_bytes, storage.read_json):
+      with pytest.raises(FileNotFoundError) as e:
+        read(path)
+      assert e.value.filename == path, root
+    storage.write_text(path, '{"a": 1}')
+    assert storage.read_bytes(path) == b'{"a": 1}' and storage.read_json(path) == {"a": 1}
+
+
 def test_append_file_keeps_what_was_there(tmp_path):
   for root in _roots(tmp_path):
     storage.makedirs(root)

@@ -260,21 +260,6 @@ def test_training_order_is_the_documented_function_of_seed_and_step(shapes_datas
     assert got.tolist() == want
 
 
-def test_record_files_close_their_shards(shapes_dataset):
-  _, tf_dir = shapes_dataset
-  open_fds = lambda: len(os.listdir("/proc/self/fd"))
-  before = open_fds()
-  for _ in range(5):  # the train and evaluate CLIs read a split's meta like this
-    assert RecordFile(str(tf_dir / "train")).meta["coco_ids"]
-  assert open_fds() == before
-  records = RecordFile(str(tf_dir / "train"))
-  assert records.read(0) and open_fds() > before
-  records.close()
-  assert open_fds() == before
-  with pytest.raises(ValueError, match="closed"):
-    records.read(0)
-
-
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_fixed_parallel_calls_give_the_same_batches_with_autotuning_off(shapes_dataset, split):
   _, tf_dir = shapes_dataset
