@@ -271,3 +271,21 @@ def check_reachable(path: str, what: str) -> None:
   except Exception as e:  # pylint: disable=broad-except  # OSError or any tf.errors.OpError
     raise UnreachableError(f"{what} {path}: cannot be reached ({type(e).__name__}: "
                            f"{str(e)[:200]})") from None
+
+
+def check_checkpoint_reachable(path: str, what: str) -> None:
+  """``check_reachable``, and also reachable by orbax, which opens paths through etils
+  epath (local, gs://, s3://, ...): a scheme only TensorFlow's gfile knows (its
+  ram://, say) raises ``UnreachableError`` naming ``what`` and ``path`` before any
+  training, rather than at the first save."""
+  check_reachable(path, what)
+  if is_local(path):
+    return
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    epath.Path(path)
+  except KeyError:  # epath looks its schemes up in a table
+    scheme = path.split("://", 1)[0]
+    raise UnreachableError(f"{what} {path}: checkpoints are written by orbax, which cannot "
+                           f"reach {scheme}:// (it reaches local paths, gs:// and the "
+                           f"other schemes etils epath knows)") from None

@@ -276,7 +276,10 @@ def _check_paths(config, workdir: str) -> None:
     paths.append(("config.init_checkpoint", config.init_checkpoint))
   for what, path in paths:
     try:
-      storage.check_reachable(path, what)
+      if what in ("--workdir", "config.init_checkpoint"):  # orbax reads and writes these
+        storage.check_checkpoint_reachable(path, what)
+      else:
+        storage.check_reachable(path, what)
     except storage.UnreachableError as e:
       raise SetupError(str(e)) from None
   try:

@@ -78,6 +78,9 @@ def open_split(config, split: str):
     raise records_lib.SourceError(f"config.data.source: expected one of {SOURCES}, got "
                                   f"{source!r}")
   if source == "tfds":
+    if not d.get("tfds_name"):
+      raise records_lib.SourceError("config.data.source is 'tfds' but config.data.tfds_name "
+                                    "is empty; set it to NAME[/CONFIG][:VERSION]")
     from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.TfdsSplit(
         d.tfds_name, d.get("tfds_train_split", "train") if split == "train"
