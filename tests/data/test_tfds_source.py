@@ -238,3 +238,27 @@ def test_a_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
   with pytest.raises(records.SourceError,
                      match="no random access; convert it once with: tfds convert_format"):
     TfdsSplit("shapes_detection/hand", "validation", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_from_tfds(tfds_dir, tmp_path):
+  """Two steps and an evaluation through train's code path, data from the box-only TFDS
+  dataset (the heads a box-only dataset trains: the smallest model to compile)."""
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import train  # pylint: disable=g-import-not-at-top
+  config = shapes.get_config("tiny")
+  config.data.update(source="tfds", tfds_name="shapes_detection/boxes",
+                     tfds_data_dir=str(tfds_dir), train_dir="", eval_dir="",
+                     canvas_size=(64, 64))
+  config.model.num_classes = len(NAMES)
+  config.model.mask_head.enabled = False
+  config.model.keypoint_head.enabled = False  # the TFDS layout has no keypoints
+  config.update(batch_size=4, eval_batch_size=4, total_steps=2)
+  config.train.update(log_every=1, checkpoint_every=2, eval_every=2, progress=False)
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert "bbox/AP" in metrics and "segm/AP" not in metrics
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lines if "train/loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train/loss"]) for r in lines if "train/loss" in r)
+  assert json.loads((tmp_path / "meta.json").read_text())["names"] == NAMES
+  assert (tmp_path / "checkpoints" / "2").is_dir()
