@@ -47,8 +47,8 @@ def get_config(arg=None):
       "train_dir": "data/shapes/tf/train", "eval_dir": "data/shapes/tf/val",
       "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
       # Where records come from: "records" (the converted splits above) or
-      # "tfds", a prepared TFDS detection dataset stored as ArrayRecord
-      # (tfds_name "NAME[/CONFIG][:VERSION]" in tfds_data_dir, default TFDS's
+      # "tfds", a prepared TFDS detection dataset (tfds_name
+      # "NAME[/CONFIG][:VERSION]" in tfds_data_dir, default TFDS's
       # own; see mrcnn_jax/data/tfds_source.py).
       "source": "records", "tfds_name": "", "tfds_data_dir": "",
       "tfds_train_split": "train", "tfds_eval_split": "validation",

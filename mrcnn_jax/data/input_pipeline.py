@@ -26,7 +26,7 @@ drawn per round of steps and its images are that canvas's share of the same
 permutations. The augmentation of the example at global position p is
 seeded by (seed, p). A run resumed at step k therefore sees exactly the
 batches an uninterrupted run would. Records are read by number (a converted
-split's byte-offset index, a TFDS ArrayRecord's random access). With several
+split's byte-offset index; a TFDS split's random access). With several
 processes, each reads only its own contiguous slice of every global batch,
 all of one canvas.
 

@@ -42,6 +42,38 @@ def masked_crc(data: bytes) -> int:
   return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xffffffff
 
 
+def check_framing(raw: bytes, length: int) -> Tuple[Optional[str], bytes]:
+  """(problem or None, payload) of ``raw``: one framed record whose payload the index
+  says is ``length`` bytes (module docstring's framing)."""
+  if len(raw) < length + RECORD_OVERHEAD:
+    return f"the shard ends {length + RECORD_OVERHEAD - len(raw)} bytes early (truncated)", b""
+  (stored,), (length_crc,) = struct.unpack("<Q", raw[:8]), struct.unpack("<I", raw[8:12])
+  if masked_crc(raw[:8]) != length_crc or stored != length:
+    return "corrupt framing (length or its CRC does not match the index)", b""
+  data = raw[12:12 + length]
+  if masked_crc(data) != struct.unpack("<I", raw[12 + length:])[0]:
+    return "data CRC mismatch (corrupt bytes)", b""
+  return None, data
+
+
+def scan_framing(reader: storage.RangeReader) -> np.ndarray:
+  """``[N, 2]`` (byte offset, payload length) of every record of a TFRecord file, read
+  from the framing's headers alone; raises ``CorruptRecordError`` naming the file and
+  offset where a header is cut short or fails its CRC."""
+  found, offset = [], 0
+  while True:
+    head = storage.retried(lambda: reader.read_once(offset, 12),  # pylint: disable=cell-var-from-loop
+                           f"{reader.path} byte offset {offset}")
+    if not head:
+      return np.asarray(found, np.int64).reshape(-1, 2)
+    if len(head) < 12 or masked_crc(head[:8]) != struct.unpack("<I", head[8:12])[0]:
+      raise CorruptRecordError(f"{reader.path}: record {len(found)} (byte offset {offset}): "
+                               f"corrupt or truncated framing")
+    (length,) = struct.unpack("<Q", head[:8])
+    found.append((offset, length))
+    offset += length + RECORD_OVERHEAD
+
+
 # ------------------------------------------------------------------ schema
 def to_example(image_id: int, file_name: str, rec: dict) -> bytes:
   """One image's record fields (``coco.convert_image``'s ``record``) -> serialized Example."""
@@ -216,15 +248,7 @@ class RecordFile:
                             f"{shard.path} byte offset {int(self.offset[i])}")
     except storage.ReadError as e:
       raise UnreadableRecordError(self.describe(i, f"unreadable: {e}")) from None
-    if len(raw) < n + RECORD_OVERHEAD:
-      return f"the shard ends {n + RECORD_OVERHEAD - len(raw)} bytes early (truncated)", b""
-    (length,), (length_crc,) = struct.unpack("<Q", raw[:8]), struct.unpack("<I", raw[8:12])
-    if masked_crc(raw[:8]) != length_crc or length != n:
-      return "corrupt framing (length or its CRC does not match the index)", b""
-    data = raw[12:12 + n]
-    if masked_crc(data) != struct.unpack("<I", raw[12 + n:])[0]:
-      return "data CRC mismatch (corrupt bytes)", b""
-    return None, data
+    return check_framing(raw, n)
 
   def describe(self, i: int, problem: str) -> str:
     """One line naming record ``i``: split, shard, record number, image id, file name."""

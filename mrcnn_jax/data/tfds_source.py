@@ -4,14 +4,13 @@
         [--config.data.tfds_data_dir=DIR] [--config.data.tfds_train_split=train
         --config.data.tfds_eval_split=validation]
 
-The dataset must be prepared already (nothing is downloaded) and stored in a
-random-access format (``file_format="array_record"``): every record is read
-by its number, so batches, their order and a resumed run are exactly those
-of a converted split (``input_pipeline``). A dataset prepared as TFRecords
-is converted once, in place, by TFDS's own tool::
-
-    tfds convert_format --dataset_version_dir=DIR/NAME/CONFIG/VERSION \\
-        --out_file_format=array_record
+The dataset must be prepared already (nothing is downloaded). Every record
+is read by its number, so batches, their order and a resumed run are exactly
+those of a converted split (``input_pipeline``): through TFDS's random access
+(``tfds.data_source``) for ``file_format="array_record"``, and for TFDS's
+default, TFRecord shards, through an index of their framing
+(``TfrecordShards``: each record's offset, read from the headers when the
+split is opened; reads check both CRCs, as a converted split's do).
 
 Features read (COCO's layout in TFDS): ``image`` (encoded JPEG or PNG),
 ``objects/bbox`` (normalised ymin, xmin, ymax, xmax), ``objects/label`` (a
@@ -40,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from mrcnn_jax import storage
 from mrcnn_jax.data import records as records_lib
 
 REQUIRED = ("image", "objects/bbox", "objects/label")
@@ -101,6 +101,33 @@ def _boxes(feature, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
   return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
+class TfrecordShards:
+  """Random access to the records of TFRecord shards (a TFDS split prepared as
+  tfrecord), through an index of their framing built when opened (thread-safe)."""
+
+  def __init__(self, paths: List[str]):
+    self._files = [storage.RangeReader(p) for p in paths]
+    self.paths = paths
+    parts = [records_lib.scan_framing(f) for f in self._files]
+    self._shard = np.concatenate([np.full(len(p), k) for k, p in enumerate(parts)]
+                                 ).astype(np.int64) if parts else np.zeros(0, np.int64)
+    self._offset, self._length = (np.concatenate(parts).T if parts
+                                  else np.zeros((2, 0), np.int64))
+
+  def __len__(self):
+    return len(self._shard)
+
+  def __getitem__(self, i: int) -> bytes:
+    """Record ``i``'s payload; ``ValueError`` when its CRCs fail."""
+    reader, offset, length = self._files[self._shard[i]], int(self._offset[i]), int(self._length[i])
+    raw = storage.retried(lambda: reader.read_once(offset, length + records_lib.RECORD_OVERHEAD),
+                          f"{reader.path} byte offset {offset}")
+    problem, data = records_lib.check_framing(raw, length)
+    if problem:
+      raise ValueError(f"{problem} ({reader.path} byte offset {offset})")
+    return data
+
+
 class TfdsSplit:
   """One split of a prepared TFDS detection dataset (module docstring), read by number."""
 
@@ -119,15 +146,16 @@ class TfdsSplit:
       raise records_lib.SourceError(f"{self.directory}: no such split (it has "
                                     f"{', '.join(builder.info.splits)})")
     self._mask_key = next((k for k in MASK_FEATURES if k in names), None)
-    try:
-      self._source = builder.as_data_source(
-          split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-    except NotImplementedError:
-      raise records_lib.SourceError(
-          f"{self.directory}: stored as {builder.info.file_format.value}, which has no "
-          f"random access; convert it once with: tfds convert_format "
-          f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record"
-          ) from None
+    if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+      self._source = TfrecordShards([str(p) for p in builder.info.splits[split].filepaths])
+    else:
+      try:
+        self._source = builder.as_data_source(
+            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+      except NotImplementedError:
+        raise records_lib.SourceError(
+            f"{self.directory}: stored as {builder.info.file_format.value}, which has no "
+            f"random access; prepare it as array_record or tfrecord") from None
     labels = features["objects"]["label"]
     self.meta = {
         "coco_ids": list(range(1, labels.num_classes + 1)),  # contiguous class i <-> id i + 1

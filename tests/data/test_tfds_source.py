@@ -1,7 +1,8 @@
 """TFDS detection datasets as a source, against the converted split of the same images.
 
 Each dataset is written here by a builder over the synthetic shapes images
-(offline, a few seconds), in TFDS's COCO layout, prepared as ArrayRecord.
+(offline, a few seconds), in TFDS's COCO layout, prepared as ArrayRecord (and
+TFRecord, TFDS's default).
 """
 
 import contextlib
@@ -16,6 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from mrcnn_jax import storage
 from mrcnn_jax.data import input_pipeline, records, synthetic
 from mrcnn_jax.data.tfds_source import TfdsSplit
 from mrcnn_jax.modeling import build
@@ -232,12 +234,32 @@ def test_a_missing_feature_is_named(tfds_dir, tmp_path):
     TfdsSplit("no_such_dataset", "train", str(tfds_dir))
 
 
-def test_a_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
-  ShapesDetection(config="hand", data_dir=str(tmp_path),
+def test_a_tfrecord_dataset_reads_as_the_array_record_one(tfds_dir, tmp_path):
+  """TFDS's default format, read by number through an index of its framing: the same
+  records as the ArrayRecord copy; a flipped byte is named by record and image id."""
+  ShapesDetection(config="masks", data_dir=str(tmp_path),
                   file_format="tfrecord").download_and_prepare()
-  with pytest.raises(records.SourceError,
-                     match="no random access; convert it once with: tfds convert_format"):
-    TfdsSplit("shapes_detection/hand", "validation", str(tmp_path))
+  split = TfdsSplit("shapes_detection/masks", "validation", str(tmp_path))
+  reference = TfdsSplit("shapes_detection/masks", "validation", str(tfds_dir))
+  assert len(split) == len(reference) == 8
+  by_id = lambda s: {int(s.image_id[i]): i for i in range(len(s))}
+  ours, theirs = by_id(split), by_id(reference)
+  assert ours.keys() == theirs.keys()
+  for image_id, i in ours.items():
+    a = records.parse(tf.constant(split.read(i)), 0)
+    b = records.parse(tf.constant(reference.read(theirs[image_id])), 0)
+    for key in ("encoded", "boxes", "classes", "is_crowd", "areas", "mask_png", "mask_window"):
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} of {image_id}")
+
+  (shard,) = [p for p in (tmp_path / "shapes_detection" / "masks" / "1.0.0").iterdir()
+              if "validation.tfrecord" in p.name]
+  offset, length = records.scan_framing(storage.RangeReader(str(shard)))[3]
+  data = bytearray(shard.read_bytes())
+  data[offset + 12 + length // 2] ^= 0xFF  # inside record 3's payload
+  shard.write_bytes(bytes(data))
+  with pytest.raises(records.CorruptRecordError,
+                     match=r"split validation: record 3: unreadable .*data CRC mismatch"):
+    TfdsSplit("shapes_detection/masks", "validation", str(tmp_path))
 
 
 @pytest.mark.slow
