@@ -13,18 +13,14 @@ COCO person_keypoints-style keypoints) up to full COCO 2017 train: images are
 checked and encoded in worker processes, records stream to the shards, and a
 progress bar shows the ETA.
 
-Each record (a ``tf.train.Example``) holds the encoded image (the original
-bytes when TF can decode them as they are, else a lossless PNG re-encoding),
-its size and id, and per instance: the box (xyxy, original pixels),
-contiguous class id, iscrowd, area, annotation id, keypoints, and the mask
-as one PNG cropped to the box's integer pixel window (``mask_window`` gives
-that window as x, y, w, h), so the pipeline never decodes a full-image mask.
-
-Beside the shards: ``index.json`` (the byte offset and length of every
-record, so the pipeline reads any example by number, and per-record instance
-counts and image sizes), ``meta.json`` (the class-id mapping, category names, keypoint
-names, flip map and skeleton, the source paths, and the conversion summary)
-and ``ground_truth.json``: the COCO JSON of exactly what was converted (the
+The split's format (shards, ``index.json``, ``meta.json``, the example
+schema) is ``records``'s. Each record holds the encoded image (the original
+bytes when TF can decode them as they are, else a lossless PNG re-encoding)
+and per instance the mask as one PNG cropped to the box's integer pixel
+window, so the pipeline never decodes a full-image mask. ``meta.json`` holds
+the class-id mapping, category names, keypoint names, flip map and skeleton,
+the source paths and the conversion summary;
+``ground_truth.json`` the COCO JSON of exactly what was converted (the
 images written, the annotations kept as they were given, with a missing
 ``iscrowd`` set to 0, a missing or invalid ``area`` set to the mask's, and a
 missing or repeated annotation ``id`` replaced), which evaluation scores
