@@ -53,15 +53,18 @@ def main() -> None:
   print(f"converted: read {per * 1e3:.2f} ms/record")
   for fmt in ("array_record", "tfrecord"):
     for name in ("masks", "boxes"):
-      args = (f"shapes_detection/{name}", "validation", str(root / f"tfds_{fmt}"))
-      split = TfdsSplit(*args)
-      opened = seconds(lambda: TfdsSplit(*args), repeats=2)  # pylint: disable=cell-var-from-loop
-      read = seconds(lambda: [split.read(i) for i in range(len(split))])  # pylint: disable=cell-var-from-loop
-      truth = seconds(lambda: TfdsSplit(*args).ground_truth(), repeats=1) - opened  # pylint: disable=cell-var-from-loop
-      print(f"tfds {fmt} {name}: open (index pass) {opened / len(split) * 1e3:.2f} ms/record, "
-            f"read {read / len(split) * 1e3:.2f} ms/record, ground truth "
-            f"{truth / len(split) * 1e3:.2f} ms/record")
+      measure(f"tfds {fmt} {name}", (f"shapes_detection/{name}", "validation",
+                                     str(root / f"tfds_{fmt}")))
 
+
+def measure(label: str, args) -> None:
+  """Prints the per-record cost of opening, reading and building the ground truth."""
+  split = TfdsSplit(*args)
+  opened = seconds(lambda: TfdsSplit(*args), repeats=2)
+  read = seconds(lambda: [split.read(i) for i in range(len(split))])
+  truth = seconds(lambda: TfdsSplit(*args).ground_truth(), repeats=1) - opened
+  ms = lambda t: f"{t / len(split) * 1e3:.2f} ms/record"
+  print(f"{label}: open (index pass) {ms(opened)}, read {ms(read)}, ground truth {ms(truth)}")
 
 if __name__ == "__main__":
   main()

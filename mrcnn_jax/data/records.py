@@ -22,6 +22,7 @@ payload (``RECORD_OVERHEAD`` bytes around each payload).
 """
 
 import dataclasses
+import functools
 import io
 import struct
 from typing import Any, Dict, Optional, Tuple
@@ -62,7 +63,7 @@ def scan_framing(reader: storage.RangeReader) -> np.ndarray:
   offset where a header is cut short or fails its CRC."""
   found, offset = [], 0
   while True:
-    head = storage.retried(lambda: reader.read_once(offset, 12),  # pylint: disable=cell-var-from-loop
+    head = storage.retried(functools.partial(reader.read_once, offset, 12),
                            f"{reader.path} byte offset {offset}")
     if not head:
       return np.asarray(found, np.int64).reshape(-1, 2)
