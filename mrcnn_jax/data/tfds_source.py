@@ -103,7 +103,8 @@ def _boxes(feature, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
 
 class TfrecordShards:
   """Random access to the records of TFRecord shards (a TFDS split prepared as
-  tfrecord), through an index of their framing built when opened (thread-safe)."""
+  tfrecord), through an index of their framing built when opened (thread-safe).
+  A read that fails after retries raises ``storage.ReadError``."""
 
   def __init__(self, paths: List[str]):
     self._files = [storage.RangeReader(p) for p in paths]
@@ -126,6 +127,10 @@ class TfrecordShards:
     if problem:
       raise ValueError(f"{problem} ({reader.path} byte offset {offset})")
     return data
+
+  def close(self) -> None:
+    for f in self._files:
+      f.close()
 
 
 class TfdsSplit:
@@ -171,7 +176,9 @@ class TfdsSplit:
     return len(self._source)
 
   def close(self):
-    """Nothing to release (the data source closes its files itself)."""
+    """Closes TFRecord shards (TFDS's ArrayRecord source closes its files itself)."""
+    if isinstance(self._source, TfrecordShards):
+      self._source.close()
 
   def _index(self) -> None:
     """Instances, image size and id of every record (one pass over the split); a record
@@ -206,6 +213,8 @@ class TfdsSplit:
       feature = tf.train.Example.FromString(self._source[i]).features.feature
       with Image.open(io.BytesIO(_values(feature["image"])[0])) as im:
         w, h = im.size
+    except storage.ReadError as e:  # an I/O failure, not bad data: never skipped
+      raise records_lib.UnreadableRecordError(self.describe(i, f"unreadable: {e}")) from None
     except Exception as e:  # pylint: disable=broad-except  # a corrupt record or image
       raise _BadRecord(f"unreadable ({type(e).__name__}: {str(e)[:160]})") from None
     return feature, (h, w)

@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 
 from mrcnn_jax import storage
 from mrcnn_jax.data import input_pipeline, records, synthetic
-from mrcnn_jax.data.tfds_source import TfdsSplit
+from mrcnn_jax.data.tfds_source import TfdsSplit, TfrecordShards
 from mrcnn_jax.modeling import build
 from tests.data.conftest import data_config
 
@@ -234,9 +234,10 @@ def test_a_missing_feature_is_named(tfds_dir, tmp_path):
     TfdsSplit("no_such_dataset", "train", str(tfds_dir))
 
 
-def test_a_tfrecord_dataset_reads_as_the_array_record_one(tfds_dir, tmp_path):
+def test_a_tfrecord_dataset_reads_as_the_array_record_one(tfds_dir, tmp_path, monkeypatch):
   """TFDS's default format, read by number through an index of its framing: the same
-  records as the ArrayRecord copy; a flipped byte is named by record and image id."""
+  records as the ArrayRecord copy; a flipped byte is named by its record; a read that
+  keeps failing is an UnreadableRecordError (never skipped as bad data)."""
   ShapesDetection(config="masks", data_dir=str(tmp_path),
                   file_format="tfrecord").download_and_prepare()
   split = TfdsSplit("shapes_detection/masks", "validation", str(tmp_path))
@@ -250,6 +251,14 @@ def test_a_tfrecord_dataset_reads_as_the_array_record_one(tfds_dir, tmp_path):
     b = records.parse(tf.constant(reference.read(theirs[image_id])), 0)
     for key in ("encoded", "boxes", "classes", "is_crowd", "areas", "mask_png", "mask_window"):
       np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} of {image_id}")
+
+  def failing(self, i):
+    raise storage.ReadError(f"{self.paths[0]}: read failed 4 times (ConnectionResetError)")
+  monkeypatch.setattr(TfrecordShards, "__getitem__", failing)
+  with pytest.raises(records.UnreadableRecordError,
+                     match=r"split validation: record 2, image id \d+: unreadable: .*failed 4"):
+    split.read(2)
+  monkeypatch.undo()
 
   (shard,) = [p for p in (tmp_path / "shapes_detection" / "masks" / "1.0.0").iterdir()
               if "validation.tfrecord" in p.name]
