@@ -45,6 +45,13 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/coco/tf/train2017", "eval_dir": "data/coco/tf/val2017",
       "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
+      # Where records come from: "records" (the converted splits above) or
+      # "tfds", a prepared TFDS detection dataset (tfds_name
+      # "NAME[/CONFIG][:VERSION]" in tfds_data_dir, default TFDS's
+      # own; see mrcnn_jax/data/tfds_source.py). TFDS's coco/2017 has no
+      # masks: with it, set model.mask_head.enabled=False.
+      "source": "records", "tfds_name": "", "tfds_data_dir": "",
+      "tfds_train_split": "train", "tfds_eval_split": "validation",
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
       "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375),  # torchvision
       "channel_order": "rgb", "resize_rounding": "round",

@@ -46,6 +46,12 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict({
       "train_dir": "data/shapes/tf/train", "eval_dir": "data/shapes/tf/val",
       "eval_annotations": "",  # default: what the converter kept (eval_dir/ground_truth.json)
+      # Where records come from: "records" (the converted splits above) or
+      # "tfds", a prepared TFDS detection dataset (tfds_name
+      # "NAME[/CONFIG][:VERSION]" in tfds_data_dir, default TFDS's
+      # own; see mrcnn_jax/data/tfds_source.py).
+      "source": "records", "tfds_name": "", "tfds_data_dir": "",
+      "tfds_train_split": "train", "tfds_eval_split": "validation",
       "canvas_size": (CANVAS, CANVAS), "max_instances": MAX_INSTANCES, "mask_size": 28,
       # Several canvases instead of canvas_size (then set to ()): ((h, w), ...),
       # see mrcnn_jax/data/canvases.py.

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from mrcnn_jax import checkpointing, sharding, storage
 from mrcnn_jax.data import input_pipeline
+from mrcnn_jax.data import records as records_lib
 from mrcnn_jax.evaluation import backends, distributed
 from mrcnn_jax.evaluation import coco as coco_eval
 from mrcnn_jax.modeling import build
@@ -54,14 +55,17 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def eval_annotations(config) -> str:
-  """The ground-truth JSON of the eval split: config.data.eval_annotations, else what
-  the converter kept (its ground_truth.json; the source JSON for older conversions)."""
+def eval_ground_truth(config, records):
+  """The eval split's COCO ground truth, as ``COCOEvaluator`` takes it: the file
+  config.data.eval_annotations when set, else the reader's own (a converted
+  split's ground_truth.json, read once; a TFDS split's, built from its objects)."""
   path = config.data.get("eval_annotations")
   if not path:
-    meta = input_pipeline.RecordFile(config.data.eval_dir).meta
-    path = (storage.join(config.data.eval_dir, meta["ground_truth"]) if "ground_truth" in meta
-            else meta["source_annotations"])
+    try:
+      return records.ground_truth()
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"eval annotations {e.filename} not found; set "
+                              f"--config.data.eval_annotations") from None
   if not storage.exists(path):
     raise FileNotFoundError(f"eval annotations {path} not found; set "
                             f"--config.data.eval_annotations")
@@ -86,20 +90,23 @@ def evaluator_options(config) -> Dict[str, Any]:
 
 
 def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
-             progress: bool = True) -> Dict[str, float]:
-  """COCO metrics of ``variables`` on the eval split (the first ``max_steps`` batches)."""
+             progress: bool = True, records=None) -> Dict[str, float]:
+  """COCO metrics of ``variables`` on the eval split (the first ``max_steps`` batches);
+  ``records``: its reader (``input_pipeline.open_split``) when the caller has it open."""
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  meta = input_pipeline.RecordFile(config.data.eval_dir).meta
-  build.check_dataset(config, meta, f"the eval split {config.data.eval_dir}")
+  records = records or input_pipeline.open_split(config, "eval")
+  meta = records.meta
+  build.check_dataset(config, meta, f"the eval split {records.directory}")
   evaluator = coco_eval.COCOEvaluator(
-      eval_annotations(config), meta["coco_ids"],
+      eval_ground_truth(config, records), meta["coco_ids"],
       keypoint_category_ids=meta["keypoint_category_ids"], **evaluator_options(config))
-  steps = input_pipeline.num_eval_steps(config)
+  steps = input_pipeline.num_eval_steps(config, records=records)
   if max_steps:
     steps = min(steps, max_steps)
   faults = input_pipeline.RecordFaults()
   data = input_pipeline.make_dataset(config, "eval", process_index=jax.process_index(),
-                                     process_count=jax.process_count(), faults=faults)
+                                     process_count=jax.process_count(), faults=faults,
+                                     records=records)
   step_fn = _jitted_detect(model, mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   start = time.time()
@@ -110,7 +117,7 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
     for batch in bar:
       for description in faults.new():  # the run's data.on_corrupt, as in training
         if config.data.get("on_corrupt", "fail") != "skip":
-          raise input_pipeline.CorruptRecordError(f"corrupt record in {description}")
+          raise records_lib.CorruptRecordError(f"corrupt record in {description}")
         logging.warning("eval: skipped corrupt record %s (its objects count as missed)",
                         description)
       detections, image_info = step_fn(variables, sharding.global_batch(batch, mesh))
@@ -178,7 +185,7 @@ def main(argv, args):
   try:
     metrics = evaluate(model, variables, config, sharding.make_mesh())
   except (FileNotFoundError, build.DataMismatchError, storage.UnreachableError,
-          input_pipeline.CorruptRecordError) as e:  # e.g. a missing eval split
+          records_lib.CorruptRecordError, records_lib.SourceError) as e:  # e.g. no eval split
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:

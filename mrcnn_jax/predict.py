@@ -232,7 +232,7 @@ def _find_meta(config, checkpoint: str) -> Dict[str, Any]:
     if storage.exists(candidate) and not storage.isdir(candidate):
       return storage.read_json(candidate)
     path = os.path.dirname(path.rstrip("/"))
-  return input_pipeline.RecordFile(config.data.eval_dir).meta
+  return input_pipeline.open_split(config, "eval").meta
 
 
 def _inputs(path: str) -> List[str]:

@@ -12,6 +12,7 @@ gives transiently (unavailable, deadline, aborted, internal, a short or reset
 connection) and then raise ``ReadError`` naming the file and what was read.
 """
 
+import errno
 import json
 import os
 import threading
@@ -102,9 +103,26 @@ def open_file(path: str, mode: str = "r"):
   return _gfile().GFile(path, mode)
 
 
+def _not_found(e: BaseException) -> bool:
+  """A missing file, as the OS or a bucket (``tf.errors.NotFoundError``) says it."""
+  return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"
+
+
+def read_bytes(path: str) -> bytes:
+  """The whole of ``path``; a missing file is ``FileNotFoundError`` (filename ``path``)
+  on every filesystem, where a bucket raises its own ``NotFoundError``."""
+  try:
+    with open_file(path, "rb") as f:
+      return f.read()
+  except Exception as e:  # pylint: disable=broad-except  # sorted by _not_found
+    if _not_found(e):
+      raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
+    raise
+
+
 def read_json(path: str) -> Any:
-  with open_file(path) as f:
-    return json.load(f)
+  """``path`` parsed as JSON; a missing file is ``FileNotFoundError`` (see ``read_bytes``)."""
+  return json.loads(read_bytes(path))
 
 
 def write_text(path: str, text: str) -> None:
@@ -202,6 +220,7 @@ class RangeReader:
     self._local = is_local(path)
     if self._local:
       self._fd = os.open(_local(path), os.O_RDONLY)
+      self._close_fd = os.close  # kept: a reader closed at interpreter exit may outlive os
     else:
       if not _gfile().exists(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -231,7 +250,7 @@ class RangeReader:
       return
     self._closed = True
     if self._local:
-      os.close(self._fd)
+      self._close_fd(self._fd)
     else:
       for handle in self._handles:
         try:
@@ -252,3 +271,21 @@ def check_reachable(path: str, what: str) -> None:
   except Exception as e:  # pylint: disable=broad-except  # OSError or any tf.errors.OpError
     raise UnreachableError(f"{what} {path}: cannot be reached ({type(e).__name__}: "
                            f"{str(e)[:200]})") from None
+
+
+def check_checkpoint_reachable(path: str, what: str) -> None:
+  """``check_reachable``, and also reachable by orbax, which opens paths through etils
+  epath (local, gs://, s3://, ...): a scheme only TensorFlow's gfile knows (its
+  ram://, say) raises ``UnreachableError`` naming ``what`` and ``path`` before any
+  training, rather than at the first save."""
+  check_reachable(path, what)
+  if is_local(path):
+    return
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    epath.Path(path)
+  except KeyError:  # epath looks its schemes up in a table
+    scheme = path.split("://", 1)[0]
+    raise UnreachableError(f"{what} {path}: checkpoints are written by orbax, which cannot "
+                           f"reach {scheme}:// (it reaches local paths, gs:// and the "
+                           f"other schemes etils epath knows)") from None

@@ -55,6 +55,7 @@ from mrcnn_jax import checkpointing, mlperf, optim, preemption, sharding, storag
 from mrcnn_jax import evaluate as evaluate_lib
 from mrcnn_jax.data import canvases as canvas_lib
 from mrcnn_jax.data import input_pipeline
+from mrcnn_jax.data import records as records_lib
 from mrcnn_jax.modeling import build
 
 
@@ -79,30 +80,18 @@ class LogWriteError(RuntimeError):
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
                 num_keypoints: Optional[int] = None,
                 canvas: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
-  """Zeros with the shapes and dtypes of one ``make_dataset`` batch of ``canvas``
-  (default: the config's first).
+  """A batch without instances (``records.placeholder_batch``) of the shapes and dtypes
+  ``make_dataset`` yields for ``canvas`` (default: the config's first).
 
   ``num_keypoints``: the data's keypoints per instance (what the pipeline
   yields); default: the keypoint head's, or 0 without one.
   """
-  d, m = config.data, config.model
-  h, w = canvas or canvas_lib.canvas_sizes(config)[0]
-  kp = num_keypoints
-  if kp is None:
-    kp = m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
-  g = d.max_instances
-  z = lambda shape, dtype=np.float32: np.zeros((batch_size, *shape), dtype)
-  return {
-      "images": z((h, w, 3)),
-      "image_info": {"image_size": np.full((batch_size, 2), (h, w), np.int32),
-                     "original_size": np.full((batch_size, 2), (h, w), np.int32),
-                     "scale": np.ones((batch_size, 2), np.float32),
-                     "image_id": z((), np.int32), "valid": np.ones(batch_size, bool),
-                     "num_dropped": z((), np.int32)},
-      "gt_boxes": z((g, 4)), "gt_classes": z((g,), np.int32), "gt_valid": z((g,), bool),
-      "gt_is_crowd": z((g,), bool), "gt_masks": z((g, d.mask_size, d.mask_size)),
-      "gt_keypoints": z((g, kp, 3)),
-  }
+  m = config.model
+  if num_keypoints is None:
+    num_keypoints = m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
+  return records_lib.placeholder_batch(records_lib.batch_spec(
+      batch_size, canvas or canvas_lib.canvas_sizes(config)[0], config.data.max_instances,
+      config.data.mask_size, num_keypoints))
 
 
 def _split_batch(batch):
@@ -275,14 +264,22 @@ def compile_steps(config, abstract, step_fn, key, num_keypoints: Optional[int] =
 def _check_paths(config, workdir: str) -> None:
   """Fails before any work when the workdir, the data or the initial checkpoint lies
   on a filesystem that cannot be reached (``SetupError`` naming the path: exit 2)."""
-  paths = [("--workdir", workdir), ("config.data.train_dir", config.data.train_dir)]
-  if config.train.eval_every:
-    paths.append(("config.data.eval_dir", config.data.eval_dir))
+  paths = [("--workdir", workdir)]
+  if config.data.get("source", "records") == "tfds":
+    if config.data.get("tfds_data_dir"):
+      paths.append(("config.data.tfds_data_dir", config.data.tfds_data_dir))
+  else:
+    paths.append(("config.data.train_dir", config.data.train_dir))
+    if config.train.eval_every:
+      paths.append(("config.data.eval_dir", config.data.eval_dir))
   if config.get("init_checkpoint"):
     paths.append(("config.init_checkpoint", config.init_checkpoint))
   for what, path in paths:
     try:
-      storage.check_reachable(path, what)
+      if what in ("--workdir", "config.init_checkpoint"):  # orbax reads and writes these
+        storage.check_checkpoint_reachable(path, what)
+      else:
+        storage.check_reachable(path, what)
     except storage.UnreachableError as e:
       raise SetupError(str(e)) from None
   try:
@@ -305,13 +302,13 @@ def _train(config, workdir, stop) -> Dict[str, float]:
       raise SetupError(str(e)) from None
     perf = mlperf.MLPerfRun(config, workdir, is_main)  # init_start: the run's clock starts
     perf.submission(f"{jax.device_count()}x{jax.devices()[0].device_kind}")
-  train_records = input_pipeline.RecordFile(config.data.train_dir)
-  build.check_dataset(config, train_records.meta, f"the training split {config.data.train_dir}")
+  train_records = input_pipeline.open_split(config, "train")
+  build.check_dataset(config, train_records.meta, f"the training split {train_records.directory}")
   eval_records = None
   if t.eval_every or perf:  # what periodic evaluation needs, before hours of training
-    eval_records = input_pipeline.RecordFile(config.data.eval_dir)
-    build.check_dataset(config, eval_records.meta, f"the eval split {config.data.eval_dir}")
-    evaluate_lib.eval_annotations(config)
+    eval_records = input_pipeline.open_split(config, "eval")
+    build.check_dataset(config, eval_records.meta, f"the eval split {eval_records.directory}")
+    evaluate_lib.eval_ground_truth(config, eval_records)
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
@@ -353,7 +350,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
   faults = input_pipeline.RecordFaults()
   data = iter(input_pipeline.make_dataset(
       config, "train", start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count(), faults=faults).as_numpy_iterator())
+      process_count=jax.process_count(), faults=faults,
+      records=train_records).as_numpy_iterator())
   # Placed once: the step takes it replicated (an executable takes arrays
   # already in its shardings).
   key = jax.device_put(jax.random.PRNGKey(config.seed), rep)
@@ -430,7 +428,8 @@ def _train(config, workdir, stop) -> Dict[str, float]:
         if perf is not None:
           perf.block_stop(step, block_first)
           perf.eval_start(step)
-        eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step)
+        eval_metrics = _evaluate(model, state, config, mesh, workdir, logger, step,
+                                 eval_records)
         checkpointer.save_best(step, state, eval_metrics)
         last_log = time.time()  # evaluation time is not training throughput
         if perf is not None and perf.eval_stop(step, eval_metrics):
@@ -488,7 +487,7 @@ def _check_records(faults, on_corrupt: str, logger, step: int) -> None:
   log each, in metrics.jsonl too (the count goes with every metric line)."""
   for description in faults.new():
     if on_corrupt != "skip":
-      raise input_pipeline.CorruptRecordError(
+      raise records_lib.CorruptRecordError(
           f"corrupt record in {description} (data.on_corrupt=skip skips such records)")
     logging.warning("skipped corrupt record %s", description)
     logger.event(step, {"event": "corrupt_record_skipped", "record": description})
@@ -554,10 +553,11 @@ def _restore(checkpointer, abstract, workdir: str, total_steps: int):
   return found[0], found[1], bad
 
 
-def _evaluate(model, state, config, mesh, workdir, logger, step):
+def _evaluate(model, state, config, mesh, workdir, logger, step, records):
   variables = {"params": state.params, **state.model_state}
   metrics = evaluate_lib.evaluate(model, variables, config, mesh,
-                                  max_steps=config.train.get("eval_steps") or None)
+                                  max_steps=config.train.get("eval_steps") or None,
+                                  records=records)
   logger.write(step, metrics, "eval/")
   if jax.process_index() == 0:
     evaluate_lib.write_metrics(workdir, metrics, step)
@@ -646,7 +646,8 @@ def main(argv, args):
     print(f"train: {e}", file=sys.stderr)
     return 4
   except (FileNotFoundError, build.DataMismatchError, SetupError, storage.UnreachableError,
-          checkpointing.CheckpointError, input_pipeline.CorruptRecordError) as e:  # e.g. no data
+          checkpointing.CheckpointError, records_lib.CorruptRecordError,
+          records_lib.SourceError) as e:  # e.g. no data
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -79,9 +79,9 @@ def time_stages(config, repeats: int = 20) -> dict:
   images run side by side, so these add up to roughly CPU-milliseconds.
   """
   import tensorflow as tf
-  from mrcnn_jax.data import input_pipeline, transforms
+  from mrcnn_jax.data import records as records_lib, transforms
   d = config.data
-  records = input_pipeline.RecordFile(d.train_dir)
+  records = records_lib.RecordFile(d.train_dir)
   i = int(np.argmax(records.num_instances))
   canvas = tuple(d.canvas_size)
   flip_map = records.meta["keypoint_flip_map"]
@@ -98,7 +98,7 @@ def time_stages(config, repeats: int = 20) -> dict:
 
   serialized = tf.constant(records.read(i))
   parse = tf.function(lambda s: transforms.keep_largest(
-      transforms.parse(s, records.num_keypoints), d.max_instances))
+      records_lib.parse(s, records.num_keypoints), d.max_instances))
   ex = parse(serialized)
   decode = tf.function(lambda e: transforms.decode_image(e, d.channel_order))
   ex = decode(ex)
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
   try:
     tf_dir = build(directory, args.images)
     config = make_config(tf_dir, args)
-    from mrcnn_jax.data import input_pipeline
-    counts = input_pipeline.RecordFile(tf_dir).num_instances
+    from mrcnn_jax.data import records as records_lib
+    counts = records_lib.RecordFile(tf_dir).num_instances
     load = os.getloadavg()[0]
     seconds = time_pipeline(config, args.steps, args.warmup)
     stages = None if args.no_stages else time_stages(config)

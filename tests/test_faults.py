@@ -118,9 +118,9 @@ def _rewrite_split(src, dst, record, mutate):
   """A copy of split ``src`` at ``dst`` with record ``record``'s Example changed by
   ``mutate`` and written with valid framing (shards and index.json rebuilt)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.data.records import RecordFile  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst)
-  records = input_pipeline.RecordFile(src)
+  records = RecordFile(src)
   index = json.load(open(os.path.join(src, "index.json")))
   writers = [tf.io.TFRecordWriter(os.path.join(dst, s)) for s in index["shards"]]
   offsets = [0] * len(writers)
@@ -141,12 +141,12 @@ def _rewrite_split(src, dst, record, mutate):
 def test_corrupt_records_are_named_then_fail_or_skip(dataset, tmp_path):  # noqa: F811
   """A flipped byte (CRC) and a CRC-valid undecodable JPEG: --verify lists both; training
   stops with exit 2 naming the record; on_corrupt=skip logs, counts and trains on."""
-  from mrcnn_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.data.records import RecordFile  # pylint: disable=g-import-not-at-top
   split = tmp_path / "train"
   _rewrite_split(dataset / "tf" / "train", split, 3,
                  lambda f: f["image/encoded"].bytes_list.value.__setitem__(
                      0, b"\xff\xd8\xff\xe0" + bytes(200)))
-  records = input_pipeline.RecordFile(str(split))
+  records = RecordFile(str(split))
   shard, offset, length = (int(records.shard[5]), int(records.offset[5]),
                            int(records.length[5]))
   path = os.path.join(split, records.shard_names[shard])

@@ -6,7 +6,8 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from mrcnn_jax import evaluate, storage, train
+from configs import shapes
+from mrcnn_jax import checkpointing, evaluate, storage, train
 
 
 def _roots(tmp_path):
@@ -30,6 +31,19 @@ def test_files_round_trip_on_every_filesystem(tmp_path):
   assert (tmp_path / "uri" / "a" / "y.json").exists()
   assert storage.abspath(f"file://{tmp_path}/uri") == str(tmp_path / "uri")
   assert storage.abspath("ram://b/x") == "ram://b/x"
+
+
+def test_a_missing_file_is_file_not_found_on_every_filesystem(tmp_path):
+  """A bucket's tf.errors.NotFoundError reaches callers as FileNotFoundError naming the path."""
+  for root in _roots(tmp_path):
+    storage.makedirs(root)
+    path = storage.join(root, "absent.json")
+    for read in (storage.read_bytes, storage.read_json):
+      with pytest.raises(FileNotFoundError) as e:
+        read(path)
+      assert e.value.filename == path, root
+    storage.write_text(path, '{"a": 1}')
+    assert storage.read_bytes(path) == b'{"a": 1}' and storage.read_json(path) == {"a": 1}
 
 
 def test_append_file_keeps_what_was_there(tmp_path):
@@ -97,6 +111,23 @@ def test_unreachable_filesystem_is_named(tmp_path):
     storage.check_reachable("nosuchfs://bucket/run", "--workdir")
   storage.check_reachable(str(tmp_path / "not" / "yet"), "--workdir")  # missing is fine
   storage.check_reachable(f"ram://{uuid.uuid4().hex}/x", "--workdir")
+
+
+def test_a_workdir_orbax_cannot_reach_fails_before_training(tmp_path):
+  """Orbax opens paths through etils epath, which has no ram:// (TF's in-memory
+  filesystem): the workdir check names it up front instead of a KeyError at the first
+  save. Local paths and file:// pass."""
+  workdir = f"ram://{uuid.uuid4().hex}/run"
+  with pytest.raises(KeyError, match="ram://"):  # what orbax itself does with it
+    checkpointing.Checkpointer(workdir)
+  with pytest.raises(storage.UnreachableError,
+                     match=r"--workdir ram://.*/run: checkpoints are written by orbax, which "
+                           r"cannot reach ram://"):
+    storage.check_checkpoint_reachable(workdir, "--workdir")
+  with pytest.raises(train.SetupError, match="cannot reach ram://"):
+    train._check_paths(shapes.get_config("tiny"), workdir)  # pylint: disable=protected-access
+  for path in (str(tmp_path / "run"), f"file://{tmp_path}/run2"):
+    storage.check_checkpoint_reachable(path, "--workdir")
 
 
 def test_workdir_files_on_a_bucket_like_filesystem():

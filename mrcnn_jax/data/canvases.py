@@ -8,7 +8,7 @@ train-step and one detect program per canvas in a run). Several canvases
 must be multiples of ``model.size_divisibility``, so that each image's
 padded extent fits whichever holds it and its results do not depend on the
 canvas. The choice reads each record's image size from the split's index
-(older conversions: its ground_truth.json).
+(older conversions: its ground truth).
 
 Which canvas (``choose``): the image is resized by its rule
 (``transforms.fit_scale``: fit the canvas, or shortest edge ``min_size``
@@ -37,7 +37,6 @@ step. With one canvas this is exactly the one-canvas order: step s takes
 positions s*B .. of the epoch permutations.
 """
 
-import json
 import threading
 from typing import List, Sequence, Tuple
 
@@ -125,7 +124,7 @@ def assign(sizes: np.ndarray, canvases: Sequence[Canvas], min_size: float = 0,
 
 
 def record_canvases(records, config) -> np.ndarray:
-  """``[N]`` canvas index of every record of a ``RecordFile`` under ``config``."""
+  """``[N]`` canvas index of every record of a split's reader under ``config``."""
   canvases = canvas_sizes(config)
   if len(canvases) == 1:
     return np.zeros(len(records), np.int64)
@@ -134,24 +133,22 @@ def record_canvases(records, config) -> np.ndarray:
 
 def image_sizes(records) -> np.ndarray:
   """``[N, 2]`` (h, w) of every record: the index's ``image_sizes`` (written by the
-  converter), else the split's ground_truth.json images, by image id."""
+  converter), else the split's ground truth images, by image id."""
   if records.image_sizes is not None:
     return records.image_sizes
-  path = records.directory.rstrip("/") + "/" + records.meta.get("ground_truth",
-                                                                "ground_truth.json")
   try:
-    with tf.io.gfile.GFile(path) as f:
-      images = json.load(f)["images"]
+    images = records.ground_truth()["images"]
     by_id = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
   except (tf.errors.OpError, OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{records.directory}: image sizes are needed to choose canvases; its "
-                     f"index.json has none and {path} cannot be read ({e}); convert the "
-                     f"split again") from None
+                     f"index.json has none and its ground truth cannot be read ({e}); "
+                     f"convert the split again") from None
   missing = [int(i) for i in records.image_id if int(i) not in by_id]
   if missing:
-    raise ValueError(f"{path}: no entry in 'images' for image id {missing[0]} (record "
-                     f"{int(np.flatnonzero(records.image_id == missing[0])[0])} of "
-                     f"{records.directory}); convert the split again")
+    raise ValueError(f"{records.directory}: its ground truth has no entry in 'images' for "
+                     f"image id {missing[0]} (record "
+                     f"{int(np.flatnonzero(records.image_id == missing[0])[0])}); convert the "
+                     f"split again")
   return np.asarray([by_id[int(i)] for i in records.image_id], np.int64).reshape(-1, 2)
 
 

@@ -13,18 +13,14 @@ COCO person_keypoints-style keypoints) up to full COCO 2017 train: images are
 checked and encoded in worker processes, records stream to the shards, and a
 progress bar shows the ETA.
 
-Each record (a ``tf.train.Example``) holds the encoded image (the original
-bytes when TF can decode them as they are, else a lossless PNG re-encoding),
-its size and id, and per instance: the box (xyxy, original pixels),
-contiguous class id, iscrowd, area, annotation id, keypoints, and the mask
-as one PNG cropped to the box's integer pixel window (``mask_window`` gives
-that window as x, y, w, h), so the pipeline never decodes a full-image mask.
-
-Beside the shards: ``index.json`` (the byte offset and length of every
-record, so the pipeline reads any example by number, and per-record instance
-counts and image sizes), ``meta.json`` (the class-id mapping, category names, keypoint
-names, flip map and skeleton, the source paths, and the conversion summary)
-and ``ground_truth.json``: the COCO JSON of exactly what was converted (the
+The split's format (shards, ``index.json``, ``meta.json``, the example
+schema) is ``records``'s. Each record holds the encoded image (the original
+bytes when TF can decode them as they are, else a lossless PNG re-encoding)
+and per instance the mask as one PNG cropped to the box's integer pixel
+window, so the pipeline never decodes a full-image mask. ``meta.json`` holds
+the class-id mapping, category names, keypoint names, flip map and skeleton,
+the source paths and the conversion summary;
+``ground_truth.json`` the COCO JSON of exactly what was converted (the
 images written, the annotations kept as they were given, with a missing
 ``iscrowd`` set to 0, a missing or invalid ``area`` set to the mask's, and a
 missing or repeated annotation ``id`` replaced), which evaluation scores
@@ -66,10 +62,8 @@ from tqdm import tqdm
 
 from mrcnn_jax import storage
 
-RECORD_OVERHEAD = 16  # TFRecord framing: u64 length, u32 crc, data, u32 crc
 INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
 INT64_MAX = 2 ** 63 - 1
-GROUND_TRUTH = "ground_truth.json"  # beside the shards: what evaluation scores against
 # Polygon coordinates beyond this many image sides from the image are taken as
 # malformed (pycocotools rasterises a polygon's whole outline, so a coordinate
 # of 1e30 would take all memory).
@@ -84,16 +78,13 @@ class DatasetError(Exception):
 def load_json(path: str) -> dict:
   """Reads and checks a COCO JSON; raises DatasetError with the reason."""
   try:
-    with storage.open_file(path) as f:
-      data = json.load(f)
+    data = storage.read_json(path)
   except FileNotFoundError:
     raise DatasetError(f"{path}: no such file") from None
   except json.JSONDecodeError as e:
     raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: "
                        f"{e.msg}") from None
   except Exception as e:  # pylint: disable=broad-except  # OSError, a bucket's tf.errors
-    if type(e).__name__ == "NotFoundError":
-      raise DatasetError(f"{path}: no such file") from None
     raise DatasetError(f"{path}: cannot read: {type(e).__name__}: {str(e)[:200]}") from None
   if not isinstance(data, dict):
     raise DatasetError(f"{path}: expected a JSON object with images/annotations/categories")
@@ -175,12 +166,10 @@ def flip_map(names: List[str]) -> List[int]:
 # ------------------------------------------------------------------ one image
 def _open_image(path: str) -> Tuple[Optional[Image.Image], bytes, Optional[str]]:
   try:
-    raw = storage.retried(lambda: _read_bytes(path), path)
+    raw = storage.retried(lambda: storage.read_bytes(path), path)
   except FileNotFoundError:
     return None, b"", "missing image file"
   except Exception as e:  # pylint: disable=broad-except  # OSError, a bucket's tf.errors
-    if type(e).__name__ == "NotFoundError":
-      return None, b"", "missing image file"
     return None, b"", f"unreadable image file ({type(e).__name__}: {str(e)[:200]})"
   try:
     image = Image.open(io.BytesIO(raw))
@@ -189,11 +178,6 @@ def _open_image(path: str) -> Tuple[Optional[Image.Image], bytes, Optional[str]]
           Image.DecompressionBombError) as e:
     return None, raw, f"corrupt image ({type(e).__name__}: {e})"
   return image, raw, None
-
-
-def _read_bytes(path: str) -> bytes:
-  with storage.open_file(path, "rb") as f:
-    return f.read()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -272,7 +256,8 @@ def _annotation_mask(segm, h: int, w: int) -> Tuple[Optional[np.ndarray], Option
   return mask_utils.decode(rle).astype(bool), None
 
 
-def _png(mask: np.ndarray) -> bytes:
+def mask_png(mask: np.ndarray) -> bytes:
+  """A boolean mask as the PNG the records store (0 or 255 per pixel)."""
   buf = io.BytesIO()
   Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buf, format="PNG", compress_level=1)
   return buf.getvalue()
@@ -353,7 +338,7 @@ def _instance(ann: dict, where: str, h: int, w: int, class_of: dict, num_keypoin
   aid = ann.get("id")
   return {"box": [x1, y1, x2, y2], "class": class_of[cat], "crowd": int(crowd),
           "area": float(area), "id": aid if _is_int(aid) and 0 <= aid <= INT64_MAX else -1,
-          "keypoints": keypoints, "png": _png(window),
+          "keypoints": keypoints, "png": mask_png(window),
           "window": [wx0, wy0, wx1 - wx0, wy1 - wy0]}
 
 
@@ -402,29 +387,13 @@ def convert_image(job) -> dict:
   return out
 
 
-# ------------------------------------------------------------------ records
-def to_example(image_id: int, file_name: str, rec: dict) -> bytes:
-  import tensorflow as tf  # the workers never import TF: only the writer does
-  f = tf.train.Feature
-  b = lambda v: f(bytes_list=tf.train.BytesList(value=v))
-  i = lambda v: f(int64_list=tf.train.Int64List(value=np.asarray(v).reshape(-1).tolist()))
-  fl = lambda v: f(float_list=tf.train.FloatList(value=np.asarray(v).reshape(-1).tolist()))
-  feature = {
-      "image/encoded": b([rec["image"]]), "image/id": i([image_id]),
-      "image/height": i([rec["height"]]), "image/width": i([rec["width"]]),
-      "image/filename": b([file_name.encode()]),
-      "objects/bbox": fl(rec["boxes"]), "objects/class": i(rec["classes"]),
-      "objects/is_crowd": i(rec["is_crowd"]), "objects/area": fl(rec["areas"]),
-      "objects/id": i(rec["ann_ids"]), "objects/keypoints": fl(rec["keypoints"]),
-      "objects/mask_png": b(rec["mask_png"]), "objects/mask_window": i(rec["mask_window"]),
-  }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
+# ------------------------------------------------------------------ split
 def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
             workers: Optional[int] = None, max_printed: int = 20) -> dict:
   """Converts one split; returns the summary (also in meta.json)."""
-  import tensorflow as tf
+  # TensorFlow is imported here, in the writer, never in the workers.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.data import records  # pylint: disable=g-import-not-at-top
   start = time.time()
   data = load_json(annotations)
   meta = category_meta(data["categories"])
@@ -508,14 +477,14 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
                             for k in ("id", "file_name", "width", "height")})
         given = anns_by_image.get(result["image_id"], [])
         kept_annotations.extend(dict(given[i], **filled) for i, filled in result["kept"])
-        serialized = to_example(result["image_id"], result["file_name"], rec)
+        serialized = records.to_example(result["image_id"], result["file_name"], rec)
         shard = len(index["records"]) % num_shards
         writers[shard].write(serialized)
         n = len(rec["classes"])
         index["records"].append([shard, offsets[shard], len(serialized), n,
                                  int(result["image_id"])])
         index["image_sizes"].append([int(rec["height"]), int(rec["width"])])
-        offsets[shard] += len(serialized) + RECORD_OVERHEAD
+        offsets[shard] += len(serialized) + records.RECORD_OVERHEAD
         counts["images written"] += 1
         counts["instances written"] += n
         counts["crowd regions"] += int(rec["is_crowd"].sum())
@@ -531,12 +500,12 @@ def convert(images_dir: str, annotations: str, output: str, num_shards: int = 8,
   summary = {"images in JSON": len(data["images"]), **counts,
              "problems": dict(problems), "seconds": round(time.time() - start, 1)}
   meta.update(source_annotations=storage.abspath(annotations),
-              source_images=storage.abspath(images_dir), ground_truth=GROUND_TRUTH,
+              source_images=storage.abspath(images_dir), ground_truth=records.GROUND_TRUTH,
               has_masks=with_masks,
               summary=summary)
   ground_truth = {k: v for k, v in data.items() if k not in ("images", "annotations")}
   ground_truth.update(images=kept_images, annotations=_unique_ids(kept_annotations))
-  storage.write_json(storage.join(output, GROUND_TRUTH), ground_truth)
+  storage.write_json(storage.join(output, records.GROUND_TRUTH), ground_truth)
   storage.write_json(storage.join(output, "index.json"), index)
   storage.write_json(storage.join(output, "meta.json"), meta, indent=1)
   storage.write_text(storage.join(output, "problems.txt"), "\n".join(log) + ("\n" if log else ""))
@@ -558,16 +527,16 @@ def _unique_ids(annotations: List[dict]) -> List[dict]:
 
 def verify(directory: str) -> Tuple[int, List[str]]:
   """(records read, one line per bad record) of a converted split."""
-  from mrcnn_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  records = input_pipeline.RecordFile(directory)
+  from mrcnn_jax.data import records  # pylint: disable=g-import-not-at-top
+  split = records.RecordFile(directory)
   bad = []
-  for i in tqdm(range(len(records)), desc="verify", unit="rec", dynamic_ncols=True,
+  for i in tqdm(range(len(split)), desc="verify", unit="rec", dynamic_ncols=True,
                 mininterval=1.0):
-    problem = records.problem(i)
+    problem = split.problem(i)
     if problem:
-      bad.append(records.describe(i, problem))
-  records.close()
-  return len(records.shard), bad
+      bad.append(split.describe(i, problem))
+  split.close()
+  return len(split), bad
 
 
 def _verify_main(output: str) -> int:

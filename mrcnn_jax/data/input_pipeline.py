@@ -1,7 +1,10 @@
-"""tf.data pipelines: converted COCO splits -> static-shaped batches.
+"""tf.data pipelines: a split's records -> static-shaped batches.
 
-``make_dataset(config, split, ...)`` yields numpy dicts whose shapes never
-change:
+The records come from a converted split (``records.RecordFile``) or a
+prepared TFDS dataset (``tfds_source.TfdsSplit``), per ``config.data.source``
+(``open_split``); both give records of the one schema (``records.parse``) by
+number. ``make_dataset(config, split, ...)`` yields numpy dicts whose shapes
+never change (``records.batch_spec``):
 
     images        [B, H, W, 3] float32, normalised (config.data.mean/std/channel_order)
     image_info    image_size [B, 2] (h, w inside the canvas), original_size [B, 2],
@@ -22,9 +25,10 @@ permutation seeded by (seed, e)); with several, each step's canvas is
 drawn per round of steps and its images are that canvas's share of the same
 permutations. The augmentation of the example at global position p is
 seeded by (seed, p). A run resumed at step k therefore sees exactly the
-batches an uninterrupted run would. Records are read by number through the
-converter's byte-offset index. With several processes, each reads only its
-own contiguous slice of every global batch, all of one canvas.
+batches an uninterrupted run would. Records are read by number (a converted
+split's byte-offset index; a TFDS split's random access). With several
+processes, each reads only its own contiguous slice of every global batch,
+all of one canvas.
 
 Evaluation visits every record once: each canvas's records in file order,
 canvas after canvas; each canvas's last global batch is padded with copies
@@ -35,159 +39,53 @@ Corrupt records: every read checks the TFRecord framing's two masked CRC32Cs
 decode (image or mask) is dropped from the stream and named in
 ``RecordFaults`` (split, shard, record, image id, file name).
 ``config.data.on_corrupt`` says what the caller (train, evaluate) does:
-"fail" (the default) stops with ``CorruptRecordError``; "skip" logs and
+"fail" (the default) stops with ``records.CorruptRecordError``; "skip" logs and
 counts it, and the batch is filled from the next records, so it keeps its
 shape (a resumed run then sees the batches shifted by the skipped records).
 A record whose bytes cannot be read (a bucket that keeps failing after
-``storage.READ_TRIES`` tries) is not bad data: ``UnreadableRecordError``
+``storage.READ_TRIES`` tries) is not bad data: ``records.UnreadableRecordError``
 names it and stops the run whatever on_corrupt says.
 
-Splits may lie on any filesystem ``storage`` reaches (gs://, file://, ...):
-records are read by byte offset through ``storage.RangeReader``.
+Converted splits may lie on any filesystem ``storage`` reaches (gs://,
+file://, ...): records are read by byte offset through ``storage.RangeReader``.
 """
 
-import io
 import numbers
-import struct
 import threading
 from typing import List, Optional
 
-import google_crc32c
 import numpy as np
 import tensorflow as tf
 
-from mrcnn_jax import storage
 from mrcnn_jax.data import canvases as canvas_lib
+from mrcnn_jax.data import records as records_lib
 from mrcnn_jax.data import transforms
 
 
-_CRC_MASK_DELTA = 0xa282ead8  # TFRecord's masked CRC32C (tsl/lib/hash/crc32c.h)
+SOURCES = ("records", "tfds")  # config.data.source
 
 
-def masked_crc(data: bytes) -> int:
-  crc = google_crc32c.value(data)
-  return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xffffffff
-
-
-class CorruptRecordError(ValueError):
-  """A record that fails its checksum or does not decode (the CLIs exit 2)."""
-
-
-class UnreadableRecordError(CorruptRecordError):
-  """A record whose bytes could not be read after ``storage.READ_TRIES`` tries.
-
-  An input/output failure, not bad data: it stops the run whatever
-  ``data.on_corrupt`` says (a skip would silently train on less).
-  """
-
-
-class RecordFile:
-  """Random access to a converted split: record bytes by number (thread-safe)."""
-
-  def __init__(self, directory: str):
-    self.directory = directory
-    try:
-      index = storage.read_json(storage.join(directory, "index.json"))
-      self.meta = storage.read_json(storage.join(directory, "meta.json"))
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"{directory}: not a converted split ({e.filename} missing); "
-                              f"run python -m mrcnn_jax.data.coco first") from None
-    except Exception as e:  # pylint: disable=broad-except  # a bucket's errors are tf.errors
-      if type(e).__name__ == "NotFoundError":
-        raise FileNotFoundError(f"{directory}: not a converted split (index.json or "
-                                f"meta.json missing); run python -m mrcnn_jax.data.coco "
-                                f"first") from None
-      raise storage.UnreachableError(f"{directory}: cannot read the converted split "
-                                     f"({type(e).__name__}: {str(e)[:200]})") from None
-    records = np.asarray(index["records"], np.int64).reshape(-1, 5)
-    self.shard, self.offset, self.length, self.num_instances, self.image_id = records.T
-    # (h, w) of each image; splits converted before the index held them have none.
-    sizes = index.get("image_sizes")
-    self.image_sizes = None if sizes is None else np.asarray(sizes, np.int64).reshape(-1, 2)
-    self.shard_names = list(index["shards"])
-    self._files = [storage.RangeReader(storage.join(directory, s)) for s in index["shards"]]
-    self.num_keypoints = len(self.meta["keypoint_names"])
-    self.num_classes = len(self.meta["coco_ids"])
-
-  def close(self):
-    """Closes the shard files; ``read`` fails after this."""
-    files, self._files = getattr(self, "_files", []), []
-    for f in files:
-      f.close()
-
-  def __del__(self):  # so that RecordFile(d).meta does not leak the shards' descriptors
-    self.close()
-
-  def __len__(self):
-    return len(self.shard)
-
-  def read(self, i: int) -> bytes:
-    """Serialized example ``i``, its framing checked. Raises ``CorruptRecordError``
-    naming the record, ``UnreadableRecordError`` when reading it failed after retries."""
-    problem, data = self._read_checked(i)
-    if problem:
-      raise CorruptRecordError(self.describe(i, problem))
-    return data
-
-  def _read_checked(self, i: int):
-    """(problem or None, payload). Framing: u64 length, u32 masked crc32c of the
-    length, the payload, u32 masked crc32c of the payload."""
-    if not self._files:
-      raise ValueError(f"{self.directory}: read from a closed RecordFile")
-    n = int(self.length[i])
-    shard = self._files[self.shard[i]]
-    try:
-      raw = storage.retried(lambda: shard.read_once(int(self.offset[i]), n + 16),
-                            f"{shard.path} byte offset {int(self.offset[i])}")
-    except storage.ReadError as e:
-      raise UnreadableRecordError(self.describe(i, f"unreadable: {e}")) from None
-    if len(raw) < n + 16:
-      return f"the shard ends {n + 16 - len(raw)} bytes early (truncated)", b""
-    (length,), (length_crc,) = struct.unpack("<Q", raw[:8]), struct.unpack("<I", raw[8:12])
-    if masked_crc(raw[:8]) != length_crc or length != n:
-      return "corrupt framing (length or its CRC does not match the index)", b""
-    data = raw[12:12 + n]
-    if masked_crc(data) != struct.unpack("<I", raw[12 + n:])[0]:
-      return "data CRC mismatch (corrupt bytes)", b""
-    return None, data
-
-  def describe(self, i: int, problem: str) -> str:
-    """One line naming record ``i``: split, shard, record number, image id, file name."""
-    shard = int(self.shard[i])
-    number = int(np.count_nonzero(self.shard[:i] == shard))
-    return (f"{self.directory}: shard {self.shard_names[shard]} record {number} "
-            f"(record {i} of the split, byte offset {int(self.offset[i])}), image id "
-            f"{int(self.image_id[i])}, file {self._file_name(int(self.image_id[i]))}: {problem}")
-
-  def _file_name(self, image_id: int) -> str:
-    """From the converter's ground_truth.json (read only when naming a bad record)."""
-    try:
-      images = storage.read_json(storage.join(
-          self.directory, self.meta.get("ground_truth", "ground_truth.json")))["images"]
-      return next((im["file_name"] for im in images if im["id"] == image_id), "?")
-    except Exception:  # pylint: disable=broad-except  # naming is best effort
-      return "?"
-
-  def problem(self, i: int) -> Optional[str]:
-    """Why record ``i`` cannot be used (None: it can): its framing, then the Example,
-    the image and every mask PNG decoded on the host (PIL)."""
-    problem, data = self._read_checked(i)
-    if problem:
-      return problem
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    try:
-      feature = tf.train.Example.FromString(data).features.feature
-      with Image.open(io.BytesIO(feature["image/encoded"].bytes_list.value[0])) as im:
-        im.load()
-    except Exception as e:  # pylint: disable=broad-except  # any decoder failure
-      return f"undecodable image ({type(e).__name__}: {str(e)[:120]})"
-    for k, png in enumerate(feature["objects/mask_png"].bytes_list.value):
-      try:
-        with Image.open(io.BytesIO(png)) as im:
-          im.load()
-      except Exception as e:  # pylint: disable=broad-except
-        return f"undecodable mask {k} ({type(e).__name__}: {str(e)[:120]})"
-    return None
+def open_split(config, split: str):
+  """The reader of ``split`` ("train" or "eval") from ``config.data.source``: a converted
+  split (``records.RecordFile`` of data.train_dir / data.eval_dir, the default) or a
+  prepared TFDS dataset (``tfds_source.TfdsSplit`` of data.tfds_name's
+  data.tfds_train_split / data.tfds_eval_split)."""
+  d = config.data
+  if split not in ("train", "eval"):
+    raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+  source = d.get("source", "records")
+  if source not in SOURCES:
+    raise records_lib.SourceError(f"config.data.source: expected one of {SOURCES}, got "
+                                  f"{source!r}")
+  if source == "tfds":
+    if not d.get("tfds_name"):
+      raise records_lib.SourceError("config.data.source is 'tfds' but config.data.tfds_name "
+                                    "is empty; set it to NAME[/CONFIG][:VERSION]")
+    from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.TfdsSplit(
+        d.tfds_name, d.get("tfds_train_split", "train") if split == "train"
+        else d.get("tfds_eval_split", "validation"), d.get("tfds_data_dir") or None)
+  return records_lib.RecordFile(d.train_dir if split == "train" else d.eval_dir)
 
 
 class RecordFaults:
@@ -214,11 +112,11 @@ class RecordFaults:
       self._unreadable.append(description)
 
   def new(self) -> List[str]:
-    """Descriptions added since the last call; raises ``UnreadableRecordError`` for
+    """Descriptions added since the last call; raises ``records.UnreadableRecordError`` for
     a record that could not be read."""
     with self._lock:
       if self._unreadable:
-        raise UnreadableRecordError(self._unreadable[0])
+        raise records_lib.UnreadableRecordError(self._unreadable[0])
       items, self._read = self._items[self._read:], len(self._items)
     return items
 
@@ -230,7 +128,7 @@ class RecordFaults:
 
 def make_dataset(config, split: str, *, start_step: int = 0, process_index: int = 0,
                  process_count: int = 1, batch_size: Optional[int] = None,
-                 faults: Optional[RecordFaults] = None) -> tf.data.Dataset:
+                 faults: Optional[RecordFaults] = None, records=None) -> tf.data.Dataset:
   """Batches of ``split`` ("train" or "eval") as documented in the module docstring.
 
   Args:
@@ -243,12 +141,13 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     faults: collects the records dropped as corrupt, for the caller to act on
       per ``config.data.on_corrupt``; without it, a corrupt record fails the
       iteration (a TensorFlow error whose text names it) unless on_corrupt is "skip".
+    records: the split's reader (``open_split``), when the caller has it open.
   """
   d = config.data
   is_train = split == "train"
   if split not in ("train", "eval"):
     raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-  records = RecordFile(d.train_dir if is_train else d.eval_dir)
+  records = records or open_split(config, split)
   global_batch = batch_size or (config.batch_size if is_train else config.eval_batch_size)
   if global_batch % process_count:
     raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
@@ -277,7 +176,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     def load(index, position, record):
       serialized = tf.numpy_function(lambda i: records.read(max(int(i), 0)), [record],
                                      tf.string, stateful=False)
-      ex = transforms.parse(tf.ensure_shape(serialized, []), records.num_keypoints)
+      ex = records_lib.parse(tf.ensure_shape(serialized, []), records.num_keypoints)
       ex = transforms.keep_largest(ex, d.max_instances)
       ex = transforms.decode_image(ex, d.get("channel_order", "rgb"))
       if is_train:
@@ -339,7 +238,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
         record = max(int(locate(i)[1]), 0)
         try:
           why = records.problem(record) or "the input pipeline could not decode it"
-        except UnreadableRecordError as e:  # an I/O failure: never skipped
+        except records_lib.UnreadableRecordError as e:  # an I/O failure: never skipped
           if faults is None:
             raise
           faults.add_unreadable(str(e))
@@ -348,7 +247,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
         if faults is not None:
           faults.add(description)
         elif on_corrupt == "fail":
-          raise CorruptRecordError(description)
+          raise records_lib.CorruptRecordError(description)
 
     def checked(index, out):
       ok = tf.numpy_function(note_gaps, [index], tf.bool, stateful=True)
@@ -363,7 +262,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
     if d.get("filter_empty", True):
       usable = usable[records.num_instances > 0]
     if not len(usable):
-      raise ValueError(f"{d.train_dir}: no training image has an annotation")
+      raise ValueError(f"{records.directory}: no training image has an annotation")
     order = canvas_lib.TrainOrder(usable, canvas_of[usable], len(canvases), global_batch,
                                   config.seed)
     parts = []
@@ -397,7 +296,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
       parts.append(batches(canvases[c], locate, 0, padded // process_count)
                    .take(padded // global_batch))
     if not parts:
-      raise ValueError(f"{d.eval_dir}: the split holds no record")
+      raise ValueError(f"{records.directory}: the split holds no record")
     ds = parts[0]
     for part in parts[1:]:
       ds = ds.concatenate(part)
@@ -408,9 +307,10 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   return ds.with_options(options).prefetch(d.get("prefetch", 2))
 
 
-def num_eval_steps(config, batch_size: Optional[int] = None) -> int:
-  """Batches in one eval pass (each canvas's last one padded)."""
-  records = RecordFile(config.data.eval_dir)
+def num_eval_steps(config, batch_size: Optional[int] = None, records=None) -> int:
+  """Batches in one eval pass (each canvas's last one padded); ``records``: the eval
+  split's reader when the caller has it open."""
+  records = records or open_split(config, "eval")
   return canvas_lib.num_eval_batches(canvas_lib.record_canvases(records, config),
                                      len(canvas_lib.canvas_sizes(config)),
                                      batch_size or config.eval_batch_size)

@@ -1,4 +1,5 @@
-"""Pure TF example transforms: parse, decode, resize/flip/jitter, pad (dict -> dict).
+"""Pure TF example transforms: decode, resize/flip/jitter, pad (dict -> dict), on the
+examples ``records.parse`` gives.
 
 Every geometric step is one affine map from original image pixels to canvas
 pixels, ``x' = sx * x + tx`` (with ``sx < 0`` after a horizontal flip), applied
@@ -7,54 +8,13 @@ PNG crops of each box's integer pixel window; the M x M target of a (possibly
 clipped) box is read from that crop at the box's M x M cell centres, so no
 full-image mask is ever decoded.
 
-Coordinates are continuous (pixel centres at i + 0.5). COCO keypoints are
-integer pixel indices, so 0.5 is added when they are parsed (detectron2 does
-the same).
+Coordinates are continuous (pixel centres at i + 0.5).
 """
 
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-
-FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/id": tf.io.FixedLenFeature([], tf.int64),
-    "image/height": tf.io.FixedLenFeature([], tf.int64),
-    "image/width": tf.io.FixedLenFeature([], tf.int64),
-    "objects/bbox": tf.io.VarLenFeature(tf.float32),
-    "objects/class": tf.io.VarLenFeature(tf.int64),
-    "objects/is_crowd": tf.io.VarLenFeature(tf.int64),
-    "objects/area": tf.io.VarLenFeature(tf.float32),
-    "objects/keypoints": tf.io.VarLenFeature(tf.float32),
-    "objects/mask_png": tf.io.VarLenFeature(tf.string),
-    "objects/mask_window": tf.io.VarLenFeature(tf.int64),
-}
-
-
-def parse(serialized: tf.Tensor, num_keypoints: int) -> Dict[str, tf.Tensor]:
-  """A serialized record -> dict of dense tensors (N instances, image still encoded)."""
-  f = tf.io.parse_single_example(serialized, FEATURES)
-  dense = lambda k: tf.sparse.to_dense(f[k])
-  n = tf.shape(f["objects/class"], out_type=tf.int64)[0]  # instances (-1 fails for 0 keypoints)
-  keypoints = tf.reshape(dense("objects/keypoints"), [n, num_keypoints, 3])
-  # Integer pixel indices -> continuous coordinates, for labelled points only.
-  labelled = keypoints[..., 2:] > 0
-  keypoints = tf.concat([tf.where(labelled, keypoints[..., :2] + 0.5, 0.0), keypoints[..., 2:]],
-                        axis=-1)
-  return {
-      "encoded": f["image/encoded"],
-      "image_id": f["image/id"],
-      "original_size": tf.cast(tf.stack([f["image/height"], f["image/width"]]), tf.int32),
-      "boxes": tf.reshape(dense("objects/bbox"), [-1, 4]),
-      "classes": tf.cast(dense("objects/class"), tf.int32),
-      "is_crowd": tf.cast(dense("objects/is_crowd"), tf.bool),
-      "areas": dense("objects/area"),
-      "keypoints": keypoints,
-      "mask_png": dense("objects/mask_png"),
-      "mask_window": tf.cast(tf.reshape(dense("objects/mask_window"), [-1, 4]), tf.float32),
-  }
-
 
 def keep_largest(ex: Dict[str, tf.Tensor], max_instances: int) -> Dict[str, tf.Tensor]:
   """Keeps the ``max_instances`` largest instances (by area); counts the rest in ``num_dropped``."""

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from mrcnn_jax.data import canvases, transforms
-from mrcnn_jax.data.input_pipeline import RecordFile, make_dataset, num_eval_steps
+from mrcnn_jax.data.input_pipeline import make_dataset, num_eval_steps
+from mrcnn_jax.data.records import RecordFile
 from tests.data.conftest import data_config
 from tests.data.test_input_pipeline import _assert_bitwise_equal, _batches, _concat
 

@@ -12,8 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from mrcnn_jax.data import coco
-from mrcnn_jax.data.input_pipeline import RecordFile
-from mrcnn_jax.data.transforms import parse
+from mrcnn_jax.data.records import RecordFile, parse
 
 
 def _records(directory):

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from mrcnn_jax import storage
 from mrcnn_jax.data import coco, input_pipeline
-from mrcnn_jax.data.input_pipeline import RecordFile, make_dataset
+from mrcnn_jax.data.input_pipeline import make_dataset
+from mrcnn_jax.data.records import RecordFile, UnreadableRecordError
 from tests.data.conftest import data_config
 
 
@@ -94,14 +95,14 @@ def test_a_record_that_cannot_be_read_is_named_never_skipped(remote_split, monke
   records = RecordFile(split)
   bad = 4
   _failing_reads(monkeypatch, 10 ** 9, offsets={int(records.offset[bad])})
-  with pytest.raises(input_pipeline.UnreadableRecordError,
+  with pytest.raises(UnreadableRecordError,
                      match=rf"{split}: shard \S+ record \d+ \(record {bad} of the split.*"
                            rf"image id {int(records.image_id[bad])}, .*unreadable: .*"
                            rf"read failed {storage.READ_TRIES} times \(UnavailableError"):
     records.read(bad)
   config = data_config(tf_dir, eval_dir=split, on_corrupt=on_corrupt)
   faults = input_pipeline.RecordFaults()
-  with pytest.raises(input_pipeline.UnreadableRecordError, match=f"record {bad} of the split"):
+  with pytest.raises(UnreadableRecordError, match=f"record {bad} of the split"):
     for _ in make_dataset(config, "eval", faults=faults).as_numpy_iterator():
       faults.new()  # what train and evaluate do after each batch
 
