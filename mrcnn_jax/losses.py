@@ -7,7 +7,7 @@ batch, so a sharded batch gives the same numbers as one device. All
 arithmetic is float32.
 """
 
-from typing import Dict
+from typing import Dict, Sequence
 
 import jax.numpy as jnp
 import optax
@@ -76,7 +76,9 @@ def rpn_losses(objectness: jnp.ndarray, deltas: jnp.ndarray, anchors: jnp.ndarra
 
 def box_head_losses(logits: jnp.ndarray, deltas: jnp.ndarray,
                     targets: Dict[str, jnp.ndarray], loss_type: str = "smooth_l1",
-                    beta: float = 0.0) -> Dict[str, jnp.ndarray]:
+                    beta: float = 0.0,
+                    weights: Sequence[float] = box_ops.BOX_HEAD_WEIGHTS
+                    ) -> Dict[str, jnp.ndarray]:
   """Fast R-CNN losses over the sampled RoIs.
 
   ``loss_cls``: softmax cross-entropy averaged over valid RoIs.
@@ -86,7 +88,8 @@ def box_head_losses(logits: jnp.ndarray, deltas: jnp.ndarray,
 
   Args:
     logits: ``[B, R, K + 1]``; deltas: ``[B, R, K, 4]`` (or ``[B, R, 1, 4]``).
-    targets: batched ``ops.targets.roi_targets`` output.
+    targets: batched ``ops.targets.roi_targets`` (or ``label_boxes``) output.
+    weights: the box coder's weights the targets were encoded with.
   """
   valid, fg = targets["valid"], targets["foreground"]
   num_valid = jnp.maximum(jnp.sum(valid), 1)
@@ -97,8 +100,8 @@ def box_head_losses(logits: jnp.ndarray, deltas: jnp.ndarray,
   # and the fg mask below drops them. Class-agnostic heads have one set.
   cls = jnp.minimum(targets["classes"], deltas.shape[2] - 1)
   pred = jnp.take_along_axis(deltas, cls[..., None, None], axis=2)[..., 0, :]  # (B, R, 4)
-  reg = box_regression(pred, targets["box_deltas"], targets["boxes"],
-                       box_ops.BOX_HEAD_WEIGHTS, loss_type, beta)
+  reg = box_regression(pred, targets["box_deltas"], targets["boxes"], weights, loss_type,
+                       beta)
   loss_box = jnp.sum(jnp.where(fg, reg, 0.0)) / num_valid
   return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 

@@ -16,7 +16,8 @@ from mrcnn_jax.modeling import build
 
 CONFIGS = ["shapes", "coco_mask_rcnn_r50_fpn_1x", "coco_keypoint_rcnn_r50_fpn_1x",
            "coco_mask_rcnn_r50_fpn_lsj_100ep",
-           "coco_mask_rcnn_r50_c4_1x", "torchvision_mask_rcnn", "detectron2_mask_rcnn"]
+           "coco_mask_rcnn_r50_c4_1x", "cascade_mask_rcnn_r50_fpn_1x", "torchvision_mask_rcnn",
+           "detectron2_mask_rcnn"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -49,7 +49,7 @@ def register(name: str, frozen: Callable[[ml_collections.ConfigDict], Sequence[s
 
 
 def name_of(section: ml_collections.ConfigDict) -> str:
-  """The backbone's name; a section without one (an older config.json) is ResNet's."""
+  """The backbone's name; a section without one (written before the key existed) is ResNet's."""
   return section.get("name", "resnet")
 
 

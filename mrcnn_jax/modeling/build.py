@@ -14,6 +14,7 @@ import ml_collections
 
 from mrcnn_jax.modeling import backbones
 from mrcnn_jax.modeling.box_head import BoxHead
+from mrcnn_jax.modeling.cascade import CascadeRoIHeads
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import DECODES, KeypointHead
 from mrcnn_jax.modeling.mask_head import MaskHead
@@ -88,6 +89,11 @@ def model_config(design: str = "fpn", **overrides: Any) -> ml_collections.Config
           "norm": "none",  # after each of those convs: "none", "gn" or "bn"
           "class_agnostic": False, "loss_type": "smooth_l1", "smooth_l1_beta": 0.0,
       },
+      # Cascade R-CNN (modeling/cascade.py): the box head's refinement stages
+      # after the first, each with its foreground IoU and box coder weights;
+      # () = the standard single box head. detectron2's cascade: (0.6, 0.7) and
+      # ((20, 20, 10, 10), (30, 30, 15, 15)), with box_head.class_agnostic.
+      "cascade": {"iou_thresholds": (), "box_weights": ()},
       "mask_head": {"enabled": True, "num_convs": 0 if c4 else 4, "conv_dim": 256,
                     "norm": "none", "pooler_resolution": 14},
       "keypoint_head": {"enabled": False, "num_keypoints": 17, "num_convs": 8,
@@ -179,9 +185,7 @@ def _roi_heads(m: ml_collections.ConfigDict, dtype, bn_groups: int) -> RoIHeads:
                         norm=bb.norm, stride_in_1x1=bb.stride_in_1x1,
                         class_agnostic=box.class_agnostic, dtype=dtype)
   else:
-    box_head = BoxHead(num_classes=m.num_classes, fc_dims=tuple(box.fc_dims),
-                       class_agnostic=box.class_agnostic, num_convs=box.num_convs,
-                       conv_dim=box.conv_dim, norm=box.norm, bn_groups=bn_groups, dtype=dtype)
+    box_head = _box_head(m, dtype, bn_groups)
   mask_head = keypoint_head = None
   if mask.enabled:
     mask_head = MaskHead(num_classes=m.num_classes, num_convs=mask.num_convs,
@@ -189,8 +193,14 @@ def _roi_heads(m: ml_collections.ConfigDict, dtype, bn_groups: int) -> RoIHeads:
   if kp.enabled:
     keypoint_head = KeypointHead(num_keypoints=kp.num_keypoints, num_convs=kp.num_convs,
                                  conv_dim=kp.conv_dim, dtype=dtype)
-  return RoIHeads(
-      box_head=box_head, mask_head=mask_head, keypoint_head=keypoint_head,
+  cascade = {}
+  if m.cascade.iou_thresholds:
+    cascade = {"refine_box_heads": tuple(_box_head(m, dtype, bn_groups)
+                                         for _ in m.cascade.iou_thresholds),
+               "refine_iou_thresholds": tuple(m.cascade.iou_thresholds),
+               "refine_box_weights": tuple(tuple(w) for w in m.cascade.box_weights)}
+  return (CascadeRoIHeads if cascade else RoIHeads)(
+      **cascade, box_head=box_head, mask_head=mask_head, keypoint_head=keypoint_head,
       num_classes=m.num_classes,
       batch_size_per_image=m.roi.batch_size_per_image,
       positive_fraction=m.roi.positive_fraction, iou_threshold=m.roi.iou_threshold,
@@ -210,6 +220,13 @@ def _roi_heads(m: ml_collections.ConfigDict, dtype, bn_groups: int) -> RoIHeads:
           score_threshold=m.test.score_threshold, nms_threshold=m.test.nms_threshold,
           detections_per_image=m.test.detections_per_image,
           max_candidates=m.test.max_candidates, min_box_size=m.test.min_box_size))
+
+
+def _box_head(m: ml_collections.ConfigDict, dtype, bn_groups: int) -> BoxHead:
+  box = m.box_head
+  return BoxHead(num_classes=m.num_classes, fc_dims=tuple(box.fc_dims),
+                 class_agnostic=box.class_agnostic, num_convs=box.num_convs,
+                 conv_dim=box.conv_dim, norm=box.norm, bn_groups=bn_groups, dtype=dtype)
 
 
 def check_model_config(m: ml_collections.ConfigDict) -> None:
@@ -258,6 +275,16 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.roi.sampling_ratio / max_sampling_ratio: expected >= 0 (0 = "
                      f"adaptive) and >= 1, got {m.roi.sampling_ratio} and "
                      f"{m.roi.max_sampling_ratio}")
+  cascade = m.cascade
+  if len(cascade.iou_thresholds) != len(cascade.box_weights):
+    raise ValueError(f"model.cascade: one box_weights entry per iou_thresholds entry, got "
+                     f"{tuple(cascade.iou_thresholds)} and {tuple(cascade.box_weights)}")
+  if cascade.iou_thresholds and (m.design != "fpn" or not m.box_head.class_agnostic):
+    raise ValueError("model.cascade: each stage regresses the boxes the next one reads, so "
+                     "a cascade needs the FPN design and model.box_head.class_agnostic=True")
+  if any(len(w) != 4 for w in cascade.box_weights):
+    raise ValueError(f"model.cascade.box_weights: expected 4 weights (wx, wy, ww, wh) per "
+                     f"stage, got {tuple(cascade.box_weights)}")
   if m.roi.head_chunk_size < 0:
     raise ValueError(f"model.roi.head_chunk_size: expected >= 0 (0 = no chunks), got "
                      f"{m.roi.head_chunk_size}")

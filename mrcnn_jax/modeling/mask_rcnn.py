@@ -125,7 +125,8 @@ class MaskRCNN(nn.Module):
     gt_boxes = gt["gt_boxes"].astype(jnp.float32)
     out = self.rpn.losses(rpn_out, gt_boxes, gt["gt_valid"], gt["gt_is_crowd"], rpn_key)
     head_losses, rois = self.roi_heads.losses(roi_features, rpn_out.proposals,
-                                              rpn_out.proposals_valid, gt, roi_key, train)
+                                              rpn_out.proposals_valid, image_info["image_size"],
+                                              gt, roi_key, train)
     out |= head_losses
     out["loss"] = loss_lib.total(out)
     return out, _diagnostics(rois, rpn_out.proposals, rpn_out.proposals_valid, gt_boxes,
@@ -155,19 +156,19 @@ class MaskRCNN(nn.Module):
       if not candidates or self.test_augment_boxes:
         roi_features, rpn_out = self.proposals(view_images, view_size, train=False,
                                                training_counts=False)
-        logits, deltas, _ = self.roi_heads.box_outputs(roi_features, rpn_out.proposals, False)
+        logits, deltas, boxes = self.roi_heads.box_predictions(roi_features,
+                                                              rpn_out.proposals, view_size)
         # Back to the plain image: a mirrored view's x-offsets change sign
         # (the size deltas and offsets relative to the box are scale-free).
         if flip:
           deltas = deltas * jnp.asarray([-1.0, 1.0, 1.0, 1.0], deltas.dtype)
-        candidates.append((logits, deltas, view.from_view(rpn_out.proposals),
-                           rpn_out.proposals_valid))
+        candidates.append((logits, deltas, view.from_view(boxes), rpn_out.proposals_valid))
       else:
         roi_features = self.features(view_images, view_size, train=False)[2]
       views.append((roi_features, view))
-    logits, deltas, proposals, proposals_valid = (
+    logits, deltas, boxes, boxes_valid = (
         jnp.concatenate(parts, axis=1) for parts in zip(*candidates))
-    dets = self.roi_heads.postprocess(logits, deltas, proposals, proposals_valid, image_size)
+    dets = self.roi_heads.detections(logits, deltas, boxes, boxes_valid, image_size)
     out = {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
     masks, heatmaps = self._views_heads(views, dets["boxes"], dets["classes"], dets["valid"])
     if masks is not None:

@@ -70,13 +70,14 @@ class Postprocess:
   max_candidates: int
   min_box_size: float  # detections with a side under this are dropped (torchvision 1e-2)
 
-  def __call__(self, logits: Array, deltas: Array, proposals: Array, proposals_valid: Array,
-               image_size: Array) -> Dict[str, Array]:
-    """Batched ``postprocess.detect``; ``image_size [B, 2]`` clips the boxes."""
+  def __call__(self, logits: Array, deltas: Array, boxes: Array, boxes_valid: Array,
+               image_size: Array, weights: Sequence[float]) -> Dict[str, Array]:
+    """Batched ``postprocess.detect`` of ``deltas`` on ``boxes`` (box coder ``weights``);
+    ``image_size [B, 2]`` clips the results."""
     return jax.vmap(lambda lg, dl, p, pv, s: postprocess.detect(
         lg, dl, p, pv, (s[0], s[1]), self.score_threshold, self.nms_threshold,
-        self.detections_per_image, self.max_candidates, self.min_box_size))(
-            logits, deltas, proposals, proposals_valid, image_size.astype(jnp.float32))
+        self.detections_per_image, self.max_candidates, self.min_box_size, weights))(
+            logits, deltas, boxes, boxes_valid, image_size.astype(jnp.float32))
 
 
 class RoIHeads(nn.Module):
@@ -145,10 +146,11 @@ class RoIHeads(nn.Module):
 
   # ------------------------------------------------------------------ training
   def losses(self, features: RoIFeatures, proposals: Array, proposals_valid: Array,
-             gt: Dict[str, Array], key: jax.Array, train: bool):
+             image_size: Array, gt: Dict[str, Array], key: jax.Array, train: bool):
     """Samples RoIs and returns (``loss_*`` of every head, the sampled RoIs).
 
-    ``gt`` as ``MaskRCNN.losses`` takes it; ``train``: BatchNorm mode.
+    ``image_size [B, 2]`` and ``gt`` as ``MaskRCNN.losses`` takes them; ``train``:
+    BatchNorm mode.
     """
     gt_boxes = gt["gt_boxes"].astype(jnp.float32)
     rois = jax.vmap(lambda p, pv, gb, gcl, gv, gc, k: target_ops.roi_targets(
@@ -156,9 +158,7 @@ class RoIHeads(nn.Module):
         self.positive_fraction, self.iou_threshold, self.crowd_ioa_threshold))(
             proposals, proposals_valid, gt_boxes, gt["gt_classes"], gt["gt_valid"],
             gt["gt_is_crowd"], jax.random.split(key, proposals.shape[0]))
-    logits, box_deltas, res5 = self.box_outputs(features, rois["boxes"], train)
-    out = loss_lib.box_head_losses(logits, box_deltas, rois, self.box_loss_type,
-                                   self.box_smooth_l1_beta)
+    out, res5 = self.box_losses(features, rois, gt, image_size, train)
     if self.mask_head is not None:
       out["loss_mask"] = self._mask_loss(features, rois, gt_boxes, gt["gt_masks"], res5)
     if self.keypoint_head is not None:
@@ -168,6 +168,14 @@ class RoIHeads(nn.Module):
         out["loss_keypoint_position"] = (
             self.keypoint_loss_weight * self.keypoint_position_loss_weight * position)
     return out, rois
+
+  def box_losses(self, features: RoIFeatures, rois: Dict[str, Array], gt: Dict[str, Array],
+                 image_size: Array, train: bool):
+    """(``loss_cls``, ``loss_box_reg``; res5 or None) of the box head on the sampled RoIs."""
+    del gt, image_size  # the sampled RoIs carry their targets
+    logits, deltas, res5 = self.box_outputs(features, rois["boxes"], train)
+    return loss_lib.box_head_losses(logits, deltas, rois, self.box_loss_type,
+                                    self.box_smooth_l1_beta), res5
 
   def _mask_loss(self, features, rois, gt_boxes, gt_masks, res5):
     """The mask loss on the first ``num_mask_rois`` slots (foreground first)."""
@@ -236,6 +244,19 @@ class RoIHeads(nn.Module):
     return chunked.run(fn, head.variables["params"], inputs, valid, self.head_chunk_size)
 
   # ------------------------------------------------------------------ inference
+  def box_predictions(self, features: RoIFeatures, proposals: Array, image_size: Array):
+    """(class logits, box deltas, the boxes the deltas apply to) for ``detections``;
+    ``image_size [B, 2]``: each image in the canvas."""
+    del image_size
+    logits, deltas, _ = self.box_outputs(features, proposals, False)
+    return logits, deltas, proposals
+
+  def detections(self, logits: Array, deltas: Array, boxes: Array, boxes_valid: Array,
+                 image_size: Array) -> Dict[str, Array]:
+    """``box_predictions``' outputs -> D detections per image (``Postprocess``)."""
+    return self.postprocess(logits, deltas, boxes, boxes_valid, image_size,
+                            box_ops.BOX_HEAD_WEIGHTS)
+
   def detection_heads(self, features: RoIFeatures, boxes: Array, classes: Array,
                       valid: Array) -> Tuple[Optional[Array], Optional[Array]]:
     """Mask probabilities ``[B, D, S, S]`` of each box's class and keypoint heatmap

@@ -146,6 +146,44 @@ def roi_targets(proposals: jnp.ndarray, proposals_valid: jnp.ndarray,
   }
 
 
+
+def label_boxes(boxes: jnp.ndarray, boxes_valid: jnp.ndarray, gt_boxes: jnp.ndarray,
+                gt_classes: jnp.ndarray, gt_valid: jnp.ndarray, gt_is_crowd: jnp.ndarray,
+                num_classes: int, iou_threshold: float, crowd_ioa_threshold: float,
+                weights: Sequence[float]) -> Dict[str, jnp.ndarray]:
+  """Labels given boxes without sampling: a Cascade R-CNN refinement stage's targets.
+
+  detectron2's ``CascadeROIHeads._match_and_label_boxes``: each of the R boxes
+  (the previous stage's regressed boxes) is matched to its best object; IoU >=
+  ``iou_threshold`` is foreground with that object's class and box deltas
+  under ``weights``, below is background. As in ``roi_targets``, a box that
+  is background but lies inside a crowd region is ignored (not valid).
+
+  Returns the dict ``roi_targets`` returns, over the same R slots.
+  """
+  dims, objects, crowd = _check_gt(gt_boxes, gt_valid, gt_is_crowd)
+  check_shape("gt_classes", gt_classes, ("G",), dims)
+  dims = check_shape("boxes", boxes, ("R", 4))
+  check_shape("boxes_valid", boxes_valid, ("R",), dims)
+  iou = box_ops.pairwise_iou(boxes, gt_boxes)  # (R, G)
+  matched, labels = matching.match(iou, objects, (iou_threshold,),
+                                   (matching.NEGATIVE, matching.POSITIVE))
+  labels = matching.ignore_crowd(labels, boxes, gt_boxes, crowd, crowd_ioa_threshold)
+  valid = boxes_valid & (labels != matching.IGNORE)
+  foreground = valid & (labels == matching.POSITIVE)
+  classes = jnp.where(foreground, gt_classes[matched], num_classes).astype(jnp.int32)
+  deltas = box_ops.encode(gt_boxes[matched], boxes, weights)
+  best_iou = jnp.max(jnp.where(objects[None, :], iou, 0.0), axis=1, initial=0.0)
+  return {
+      "boxes": jnp.where(valid[:, None], boxes, 0.0),
+      "valid": valid,
+      "classes": classes,
+      "foreground": foreground,
+      "matched_gt": matched,
+      "box_deltas": jnp.where(foreground[:, None], deltas, 0.0),
+      "matched_iou": jnp.where(valid, best_iou, 0.0),
+  }
+
 def mask_targets(rois: jnp.ndarray, matched_gt: jnp.ndarray, gt_boxes: jnp.ndarray,
                  gt_masks: jnp.ndarray, mask_size: int = 28, sampling_ratio: int = 2,
                  threshold: float = 0.5) -> jnp.ndarray:
