@@ -16,7 +16,9 @@ quarter of COCO's, 64 channels in the FPN, narrow heads, and fewer
 proposals and RoIs. Every op and head is the same as in the COCO configs;
 the keypoint head also trains its sub-pixel decoding (position_loss_weight,
 below).
-``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests.
+``--config=configs/shapes.py:tiny`` is a seconds-long variant for tests;
+``--config=configs/shapes.py:cascade`` is Cascade Mask R-CNN (three box
+stages, modeling/cascade.py) on the same data and schedule.
 
 Current figures: README.md; the measurements and variants tried behind each
 setting: docs/experiments.md.
@@ -36,6 +38,8 @@ NUM_KEYPOINTS = 3  # triangle: apex, left_base, right_base
 
 
 def get_config(arg=None):
+  if arg not in (None, "", "tiny", "cascade"):
+    raise ValueError(f"configs/shapes.py: expected no argument, 'tiny' or 'cascade', got {arg!r}")
   tiny = arg == "tiny"
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -89,6 +93,10 @@ def get_config(arg=None):
     model.box_head.fc_dims = (32, 32)
   else:  # detectron2's conv head, narrow: see docs/experiments.md
     model.box_head.update(num_convs=2, conv_dim=64, fc_dims=(128,))
+  if arg == "cascade":  # detectron2's cascade stages, class-agnostic boxes
+    model.box_head.class_agnostic = True
+    model.cascade.update(iou_thresholds=(0.6, 0.7),
+                         box_weights=((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)))
   model.mask_head.update(num_convs=2, conv_dim=32)
   # Heatmaps over boxes 1.4x the detection's: a triangle's corners lie on its
   # box (see docs/experiments.md).
