@@ -95,13 +95,12 @@ def preprocessing_of(config) -> Dict[str, Any]:
   in normalised space, of the canvas outside the image.
   """
   d = config.data
-  min_size = d.get("min_size", 0)
+  min_size, max_size, rounding = canvas_lib.resize_rule(config)
   return {
       "input": "RGB, 0..255 (uint8 after to_rgb_array)",
       "resize": {"rule": "shortest_edge" if min_size > 0 else "fit_canvas",
-                 "min_size": min_size, "max_size": d.get("max_size", 0),
-                 "rounding": d.get("resize_rounding", "round"), "interpolation": "bilinear",
-                 "antialias": False},
+                 "min_size": min_size, "max_size": max_size, "rounding": rounding,
+                 "interpolation": "bilinear", "antialias": False},
       "channel_order": d.get("channel_order", "rgb"),
       "mean": [float(v) for v in d.mean], "std": [float(v) for v in d.std],
       # 0 after normalisation, as torchvision and detectron2 pad (transforms.normalize).

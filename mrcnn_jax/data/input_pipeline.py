@@ -155,7 +155,7 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   canvases = canvas_lib.canvas_sizes(config)
   canvas_of = canvas_lib.record_canvases(records, config)
   flip_map = records.meta["keypoint_flip_map"]
-  rounding = d.get("resize_rounding", "round")
+  min_size, max_size, rounding = canvas_lib.resize_rule(config)
   if rounding not in transforms.ROUNDINGS:
     raise ValueError(f"config.data.resize_rounding: expected one of {transforms.ROUNDINGS}, "
                      f"got {rounding!r}")
@@ -184,10 +184,9 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
         scale_range = tuple(d.scale_range) if d.get("scale_range") else None
         scale, offset, flip = transforms.random_geometry(
             ex["original_size"], canvas, seed, d.get("flip", True), scale_range,
-            d.get("min_size", 0), d.get("max_size", 0), rounding)
+            min_size, max_size, rounding)
       else:
-        scale = transforms.fit_scale(ex["original_size"], canvas, d.get("min_size", 0),
-                                     d.get("max_size", 0))
+        scale = transforms.fit_scale(ex["original_size"], canvas, min_size, max_size)
         offset, flip = tf.zeros([2]), tf.constant(False)
       ex = transforms.apply_geometry(ex, canvas, scale, offset, flip, d.mask_size, flip_map,
                                      rounding)
