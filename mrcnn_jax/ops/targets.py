@@ -122,17 +122,29 @@ def roi_targets(proposals: jnp.ndarray, proposals_valid: jnp.ndarray,
 
   candidates = jnp.concatenate([proposals, gt_boxes.astype(proposals.dtype)], axis=0)
   candidates_valid = jnp.concatenate([proposals_valid, objects])
-  iou = box_ops.pairwise_iou(candidates, gt_boxes)  # (P + G, G)
-  matched, labels = matching.match(iou, objects, (iou_threshold,),
-                                   (matching.NEGATIVE, matching.POSITIVE))
-  labels = matching.ignore_crowd(labels, candidates, gt_boxes, crowd, crowd_ioa_threshold)
-  labels = jnp.where(candidates_valid, labels, matching.IGNORE)
+  matched, labels, best_iou = _match(candidates, candidates_valid, gt_boxes, objects, crowd,
+                                     iou_threshold, crowd_ioa_threshold)
   index, valid, is_pos = sampling.sample_balanced(labels, batch_size_per_image,
                                                   positive_fraction, key)
+  return _labelled(candidates[index], valid, valid & is_pos, matched[index], best_iou[index],
+                   gt_boxes, gt_classes, num_classes, weights)
+
+
+def _match(boxes, boxes_valid, gt_boxes, objects, crowd, iou_threshold, crowd_ioa_threshold):
+  """Each box's best object, its label (negative inside a crowd region: ignored; invalid
+  boxes: ignored) and its best IoU with an object."""
+  iou = box_ops.pairwise_iou(boxes, gt_boxes)  # (R, G)
+  matched, labels = matching.match(iou, objects, (iou_threshold,),
+                                   (matching.NEGATIVE, matching.POSITIVE))
+  labels = matching.ignore_crowd(labels, boxes, gt_boxes, crowd, crowd_ioa_threshold)
+  labels = jnp.where(boxes_valid, labels, matching.IGNORE)
   best_iou = jnp.max(jnp.where(objects[None, :], iou, 0.0), axis=1, initial=0.0)
-  foreground = valid & is_pos
-  boxes = candidates[index]
-  matched = matched[index]
+  return matched, labels, best_iou
+
+
+def _labelled(boxes, valid, foreground, matched, best_iou, gt_boxes, gt_classes, num_classes,
+              weights) -> Dict[str, jnp.ndarray]:
+  """The RoI targets' dict (see ``roi_targets``), zeros where not valid / not foreground."""
   classes = jnp.where(foreground, gt_classes[matched], num_classes).astype(jnp.int32)
   deltas = box_ops.encode(gt_boxes[matched], boxes, weights)
   return {
@@ -142,9 +154,8 @@ def roi_targets(proposals: jnp.ndarray, proposals_valid: jnp.ndarray,
       "foreground": foreground,
       "matched_gt": matched,
       "box_deltas": jnp.where(foreground[:, None], deltas, 0.0),
-      "matched_iou": jnp.where(valid, best_iou[index], 0.0),
+      "matched_iou": jnp.where(valid, best_iou, 0.0),
   }
-
 
 
 def label_boxes(boxes: jnp.ndarray, boxes_valid: jnp.ndarray, gt_boxes: jnp.ndarray,
@@ -165,24 +176,11 @@ def label_boxes(boxes: jnp.ndarray, boxes_valid: jnp.ndarray, gt_boxes: jnp.ndar
   check_shape("gt_classes", gt_classes, ("G",), dims)
   dims = check_shape("boxes", boxes, ("R", 4))
   check_shape("boxes_valid", boxes_valid, ("R",), dims)
-  iou = box_ops.pairwise_iou(boxes, gt_boxes)  # (R, G)
-  matched, labels = matching.match(iou, objects, (iou_threshold,),
-                                   (matching.NEGATIVE, matching.POSITIVE))
-  labels = matching.ignore_crowd(labels, boxes, gt_boxes, crowd, crowd_ioa_threshold)
-  valid = boxes_valid & (labels != matching.IGNORE)
-  foreground = valid & (labels == matching.POSITIVE)
-  classes = jnp.where(foreground, gt_classes[matched], num_classes).astype(jnp.int32)
-  deltas = box_ops.encode(gt_boxes[matched], boxes, weights)
-  best_iou = jnp.max(jnp.where(objects[None, :], iou, 0.0), axis=1, initial=0.0)
-  return {
-      "boxes": jnp.where(valid[:, None], boxes, 0.0),
-      "valid": valid,
-      "classes": classes,
-      "foreground": foreground,
-      "matched_gt": matched,
-      "box_deltas": jnp.where(foreground[:, None], deltas, 0.0),
-      "matched_iou": jnp.where(valid, best_iou, 0.0),
-  }
+  matched, labels, best_iou = _match(boxes, boxes_valid, gt_boxes, objects, crowd,
+                                     iou_threshold, crowd_ioa_threshold)
+  valid = labels != matching.IGNORE
+  return _labelled(boxes, valid, valid & (labels == matching.POSITIVE), matched, best_iou,
+                   gt_boxes, gt_classes, num_classes, weights)
 
 def mask_targets(rois: jnp.ndarray, matched_gt: jnp.ndarray, gt_boxes: jnp.ndarray,
                  gt_masks: jnp.ndarray, mask_size: int = 28, sampling_ratio: int = 2,
