@@ -568,6 +568,13 @@ def config_file(source: str, arch: Arch) -> str:
           else "configs/detectron2_mask_rcnn.py") + variant
 
 
+def run_flags(summary: dict, output: str) -> str:
+  """The flags that run a converted detector (convert.json's ``summary``) from ``output``."""
+  depth = summary["model"]["backbone"]["depth"]  # the configs named are R50s
+  return (f"--config={summary['config']} --checkpoint={output}"
+          + (f" --config.model.backbone.depth={depth}" if depth != "50" else ""))
+
+
 def convert(source: str, arch_name: str, input_path: str, output: str,
             classes: str = "auto", overwrite: bool = False) -> dict:
   """The whole CLI: read, convert, check against the model, save. Returns convert.json's content."""
@@ -619,7 +626,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
   print(f"wrote {summary['checkpoint']} ({args.source} {args.arch}: "
         f"{summary['model']['num_classes']} classes); use it with "
-        f"--config={summary['config']} --checkpoint={args.output}")
+        f"{run_flags(summary, args.output)}")
   return 0
 
 

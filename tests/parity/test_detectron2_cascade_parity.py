@@ -231,6 +231,8 @@ def test_cascade_stages_match_detectron2_layout_reference(torch, reference, tmp_
     assert_close(f"P{level + 2}", ours["fpn"][level], theirs["fpn"][level])
   for k in range(len(STAGE_WEIGHTS)):
     # Stage k > 0 reads stage k - 1's regressed, clipped boxes (its input: ``boxes{k}``).
+    print(f"stage {k} input boxes: max abs diff "
+          f"{np.abs(ours[f'boxes{k}'] - theirs[f'boxes{k}']).max():.3g} px")
     np.testing.assert_allclose(ours[f"boxes{k}"], theirs[f"boxes{k}"], atol=1e-3, rtol=1e-5)
     assert_close(f"stage {k} logits", ours[f"logits{k}"], theirs[f"logits{k}"])
     assert_close(f"stage {k} deltas", ours[f"deltas{k}"], theirs[f"deltas{k}"])
