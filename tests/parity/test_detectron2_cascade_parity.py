@@ -25,7 +25,6 @@ stage on the same input and proposals to within 1e-4 of each output's magnitude.
 
 import functools
 import math
-import pickle
 
 import jax
 import jax.numpy as jnp
@@ -80,16 +79,10 @@ def build_reference(torch, torchvision, seed=0):
       "deconv": nn.ConvTranspose2d(256, 256, 2, stride=2),
       "predictor": nn.Conv2d(256, NUM_CLASSES, 1),
   })
-  generator = torch.Generator().manual_seed(seed)
+  generator = parity.randomise_detectron2_layout(torch, backbone, heads, seed)
   with torch.no_grad():
-    parity._randomise_frozen_bn(torch, backbone, generator)
-    for module in heads.modules():
-      if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        module.weight.normal_(0.0, 0.02, generator=generator)
-        module.bias.normal_(0.0, 0.1, generator=generator)
     for stage in heads["stages"]:  # boxes that move by a few pixels, some out of the image
       stage["bbox_pred"].bias.normal_(0.0, 1.0, generator=generator)
-  backbone.eval()
   return backbone, heads
 
 
@@ -205,12 +198,7 @@ def reference():
 
 def test_cascade_stages_match_detectron2_layout_reference(torch, reference, tmp_path, capsys):
   backbone, heads, state = reference
-  pkl = tmp_path / "model_final.pkl"
-  with open(pkl, "wb") as f:  # protocol 2 and a "model" dict, as the model zoo's files
-    pickle.dump({"model": state, "__author__": "test"}, f, protocol=2)
-  out = str(tmp_path / "d2_cascade")
-  assert convert.main(["--from=detectron2", "--arch=cascade_mask_rcnn_R_50_FPN",
-                       f"--input={pkl}", f"--output={out}"]) == 0
+  out = parity.convert_detectron2_state(state, "cascade_mask_rcnn_R_50_FPN", tmp_path)
   hint = "--config=configs/cascade_mask_rcnn_r50_fpn_1x.py:detectron2"
   assert hint in capsys.readouterr().out
 
@@ -220,9 +208,7 @@ def test_cascade_stages_match_detectron2_layout_reference(torch, reference, tmp_
   config.model.roi.canonical_box_size = CANONICAL
   config.data.update(canvas_size=(H, W), canvas_sizes=())
   model = build.build_model(config)
-  rng = np.random.default_rng(0)
-  x = (parity.images_uint8(count=2, height=H, width=W).astype(np.float32) - 120.0) / 60.0
-  x += rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+  x = parity.normalised_inputs(H, W)
   theirs = reference_stages(torch, backbone, heads, x, PROPOSALS)
   ours = jax.device_get(jax.jit(functools.partial(model.apply, method=_stages))(
       checkpointing.load_variables(out), x, PROPOSALS))
