@@ -254,6 +254,8 @@ def test_cascade_conversion_names_stages_and_settings(reference):
       tuple(w) for w in recipe.cascade.box_weights] == [w for w in STAGE_WEIGHTS[1:]]
   assert convert.cascade_name("roi_heads.box_predictor.cls_score", 2) == \
       "roi_heads.box_predictor.2.cls_score"
+  with pytest.raises(ValueError, match="config arg"):
+    cascade_mask_rcnn_r50_fpn_1x.get_config("keypoint")
 
 
 def test_cascade_file_mismatches_are_named(reference):
