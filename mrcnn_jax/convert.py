@@ -6,13 +6,18 @@
         --input=model_final_f10217.pkl --output=weights/d2_maskrcnn_r50
     python -m mrcnn_jax.convert --from=detectron2 --arch=mask_rcnn_R_50_C4 \\
         --input=model_final_9243eb.pkl --output=weights/d2_maskrcnn_r50_c4
+    python -m mrcnn_jax.convert --from=detectron2 --arch=cascade_mask_rcnn_R_50_FPN \\
+        --input=model_final_480dd8.pkl --output=weights/d2_cascade_mrcnn_r50
 
 Architectures: torchvision ``maskrcnn_resnet50_fpn``, ``keypointrcnn_resnet50_fpn``,
 ``fasterrcnn_resnet50_fpn`` and the bare ImageNet backbones ``resnet50`` /
 ``resnet101`` (their ``fc`` classifier is dropped); detectron2
 ``{mask,keypoint,faster}_rcnn_R_{50,101}_FPN`` and ``{mask,faster}_rcnn_R_{50,101}_C4``
 (the C4 design: ResNet's res5 stage, ``roi_heads.res5``, is the box head; see
-modeling/res5_head.py). The output directory is an
+modeling/res5_head.py) and ``cascade_mask_rcnn_R_{50,101}_FPN`` (Cascade R-CNN,
+modeling/cascade.py: three class-agnostic box stages
+``roi_heads.box_{head,predictor}.{0,1,2}``; stage 0 becomes ``box_head``,
+stage k ``refine_box_heads_{k-1}``). The output directory is an
 orbax checkpoint (step 0, ``params`` + ``model_state``) that evaluate and
 predict take as ``--checkpoint`` and train takes as ``--config.init_checkpoint``
 (with ``init_keep=backbone`` or ``no_predictors`` for another class count),
@@ -43,6 +48,7 @@ only plain containers and numpy arrays; anything else in the file is refused.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -66,6 +72,7 @@ class Arch:
   mask: bool = False
   keypoints: bool = False
   c4: bool = False  # the C4 design: no FPN, res5 as the box head
+  cascade: bool = False  # Cascade R-CNN: CASCADE_STAGES class-agnostic box stages
 
 
 TORCHVISION_ARCHS = {
@@ -81,7 +88,16 @@ DETECTRON2_ARCHS = {
 } | {
     f"{kind}_rcnn_R_{depth}_C4": Arch(depth, mask=kind == "mask", c4=True)
     for kind in ("mask", "faster") for depth in (50, 101)
+} | {
+    f"cascade_mask_rcnn_R_{depth}_FPN": Arch(depth, mask=True, cascade=True) for depth in (50, 101)
 }
+# detectron2's CascadeROIHeads settings (ROI_BOX_CASCADE_HEAD.IOUS and
+# BBOX_REG_WEIGHTS, the defaults every model-zoo cascade uses): a weight file
+# holds no settings, so a converted cascade gets these. Stage 1's IoU 0.5 and
+# weights (10, 10, 5, 5) are the standard box head's; these are the later stages'.
+CASCADE_STAGES = 3
+CASCADE_IOU_THRESHOLDS = (0.6, 0.7)
+CASCADE_BOX_WEIGHTS = ((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # bottleneck blocks in res2..res5
 
 
@@ -346,6 +362,43 @@ def _rpn(src: Tensors, n: Names, source: str) -> Iterator[Tuple[Path, np.ndarray
   yield ("params", "rpn_head", "deltas", "bias"), b.reshape(len(order), 4)[order].reshape(-1)
 
 
+def cascade_name(name: str, k: int) -> str:
+  """detectron2's name of stage ``k``'s layer (its box head and predictor are ModuleLists):
+  ``roi_heads.box_head.fc1`` -> ``roi_heads.box_head.{k}.fc1``."""
+  return re.sub(r"^roi_heads\.(box_head|box_predictor)\.", rf"roi_heads.\1.{k}.", name)
+
+
+def _box_fcs(src: Tensors, names: Tuple[str, str], fpn_channels: int,
+             path: str) -> Iterator[Tuple[Path, np.ndarray]]:
+  """The FPN box head's two FCs (the first reads a ``(C, y, x)`` flattening)."""
+  fc6, fc7 = names
+  yield ("params", path, "fc6", "kernel"), dense_from_chw(src.take(f"{fc6}.weight"), fpn_channels)
+  yield ("params", path, "fc6", "bias"), src.take(f"{fc6}.bias")
+  yield from _layer(src, fc7, (path, "fc7"), dense)
+
+
+def _box_predictor(src: Tensors, cls_score: str, bbox_pred: str, source: str, classes: str,
+                   path: str, class_agnostic: bool = False):
+  """Class logits (background last) and box deltas; returns the source rows of our classes."""
+  logits_w, logits_b = src.take(f"{cls_score}.weight"), src.take(f"{cls_score}.bias")
+  rows = class_rows(source, logits_w.shape[0], classes)
+  background = logits_w.shape[0] - 1 if source == "detectron2" else 0
+  order = rows + [background]
+  yield ("params", path, "predictor", "cls_score", "kernel"), dense(logits_w[order])
+  yield ("params", path, "predictor", "cls_score", "bias"), logits_b[order]
+  box_w, box_b = src.take(f"{bbox_pred}.weight"), src.take(f"{bbox_pred}.bias")
+  if class_agnostic:
+    if box_w.shape[0] != 4:
+      raise ConversionError(f"{src.origin}: {bbox_pred}.weight has {box_w.shape[0]} outputs; "
+                            f"a cascade stage regresses one class-agnostic box (4)")
+  else:
+    box_w = box_w.reshape(-1, 4, box_w.shape[-1])[rows].reshape(-1, box_w.shape[-1])
+    box_b = box_b.reshape(-1, 4)[rows].reshape(-1)
+  yield ("params", path, "predictor", "bbox_pred", "kernel"), dense(box_w)
+  yield ("params", path, "predictor", "bbox_pred", "bias"), box_b
+  return rows
+
+
 def _detector(src: Tensors, n: Names, arch: Arch, source: str,
               classes: str) -> Iterator[Tuple[Path, np.ndarray]]:
   yield from _rpn(src, n, source)
@@ -356,23 +409,15 @@ def _detector(src: Tensors, n: Names, arch: Arch, source: str,
       yield from _layer(src, n.lateral.format(k=k, j=k - 2), ("fpn", f"lateral{k}"), conv)
       yield from _layer(src, n.output.format(k=k, j=k - 2), ("fpn", f"output{k}"), conv)
     fpn_channels = src.arrays[f"{n.output.format(k=2, j=0)}.weight"].shape[0]
-    fc6, fc7 = n.box_fc
-    yield ("params", "box_head", "fc6", "kernel"), dense_from_chw(src.take(f"{fc6}.weight"),
-                                                                  fpn_channels)
-    yield ("params", "box_head", "fc6", "bias"), src.take(f"{fc6}.bias")
-    yield from _layer(src, fc7, ("box_head", "fc7"), dense)
-
-  logits_w, logits_b = src.take(f"{n.cls_score}.weight"), src.take(f"{n.cls_score}.bias")
-  rows = class_rows(source, logits_w.shape[0], classes)
-  background = logits_w.shape[0] - 1 if source == "detectron2" else 0
-  order = rows + [background]
-  yield ("params", "box_head", "predictor", "cls_score", "kernel"), dense(logits_w[order])
-  yield ("params", "box_head", "predictor", "cls_score", "bias"), logits_b[order]
-  box_w, box_b = src.take(f"{n.bbox_pred}.weight"), src.take(f"{n.bbox_pred}.bias")
-  box_w = box_w.reshape(-1, 4, box_w.shape[-1])[rows].reshape(-1, box_w.shape[-1])
-  box_b = box_b.reshape(-1, 4)[rows].reshape(-1)
-  yield ("params", "box_head", "predictor", "bbox_pred", "kernel"), dense(box_w)
-  yield ("params", "box_head", "predictor", "bbox_pred", "bias"), box_b
+  stages = [("box_head", lambda name: name)]  # (our path, the source name of a layer)
+  if arch.cascade:
+    stages = [("box_head" if k == 0 else f"refine_box_heads_{k - 1}",
+               functools.partial(cascade_name, k=k)) for k in range(CASCADE_STAGES)]
+  for path, name in stages:
+    if not arch.c4:
+      yield from _box_fcs(src, tuple(map(name, n.box_fc)), fpn_channels, path)
+    rows = yield from _box_predictor(src, name(n.cls_score), name(n.bbox_pred), source, classes,
+                                     path, class_agnostic=arch.cascade)
 
   if arch.mask:
     for i in range(1, 1 if arch.c4 else 5):  # the C4 mask head is the deconv alone
@@ -436,6 +481,9 @@ def model_section(variables: Dict[str, dict], arch: Arch):
     model.fpn_channels = params["fpn"]["output2"]["bias"].shape[0]
     model.box_head.fc_dims = (params["box_head"]["fc6"]["bias"].shape[0],
                               params["box_head"]["fc7"]["bias"].shape[0])
+  if arch.cascade:  # the settings are detectron2's (not in the file: CASCADE_*)
+    model.box_head.class_agnostic = True
+    model.cascade.update(iou_thresholds=CASCADE_IOU_THRESHOLDS, box_weights=CASCADE_BOX_WEIGHTS)
   model.mask_head.enabled = arch.mask
   if arch.mask:
     model.mask_head.conv_dim = params["mask_head"]["deconv"]["bias"].shape[0]
@@ -510,10 +558,21 @@ def save(variables: Dict[str, dict], output: str, overwrite: bool = False) -> st
 
 
 def config_file(source: str, arch: Arch) -> str:
-  """The config that runs a converted model with its source's settings."""
+  """The config (``file[:arg]``) that runs a converted model with its source's settings."""
+  if arch.cascade:
+    return "configs/cascade_mask_rcnn_r50_fpn_1x.py:detectron2"
+  variant = ":keypoint" if arch.keypoints else "" if arch.mask else ":faster"
   if source == "torchvision":
-    return "configs/torchvision_mask_rcnn.py"
-  return "configs/coco_mask_rcnn_r50_c4_1x.py" if arch.c4 else "configs/detectron2_mask_rcnn.py"
+    return "configs/torchvision_mask_rcnn.py" + variant
+  return ("configs/coco_mask_rcnn_r50_c4_1x.py" if arch.c4
+          else "configs/detectron2_mask_rcnn.py") + variant
+
+
+def run_flags(summary: dict, output: str) -> str:
+  """The flags that run a converted detector (convert.json's ``summary``) from ``output``."""
+  depth = summary["model"]["backbone"]["depth"]  # the configs named are R50s
+  return (f"--config={summary['config']} --checkpoint={output}"
+          + (f" --config.model.backbone.depth={depth}" if depth != "50" else ""))
 
 
 def convert(source: str, arch_name: str, input_path: str, output: str,
@@ -565,11 +624,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"wrote {summary['checkpoint']} (an ImageNet {args.arch}); start a detector from it "
           f"with --config.init_checkpoint={args.output} --config.init_keep=backbone")
     return 0
-  variant = next((v for v in ("keypoint", "faster") if v in args.arch), "")
   print(f"wrote {summary['checkpoint']} ({args.source} {args.arch}: "
         f"{summary['model']['num_classes']} classes); use it with "
-        f"--config={summary['config']}{':' + variant if variant else ''} "
-        f"--checkpoint={args.output}")
+        f"{run_flags(summary, args.output)}")
   return 0
 
 

@@ -60,6 +60,41 @@ def images_uint8(seed=0, count=2, height=H, width=W):
   return np.stack(out)
 
 
+def randomise_detectron2_layout(torch, backbone, heads, seed):
+  """Random frozen-BN statistics in ``backbone`` and N(0, 0.02) weights, N(0, 0.1) biases in
+  every linear and (transposed) convolution of ``heads``; returns the generator, to draw on."""
+  nn = torch.nn
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    _randomise_frozen_bn(torch, backbone, generator)
+    for module in heads.modules():
+      if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        module.weight.normal_(0.0, 0.02, generator=generator)
+        module.bias.normal_(0.0, 0.1, generator=generator)
+  backbone.eval()
+  return generator
+
+
+def normalised_inputs(height, width, seed=0):
+  """Two normalised test images ``[2, height, width, 3]`` float32 with a little noise: the
+  model input past normalisation, fed to both sides of the detectron2-layout tests."""
+  x = (images_uint8(count=2, height=height, width=width).astype(np.float32) - 120.0) / 60.0
+  return x + np.random.default_rng(seed).normal(0.0, 0.1, x.shape).astype(np.float32)
+
+
+def convert_detectron2_state(state: dict, arch: str, directory) -> str:
+  """``state`` saved as a model-zoo ``.pkl`` and converted by the CLI; returns the checkpoint."""
+  import pickle
+  from mrcnn_jax import convert
+  pkl = os.path.join(directory, "model_final.pkl")
+  with open(pkl, "wb") as f:  # protocol 2 and a "model" dict, as the model zoo's files
+    pickle.dump({"model": state, "__author__": "test"}, f, protocol=2)
+  out = os.path.join(directory, arch)
+  assert convert.main(["--from=detectron2", f"--arch={arch}", f"--input={pkl}",
+                       f"--output={out}"]) == 0
+  return out
+
+
 def build_torchvision(torch, torchvision, arch: str, seed: int = 0):
   """A torchvision detector in eval mode with random (scaled) weights, no resizing."""
   from torchvision.models import detection

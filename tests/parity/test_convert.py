@@ -181,6 +181,34 @@ def test_backbone_initialises_training_of_a_new_class_count(torch, torchvision, 
   assert "layer4" not in loaded.params["backbone"]
 
 
+@pytest.mark.parametrize("source,archs", [("torchvision", convert.TORCHVISION_ARCHS),
+                                          ("detectron2", convert.DETECTRON2_ARCHS)])
+def test_each_arch_names_a_config_that_runs_it(source, archs):
+  """The config the CLI names after conversion loads with its argument and has the arch's
+  heads (the R_101 archs add a depth override to it)."""
+  import importlib
+  named = {"cascade_mask_rcnn_R_101_FPN": "configs/cascade_mask_rcnn_r50_fpn_1x.py:detectron2",
+           "faster_rcnn_R_50_C4": "configs/coco_mask_rcnn_r50_c4_1x.py:faster",
+           "keypointrcnn_resnet50_fpn": "configs/torchvision_mask_rcnn.py:keypoint",
+           "maskrcnn_resnet50_fpn": "configs/torchvision_mask_rcnn.py"}
+  for name in set(named) & set(archs):
+    assert convert.config_file(source, archs[name]) == named[name]
+  for name, arch in archs.items():
+    if not arch.detector:
+      continue
+    path, _, arg = convert.config_file(source, arch).partition(":")
+    m = importlib.import_module(path[:-len(".py")].replace("/", ".")).get_config(arg or None).model
+    assert (m.mask_head.enabled, m.keypoint_head.enabled, m.design == "c4",
+            bool(m.cascade.iou_thresholds)) == (arch.mask, arch.keypoints, arch.c4,
+                                                arch.cascade), name
+    assert m.backbone.stride_in_1x1 == (source == "detectron2"), name  # MSRA's ResNets
+  summary = {"config": "configs/x.py:detectron2", "model": {"backbone": {"depth": "101"}}}
+  assert convert.run_flags(summary, "w/d2") == (
+      "--config=configs/x.py:detectron2 --checkpoint=w/d2 --config.model.backbone.depth=101")
+  summary["model"]["backbone"]["depth"] = "50"
+  assert convert.run_flags(summary, "w/d2") == "--config=configs/x.py:detectron2 --checkpoint=w/d2"
+
+
 def test_pickle_with_code_is_refused(tmp_path):
   class Exploit:
     def __reduce__(self):

@@ -15,7 +15,6 @@ compared on the same input and boxes to within 1e-4 of its magnitude.
 """
 
 import functools
-import pickle
 import re
 
 import jax
@@ -68,13 +67,7 @@ def build_reference(torch, torchvision, seed=0):
       "deconv": nn.ConvTranspose2d(2048, 256, 2, stride=2),
       "predictor": nn.Conv2d(256, NUM_CLASSES, 1),
   })
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    parity._randomise_frozen_bn(torch, resnet, generator)
-    for module in heads.values():
-      module.weight.normal_(0.0, 0.02, generator=generator)
-      module.bias.normal_(0.0, 0.1, generator=generator)
-  resnet.eval()
+  parity.randomise_detectron2_layout(torch, resnet, heads, seed)
   return resnet, heads
 
 
@@ -160,21 +153,14 @@ def reference():
 
 def test_c4_stages_match_detectron2_layout_reference(torch, reference, tmp_path):
   resnet, heads, state = reference
-  pkl = tmp_path / "model_final.pkl"
-  with open(pkl, "wb") as f:  # protocol 2 and a "model" dict, as the model zoo's files
-    pickle.dump({"model": state, "__author__": "test"}, f, protocol=2)
-  out = str(tmp_path / "d2_c4")
-  assert convert.main(["--from=detectron2", "--arch=mask_rcnn_R_50_C4", f"--input={pkl}",
-                       f"--output={out}"]) == 0
+  out = parity.convert_detectron2_state(state, "mask_rcnn_R_50_C4", tmp_path)
 
   from configs import coco_mask_rcnn_r50_c4_1x
   config = coco_mask_rcnn_r50_c4_1x.get_config()
   config.model.num_classes = NUM_CLASSES
   config.data.update(canvas_size=(H, W), canvas_sizes=())
   model = build.build_model(config)
-  rng = np.random.default_rng(0)
-  x = (parity.images_uint8(count=2, height=H, width=W).astype(np.float32) - 120.0) / 60.0
-  x += rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+  x = parity.normalised_inputs(H, W)
   theirs = reference_stages(torch, resnet, heads, x, BOXES)
   ours = jax.device_get(jax.jit(functools.partial(model.apply, method=_stages))(
       checkpointing.load_variables(out), x, BOXES))
