@@ -83,10 +83,8 @@ def get_config(arg=None):
   model.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
   model.rpn.update(pre_nms_topk_train=500, post_nms_topk_train=200,
                    pre_nms_topk_test=300, post_nms_topk_test=100, batch_size_per_image=128)
-  # 64 RoIs per image, up to half foreground (~20 per image here): the same
-  # AP at 500 steps as 128 with up to a quarter (0.213 / 0.228 / 0.054 vs
-  # 0.214 / 0.232 / 0.056) for a 28% shorter step; with a quarter, 64 RoIs
-  # starved the classifier (half the box AP of 256 at 400 steps).
+  # 64 RoIs per image, up to half foreground (~20 per image here): as good as
+  # 128 with up to a quarter, for a shorter step (docs/experiments.md).
   model.roi.update(batch_size_per_image=64, positive_fraction=0.5, num_mask_rois=8,
                    num_keypoint_rois=8)
   if tiny:
