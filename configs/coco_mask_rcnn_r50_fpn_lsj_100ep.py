@@ -28,6 +28,7 @@ import ml_collections
 from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
+from mrcnn_jax.sharding import mesh_config
 
 CANVAS = 1024
 MAX_INSTANCES = 100
@@ -72,6 +73,8 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict({"oks_sigmas": (), "keypoint_score": "box"})
   # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
   config.mlperf = mlperf_config()
+  # Devices splitting each image's height: --config.mesh.space=N (mrcnn_jax/sharding.py).
+  config.mesh = mesh_config()
   config.init_checkpoint = ""  # from scratch, as the recipe trains
   config.init_keep = "all"
   return config

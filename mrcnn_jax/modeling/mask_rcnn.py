@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax import losses as loss_lib
+from mrcnn_jax import sharding
 from mrcnn_jax.modeling import chunked
 from mrcnn_jax.modeling import keypoint_head as kp_lib
 from mrcnn_jax.modeling import padding
@@ -150,10 +151,12 @@ class MaskRCNN(nn.Module):
     ``_pool`` reads. ``image_size`` None (``initialize``) masks nothing.
     """
     image_extent = None if image_size is None else self._extent(image_size)
-    c = self.backbone(images, train=train, image_extent=image_extent)
+    # Spatial partitioning (sharding.py; nothing without a 'space' mesh axis).
+    images = sharding.constrain_spatial(images)
+    c = sharding.constrain_spatial(self.backbone(images, train=train, image_extent=image_extent))
     if self.fpn is None:  # C4: RPN and RoIs both read C4 (stride 16)
       return ([c["c4"]], [16]), ([c["c4"]], [16], image_extent)
-    p = self.fpn(c, image_extent=image_extent, train=train)
+    p = sharding.constrain_spatial(self.fpn(c, image_extent=image_extent, train=train))
     names = sorted(p, key=lambda n: int(n[1:]))
     rpn_maps = [p[n] for n in names]
     strides = [2 ** int(n[1:]) for n in names]
@@ -179,7 +182,7 @@ class MaskRCNN(nn.Module):
 
   def _rpn(self, images, image_size, train: bool, training_counts: bool):
     (rpn_maps, rpn_strides), roi_features = self._features(images, image_size, train)
-    objectness, deltas = self.rpn_head(rpn_maps)
+    objectness, deltas = sharding.unsplit_spatial(self.rpn_head(rpn_maps))  # per anchor
     image_extent = roi_features[2]
     if image_extent is None:  # every position of the canvas exists
       image_extent = jnp.broadcast_to(jnp.asarray(images.shape[1:3], jnp.int32),

@@ -1,0 +1,105 @@
+"""Spatial partitioning: each image's height split over a 'space' mesh axis.
+
+On 8 simulated CPU devices as data=2 x space=4, the losses and every
+parameter's gradient of a batch match one device's, and the step compiles
+once for batches of different instance counts. Dataset: tests/test_train.py's.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from mrcnn_jax import sharding, train
+from tests.test_train import ROOT, dataset, make_config  # noqa: F401  pylint: disable=unused-import
+
+SPATIAL_CHECK = textwrap.dedent("""
+    import functools, pathlib, sys, jax, numpy as np
+    sys.path.insert(0, {root!r})
+    from mrcnn_jax import sharding, train
+    from mrcnn_jax.data import input_pipeline
+    from mrcnn_jax.modeling import build
+    from tests.test_train import make_config
+    # 128 rows: C2/P2 32, C3/P3 16, C4/P4 8 split 4 ways; C5/P5 (4) and P6 whole.
+    config = make_config(pathlib.Path({dataset!r}), batch_size=2,
+                         **{{"data.canvas_size": (128, 128), "mesh.space": 4}})
+    assert jax.device_count() == 8
+    mesh = train.make_mesh(config)
+    assert dict(mesh.shape) == {{"data": 2, "space": 4}}, mesh.shape
+    model = build.build_model(config, num_devices=sharding.data_size(mesh))
+    variables = jax.jit(functools.partial(model.init, method="initialize"))(
+        jax.random.PRNGKey(0), np.zeros((1, 128, 128, 3), np.float32))
+    data = input_pipeline.make_dataset(config, "train").as_numpy_iterator()
+    batches = [next(data) for _ in range(2)]
+    assert batches[0]["gt_valid"].sum() != batches[1]["gt_valid"].sum()
+
+    def losses(params, batch, key):
+      images, info, gt = train._split_batch(batch)
+      (out, _), _ = model.apply({{**variables, "params": params}}, images, info, gt, key,
+                                method="losses", mutable=["batch_stats"])
+      return out["loss"], out
+
+    def jitted(mesh):
+      rep = sharding.replicated(mesh)
+      f = jax.jit(sharding.traced_in(mesh, jax.value_and_grad(losses, has_aux=True)),
+                  in_shardings=(rep, sharding.batch_sharding(mesh), rep))
+      run = lambda b: f(jax.device_put(variables["params"], rep), sharding.global_batch(b, mesh),
+                        jax.device_put(jax.random.PRNGKey(1), rep))
+      return f, run
+
+    _, one = jitted(sharding.make_mesh(jax.devices()[:1]))
+    split_fn, split = jitted(mesh)
+    worst = 0.0
+    for b in batches:
+      (_, out1), g1 = one(b)
+      (_, out8), g8 = split(b)
+      assert out1["loss_mask"] > 0 and out1["loss_keypoint"] > 0, out1
+      for k in out1:
+        np.testing.assert_allclose(out8[k], out1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+      for (path, a), c in zip(jax.tree_util.tree_leaves_with_path(g8), jax.tree.leaves(g1)):
+        a, c = np.asarray(a), np.asarray(c)
+        # An absolute floor: some gradients are zero but for rounding (~1e-6; a bias
+        # under a softmax over positions, as the keypoint head's).
+        err, norm = np.linalg.norm(a - c), np.linalg.norm(c)
+        worst = max(worst, err / max(norm, 1e-30))
+        assert err <= 1e-4 * norm + 1e-5, (jax.tree_util.keystr(path), err, norm)
+    assert split_fn._cache_size() == 1
+    # The maps really are split: some device holds a quarter of P2's rows.
+    hlo = split_fn.lower(*[jax.device_put(x, s) for x, s in zip(
+        (variables["params"], sharding.global_batch(batches[0], mesh), jax.random.PRNGKey(1)),
+        (sharding.replicated(mesh), sharding.batch_sharding(mesh), sharding.replicated(mesh)))]
+        ).compile().as_text()
+    assert "f32[1,8,32," in hlo, "P2 (32 x 32) is not split 4 ways along its height"
+    print("OK worst relative gradient error", worst)
+""")
+
+
+@pytest.mark.slow
+def test_space_axis_matches_one_device(dataset):  # noqa: F811
+  """data=2 x space=4: the same losses and gradients as one device, one compilation."""
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  proc = subprocess.run([sys.executable, "-c", SPATIAL_CHECK.format(root=ROOT,
+                                                                    dataset=str(dataset))],
+                        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-5000:]
+
+
+def test_make_mesh_space_axis_and_its_errors(dataset):  # noqa: F811
+  """mesh.space=1 is the data-only mesh; a space that does not divide the devices,
+  or a batch that does not split over the data axis, is refused by name."""
+  mesh = train.make_mesh(make_config(dataset, batch_size=1))
+  assert mesh.axis_names == ("data",) and sharding.space_size(mesh) == 1
+  devices = np.asarray(jax.devices() * 8)  # eight stand-ins: make_mesh only reshapes them
+  mesh = sharding.make_mesh(devices, space=4)
+  assert dict(mesh.shape) == {"data": 2, "space": 4} and sharding.data_size(mesh) == 2
+  with pytest.raises(ValueError, match="mesh.space=3: expected a positive divisor of the 8"):
+    sharding.make_mesh(devices, space=3)
+  with pytest.raises(ValueError, match="mesh.space=2: expected a positive divisor of the 1"):
+    train.make_mesh(make_config(dataset, **{"mesh.space": 2}))
+  with pytest.raises(ValueError, match="batch_size=3 is not divisible by the 2 devices"):
+    sharding.check_batch_size(3, mesh)
