@@ -86,24 +86,31 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def constrain_spatial(maps):
-  """Each ``[B, H, W, C]`` array of ``maps`` (a pytree) split along H over 'space'.
+def constrain_spatial(maps, subsampled_top: bool = False):
+  """The ``[B, H, W, C]`` arrays of ``maps`` (a pytree) split along H over 'space'.
 
-  Traced under a mesh with a 'space' axis (``traced_in``), a map with at
-  least ``MIN_ROWS`` rows per device (H divisible by the axis) is constrained
-  to P('data', 'space'), any other to P('data'): XLA's Shardy partitioner
-  computes a wrong input gradient for a convolution on a stride-2 subsample
-  of a map split one row per device (P6 of P5; docs/experiments.md). Without
-  a space axis ``maps`` is returned unchanged.
+  Traced under a mesh with a 'space' axis (``traced_in``), a map is
+  constrained to P('data', 'space') where the axis divides its height into
+  at least ``MIN_ROWS`` rows per device, any other to P('data') (whole on
+  each device of its space group). ``subsampled_top``: the coarsest map is
+  a stride-2 subsample of the next (FPN's P6 of P5), split wherever that
+  one is, down to one row per device. Two XLA bugs fix these rules
+  (docs/experiments.md): Shardy computes wrong gradients below a map split
+  one row per device that a stride-2 op reads (a slice or a strided
+  convolution), and a subsample kept whole of a split map fails XLA's HLO
+  verifier. Without a space axis ``maps`` is returned unchanged.
   """
   space = space_size(jax.sharding.get_abstract_mesh())
   if space == 1:
     return maps
-
-  def constrain(x):
-    rows = x.shape[1] // space if x.shape[1] % space == 0 else 0
-    return _constrain(x, P(DATA_AXIS, SPACE_AXIS) if rows >= MIN_ROWS else P(DATA_AXIS))
-  return jax.tree.map(constrain, maps)
+  heights = {x.shape[1] for x in jax.tree.leaves(maps)}
+  split = {h for h in heights if h % space == 0 and h // space >= MIN_ROWS}
+  top = min(heights)
+  if subsampled_top and top % space == 0 and 2 * top in split:
+    split.add(top)
+  return jax.tree.map(
+      lambda x: _constrain(x, P(DATA_AXIS, SPACE_AXIS) if x.shape[1] in split else P(DATA_AXIS)),
+      maps)
 
 
 def unsplit_spatial(tree):

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mrcnn_jax import sharding, train  # noqa: E402  pylint: disable=g-import-not-at-top
+# benchmark first: it imports torch (where installed) before TensorFlow, the order that works.
 from scripts.benchmark import make_batch  # noqa: E402  pylint: disable=g-import-not-at-top
+from mrcnn_jax import sharding, train  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main():

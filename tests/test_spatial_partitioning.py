@@ -1,8 +1,9 @@
 """Spatial partitioning: each image's height split over a 'space' mesh axis.
 
-On 8 simulated CPU devices as data=2 x space=4, the losses and every
-parameter's gradient of a batch match one device's, and the step compiles
-once for batches of different instance counts. Dataset: tests/test_train.py's.
+On 8 simulated CPU devices as data=2 x space=4, at a 128 and a 256 canvas,
+the losses and every parameter's gradient of a batch match one device's, and
+the step compiles once for batches of different instance counts. Dataset:
+tests/test_train.py's.
 """
 
 import os
@@ -24,59 +25,62 @@ SPATIAL_CHECK = textwrap.dedent("""
     from mrcnn_jax.data import input_pipeline
     from mrcnn_jax.modeling import build
     from tests.test_train import make_config
-    # 128 rows: C2/P2 32, C3/P3 16, C4/P4 8 split 4 ways; C5/P5 (4) and P6 whole.
-    config = make_config(pathlib.Path({dataset!r}), batch_size=2,
-                         **{{"data.canvas_size": (128, 128), "mesh.space": 4}})
     assert jax.device_count() == 8
-    mesh = train.make_mesh(config)
-    assert dict(mesh.shape) == {{"data": 2, "space": 4}}, mesh.shape
-    model = build.build_model(config, num_devices=sharding.data_size(mesh))
-    variables = jax.jit(functools.partial(model.init, method="initialize"))(
-        jax.random.PRNGKey(0), np.zeros((1, 128, 128, 3), np.float32))
-    data = input_pipeline.make_dataset(config, "train").as_numpy_iterator()
-    batches = [next(data) for _ in range(2)]
-    assert batches[0]["gt_valid"].sum() != batches[1]["gt_valid"].sum()
 
-    def losses(params, batch, key):
-      images, info, gt = train._split_batch(batch)
-      (out, _), _ = model.apply({{**variables, "params": params}}, images, info, gt, key,
-                                method="losses", mutable=["batch_stats"])
-      return out["loss"], out
+    def check(canvas, split_rows):
+      config = make_config(pathlib.Path({dataset!r}), batch_size=2,
+                           **{{"data.canvas_size": (canvas, canvas), "mesh.space": 4}})
+      mesh = train.make_mesh(config)
+      assert dict(mesh.shape) == {{"data": 2, "space": 4}}, mesh.shape
+      model = build.build_model(config, num_devices=sharding.data_size(mesh))
+      variables = jax.jit(functools.partial(model.init, method="initialize"))(
+          jax.random.PRNGKey(0), np.zeros((1, canvas, canvas, 3), np.float32))
+      data = input_pipeline.make_dataset(config, "train").as_numpy_iterator()
+      batches = [next(data) for _ in range(2)]
+      assert batches[0]["gt_valid"].sum() != batches[1]["gt_valid"].sum()
 
-    def jitted(mesh):
-      rep = sharding.replicated(mesh)
-      f = jax.jit(sharding.traced_in(mesh, jax.value_and_grad(losses, has_aux=True)),
-                  in_shardings=(rep, sharding.batch_sharding(mesh), rep))
-      run = lambda b: f(jax.device_put(variables["params"], rep), sharding.global_batch(b, mesh),
-                        jax.device_put(jax.random.PRNGKey(1), rep))
-      return f, run
+      def losses(params, batch, key):
+        images, info, gt = train._split_batch(batch)
+        (out, _), _ = model.apply({{**variables, "params": params}}, images, info, gt, key,
+                                  method="losses", mutable=["batch_stats"])
+        return out["loss"], out
 
-    _, one = jitted(sharding.make_mesh(jax.devices()[:1]))
-    split_fn, split = jitted(mesh)
-    worst = 0.0
-    for b in batches:
-      (_, out1), g1 = one(b)
-      (_, out8), g8 = split(b)
-      assert out1["loss_mask"] > 0 and out1["loss_keypoint"] > 0, out1
-      for k in out1:
-        np.testing.assert_allclose(out8[k], out1[k], rtol=1e-5, atol=1e-6, err_msg=k)
-      for (path, a), c in zip(jax.tree_util.tree_leaves_with_path(g8), jax.tree.leaves(g1)):
-        a, c = np.asarray(a), np.asarray(c)
-        err, norm = np.linalg.norm(a - c), np.linalg.norm(c)
-        if norm < 1e-5:  # zero but for rounding: the keypoint logits' bias under a
-          assert np.linalg.norm(a) < 1e-5, jax.tree_util.keystr(path)  # spatial softmax
-          continue
-        worst = max(worst, err / norm)
-        assert err <= 1e-4 * norm, (jax.tree_util.keystr(path), err, norm)
-    assert split_fn._cache_size() == 1
-    # The maps really are split: some device holds a quarter of P2's rows.
-    hlo = split_fn.lower(*[jax.device_put(x, s) for x, s in zip(
-        (variables["params"], sharding.global_batch(batches[0], mesh), jax.random.PRNGKey(1)),
-        (sharding.replicated(mesh), sharding.batch_sharding(mesh), sharding.replicated(mesh)))]
-        ).compile().as_text()
-    assert "f32[1,8,32," in hlo, "P2 (32 x 32) is not split 4 ways along its height"
-    print("OK worst relative gradient error", worst)
+      def jitted(mesh):
+        rep = sharding.replicated(mesh)
+        f = jax.jit(sharding.traced_in(mesh, jax.value_and_grad(losses, has_aux=True)),
+                    in_shardings=(rep, sharding.batch_sharding(mesh), rep))
+        args = lambda b: (jax.device_put(variables["params"], rep),
+                          sharding.global_batch(b, mesh), jax.device_put(jax.random.PRNGKey(1), rep))
+        return f, args
+
+      one, one_args = jitted(sharding.make_mesh(jax.devices()[:1]))
+      split, split_args = jitted(mesh)
+      worst = 0.0
+      for b in batches:
+        (_, out1), g1 = one(*one_args(b))
+        (_, out8), g8 = split(*split_args(b))
+        assert out1["loss_mask"] > 0 and out1["loss_keypoint"] > 0, out1
+        for k in out1:
+          np.testing.assert_allclose(out8[k], out1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        for (path, a), c in zip(jax.tree_util.tree_leaves_with_path(g8), jax.tree.leaves(g1)):
+          a, c = np.asarray(a), np.asarray(c)
+          err, norm = np.linalg.norm(a - c), np.linalg.norm(c)
+          if norm < 1e-5:  # zero but for rounding: the keypoint logits' bias under a
+            assert np.linalg.norm(a) < 1e-5, jax.tree_util.keystr(path)  # spatial softmax
+            continue
+          worst = max(worst, err / norm)
+          assert err <= 1e-4 * norm, (canvas, jax.tree_util.keystr(path), err, norm)
+      assert split._cache_size() == 1
+      # The finest map is split: each device holds a quarter of P2's rows.
+      hlo = split.lower(*split_args(batches[0])).compile().as_text()
+      assert f"f32[1,{{split_rows}},{{canvas // 4}},32]" in hlo, "P2 is not split 4 ways"
+      print(canvas, "worst relative gradient error", worst)
+
+    check(128, 8)  # C2..C4, P2..P4 split; C5, P5 (4 rows) and P6 whole per space group
+    check(256, 16)  # every map split, P6 (4 rows, one per device) as its source P5
+    print("OK")
 """)
+
 
 
 @pytest.mark.slow

@@ -156,7 +156,8 @@ class MaskRCNN(nn.Module):
     c = sharding.constrain_spatial(self.backbone(images, train=train, image_extent=image_extent))
     if self.fpn is None:  # C4: RPN and RoIs both read C4 (stride 16)
       return ([c["c4"]], [16]), ([c["c4"]], [16], image_extent)
-    p = sharding.constrain_spatial(self.fpn(c, image_extent=image_extent, train=train))
+    p = sharding.constrain_spatial(self.fpn(c, image_extent=image_extent, train=train),
+                                   subsampled_top=self.fpn.top_block)
     names = sorted(p, key=lambda n: int(n[1:]))
     rpn_maps = [p[n] for n in names]
     strides = [2 ** int(n[1:]) for n in names]
