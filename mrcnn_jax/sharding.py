@@ -94,11 +94,11 @@ def constrain_spatial(maps, subsampled_top: bool = False):
   at least ``MIN_ROWS`` rows per device, any other to P('data') (whole on
   each device of its space group). ``subsampled_top``: the coarsest map is
   a stride-2 subsample of the next (FPN's P6 of P5), split wherever that
-  one is, down to one row per device. Two XLA bugs fix these rules
-  (docs/experiments.md): Shardy computes wrong gradients below a map split
-  one row per device that a stride-2 op reads (a slice or a strided
-  convolution), and a subsample kept whole of a split map fails XLA's HLO
-  verifier. Without a space axis ``maps`` is returned unchanged.
+  one is, down to one row per device. These rules avoid two XLA bugs
+  (docs/experiments.md): Shardy's gradients are wrong where a map split one
+  row per device meets a stride-2 op (P6's slice of P5, C5's strided
+  convolutions from C4), and a whole subsample of a split map fails XLA's
+  HLO verifier. Without a space axis ``maps`` is returned unchanged.
   """
   space = space_size(jax.sharding.get_abstract_mesh())
   if space == 1:
