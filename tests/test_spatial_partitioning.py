@@ -2,8 +2,8 @@
 
 On 8 simulated CPU devices as data=2 x space=4, at a 128 and a 256 canvas,
 the losses and every parameter's gradient of a batch match one device's, and
-the step compiles once for batches of different instance counts. Dataset:
-tests/test_train.py's.
+the step compiles once for batches of different instance counts; evaluation
+reads each image's rows once. Dataset: tests/test_train.py's.
 """
 
 import os
@@ -75,6 +75,13 @@ SPATIAL_CHECK = textwrap.dedent("""
       hlo = split.lower(*split_args(batches[0])).compile().as_text()
       assert f"f32[1,{{split_rows}},{{canvas // 4}},32]" in hlo, "P2 is not split 4 ways"
       print(canvas, "worst relative gradient error", worst)
+
+    # Evaluation reads each image's rows once, not once per device of its space group.
+    from mrcnn_jax import evaluate
+    rows = np.arange(6).reshape(2, 3)
+    mesh = train.make_mesh(make_config(pathlib.Path({dataset!r}), batch_size=2,
+                                       **{{"mesh.space": 4}}))
+    assert (evaluate._local_rows(sharding.global_batch(rows, mesh)) == rows).all()
 
     check(128, 8)  # C2..C4, P2..P4 split; C5, P5 (4 rows) and P6 whole per space group
     check(256, 16)  # every map split, P6 (4 rows, one per device) as its source P5
