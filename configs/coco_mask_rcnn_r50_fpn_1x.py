@@ -26,6 +26,7 @@ import ml_collections
 from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
+from mrcnn_jax.sharding import mesh_config
 
 CANVASES = ((768, 1024), (1024, 768))  # (h, w): landscape 4:3 and portrait 3:4, longer side 1024
 MAX_INSTANCES = 100
@@ -81,6 +82,8 @@ def get_config(arg=None):
                                            "backend": "faster_coco_eval", "workers": 4})
   # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
   config.mlperf = mlperf_config()
+  # Devices splitting each image's height: --config.mesh.space=N (mrcnn_jax/sharding.py).
+  config.mesh = mesh_config()
   config.init_checkpoint = ""
   config.init_keep = "backbone"
   return config

@@ -31,6 +31,7 @@ import ml_collections
 from mrcnn_jax.mlperf import mlperf_config
 from mrcnn_jax.modeling import build
 from mrcnn_jax.optim import optim_config
+from mrcnn_jax.sharding import mesh_config
 
 CANVAS = 128
 MAX_INSTANCES = 16  # the generator draws at most 8 objects + a crowd region
@@ -131,6 +132,8 @@ def get_config(arg=None):
                                            "backend": "pycocotools", "workers": 0})
   # MLPerf time-to-accuracy mode: --config.mlperf.enabled=True (mrcnn_jax/mlperf.py).
   config.mlperf = mlperf_config()
+  # Devices splitting each image's height: --config.mesh.space=N (mrcnn_jax/sharding.py).
+  config.mesh = mesh_config()
   config.init_checkpoint = ""  # e.g. a converted torchvision checkpoint
   config.init_keep = "all"  # "all", "backbone" or "no_predictors"
   return config

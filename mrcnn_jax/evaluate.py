@@ -50,9 +50,10 @@ def _jitted_detect(model, mesh):
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-split array, in its local batch's order."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
+  """This process's rows of a batch-split array, in its local batch's order (one copy
+  of each: with a 'space' mesh axis every row is on each device of its space group)."""
+  shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
 
 
 def eval_ground_truth(config, records):

@@ -29,6 +29,8 @@ from typing import Dict, Optional
 
 import ml_collections
 
+from mrcnn_jax import optim
+
 
 def mlperf_config(**overrides) -> ml_collections.ConfigDict:
   """``config.mlperf``: off by default; see the module docstring."""
@@ -56,6 +58,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.model.mask_head.enabled:
     raise ValueError("mlperf.enabled: MLPerf's Mask R-CNN scores box and mask AP; "
                      "model.mask_head.enabled is False")
+  if config.train.get("eval_steps"):
+    raise ValueError(f"mlperf.enabled: MLPerf scores the whole eval set; train.eval_steps="
+                     f"{config.train.eval_steps} evaluates only part of it (set it to 0)")
   if p.eval_every_steps < 0:
     raise ValueError(f"mlperf.eval_every_steps: expected >= 0, got {p.eval_every_steps}")
 
@@ -109,15 +114,15 @@ class MLPerfRun:
     cfg, c = self.config, self.c
     o, canvas = cfg.optim, cfg.data.canvas_size
     self.train_samples = train_samples
-    base_lr = o.lr * cfg.batch_size / o.reference_batch_size  # optim.learning_rate's base
     self._event(c.GLOBAL_BATCH_SIZE, cfg.batch_size)
     self._event(c.GRADIENT_ACCUMULATION_STEPS, 1)
     self._event(c.TRAIN_SAMPLES, train_samples)
     self._event(c.EVAL_SAMPLES, eval_samples)
-    self._event(c.OPT_BASE_LR, base_lr)
-    self._event(c.OPT_LR_WARMUP_STEPS, int(min(o.warmup_steps, cfg.total_steps)))
+    # The optimiser's own schedule settings (optim.learning_rate reads the same).
+    self._event(c.OPT_BASE_LR, optim.base_lr(cfg))
+    self._event(c.OPT_LR_WARMUP_STEPS, optim.warmup_steps(cfg))
     self._event(c.OPT_LR_WARMUP_FACTOR, float(o.warmup_factor))
-    decay = [int(s) for s in o.decay_steps] if o.schedule == "step" else []
+    decay = optim.decay_steps(cfg)
     self._event(c.OPT_LR_DECAY_FACTOR, float(o.decay_factor) if decay else 0.0)
     self._event(c.OPT_LR_DECAY_STEPS, decay)
     self._event(c.NUM_IMAGE_CANDIDATES, int(cfg.model.rpn.post_nms_topk_train))

@@ -18,7 +18,7 @@ Keys of ``config.optim``:
   clip_grad_norm   global-norm clipping threshold, 0 or None for none
 """
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -28,18 +28,34 @@ import optax
 def learning_rate(config: ml_collections.ConfigDict) -> Callable:
   """Step -> learning rate for ``config.total_steps`` steps at ``config.batch_size``."""
   o = config.optim
-  base = o.lr * config.batch_size / o.reference_batch_size  # linear scaling rule
-  total = config.total_steps
-  warmup = min(o.warmup_steps, total)
+  base, warmup, total = base_lr(config), warmup_steps(config), config.total_steps
   start = optax.linear_schedule(base * o.warmup_factor, base, max(warmup, 1))
   if o.schedule == "step":
-    boundaries = {int(s) - warmup: o.decay_factor for s in o.decay_steps if warmup < s < total}
-    after = optax.piecewise_constant_schedule(base, boundaries)
+    after = optax.piecewise_constant_schedule(
+        base, {s - warmup: o.decay_factor for s in decay_steps(config)})
   elif o.schedule == "cosine":
     after = optax.cosine_decay_schedule(base, max(total - warmup, 1))
   else:
     raise ValueError(f"optim.schedule: expected 'step' or 'cosine', got {o.schedule!r}")
   return optax.join_schedules([start, after], [warmup])
+
+
+def base_lr(config: ml_collections.ConfigDict) -> float:
+  """The peak learning rate: ``optim.lr`` scaled linearly with the batch size."""
+  return config.optim.lr * config.batch_size / config.optim.reference_batch_size
+
+
+def warmup_steps(config: ml_collections.ConfigDict) -> int:
+  return int(min(config.optim.warmup_steps, config.total_steps))
+
+
+def decay_steps(config: ml_collections.ConfigDict) -> List[int]:
+  """The steps where the "step" schedule decays, those after warm-up and before
+  ``total_steps`` ([] for "cosine")."""
+  o = config.optim
+  if o.schedule != "step":
+    return []
+  return [int(s) for s in o.decay_steps if warmup_steps(config) < s < config.total_steps]
 
 
 def _decayed(params):

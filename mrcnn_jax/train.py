@@ -214,7 +214,7 @@ def _programs(config, mesh):
   """(model, abstract state, replicated sharding, jitted init, jitted train step):
   one definition for training and ``compile_programs``, so that both compile the
   same programs."""
-  model = build.build_model(config)
+  model = build.build_model(config, num_devices=sharding.data_size(mesh))
   # Trace the model once for shapes; the optimiser state's shapes follow from the params'.
   shapes = jax.eval_shape(functools.partial(create_state, model, optax.identity(), config),
                           jax.random.PRNGKey(0))
@@ -232,6 +232,14 @@ def _programs(config, mesh):
   return model, abstract, rep, init, step_fn
 
 
+def make_mesh(config) -> jax.sharding.Mesh:
+  """Every device, split ``config.mesh.space`` ways along image height (sharding.py);
+  ``config.batch_size`` must split evenly over the rest, the data axis."""
+  mesh = sharding.make_mesh(space=config.get("mesh", {}).get("space", 1))
+  sharding.check_batch_size(config.batch_size, mesh)
+  return mesh
+
+
 def compile_programs(config: ml_collections.ConfigDict) -> None:
   """Compiles a run's initialisation and its train step for every canvas, needing neither
   data nor a workdir.
@@ -242,8 +250,7 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
   runs this (``--compile_only``) while it makes the dataset. Without the cache
   it only checks that the config compiles.
   """
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
+  mesh = make_mesh(config)
   _, abstract, _, init, step_fn = _programs(config, mesh)
   key = jax.eval_shape(jax.random.PRNGKey, config.seed)  # what _train passes both
   init.lower(key).compile()
@@ -310,8 +317,10 @@ def _train(config, workdir, stop) -> Dict[str, float]:
     build.check_dataset(config, eval_records.meta, f"the eval split {eval_records.directory}")
     evaluate_lib.eval_ground_truth(config, eval_records)
 
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
+  try:
+    mesh = make_mesh(config)
+  except ValueError as e:
+    raise SetupError(str(e)) from None
   evaluate_lib.evaluator_options(config)  # a bad eval setting fails now, not after training
   model, abstract, rep, init, step_fn = _programs(config, mesh)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs import shapes
-from mrcnn_jax import mlperf, train
+from mrcnn_jax import mlperf, optim, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +68,32 @@ def test_bad_settings_are_named():
   config = config_for()
   config.model.mask_head.enabled = False
   with pytest.raises(ValueError, match="model.mask_head.enabled"):
+    mlperf.check_config(config)
+
+
+def test_logged_schedule_is_the_optimisers(tmp_path):
+  """opt_learning_rate_decay_steps are the decays the schedule makes within
+  total_steps (the config's 60k/80k in a 70k run: only 60k), as optim applies them."""
+  config = config_for()
+  config.total_steps = 70000
+  config.optim.update(schedule="step", decay_steps=(60000, 80000), decay_factor=0.1,
+                      warmup_steps=1000)
+  run = mlperf.MLPerfRun(config, str(tmp_path), enabled=True)
+  run.hyperparameters(train_samples=16, eval_samples=4)
+  run.close()
+  by_key = {e["key"]: e["value"] for e in read_log(tmp_path / "mlperf.log")}
+  assert by_key["opt_learning_rate_decay_steps"] == [60000]
+  assert by_key["opt_learning_rate_warmup_steps"] == 1000
+  lr = optim.learning_rate(config)
+  base = by_key["opt_base_learning_rate"]
+  assert float(lr(59999)) == pytest.approx(base) and float(lr(60000)) == pytest.approx(base * 0.1)
+  assert float(lr(69999)) == pytest.approx(base * 0.1)
+
+
+def test_eval_steps_is_refused():
+  config = config_for()
+  config.train.eval_steps = 2
+  with pytest.raises(ValueError, match="train.eval_steps=2"):
     mlperf.check_config(config)
 
 

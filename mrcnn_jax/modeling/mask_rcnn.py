@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax import losses as loss_lib
+from mrcnn_jax import sharding
 from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling import views as view_lib
 from mrcnn_jax.modeling.roi_heads import RoIFeatures
@@ -68,10 +69,13 @@ class MaskRCNN(nn.Module):
     image_extent = None
     if image_size is not None and self.size_divisibility:
       image_extent = padding.extent(image_size, self.size_divisibility)
-    c = self.backbone(images, train=train, image_extent=image_extent)
+    # Spatial partitioning (sharding.py; nothing without a 'space' mesh axis).
+    images = sharding.constrain_spatial(images)
+    c = sharding.constrain_spatial(self.backbone(images, train=train, image_extent=image_extent))
     if self.fpn is None:  # C4: RPN and RoIs both read C4 (stride 16)
       return [c["c4"]], [16], RoIFeatures([c["c4"]], [16], image_extent)
-    p = self.fpn(c, image_extent=image_extent, train=train)
+    p = sharding.constrain_spatial(self.fpn(c, image_extent=image_extent, train=train),
+                                   subsampled_top=self.fpn.top_block)
     names = sorted(p, key=lambda n: int(n[1:]))
     maps = [p[n] for n in names]
     strides = [2 ** int(n[1:]) for n in names]

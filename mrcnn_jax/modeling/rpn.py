@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax import losses as loss_lib
+from mrcnn_jax import sharding
 from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.ops import anchors as anchor_ops
 from mrcnn_jax.ops import proposals as proposal_ops
@@ -125,7 +126,8 @@ class RPN(nn.Module):
     exist; ``image_size [B, 2]``: the image itself, where proposals are
     clipped. ``training_counts`` picks the training top-k counts.
     """
-    objectness, deltas = self.rpn_head(maps)
+    # Per anchor: not split over a 'space' mesh axis (sharding.py).
+    objectness, deltas = sharding.unsplit_spatial(self.rpn_head(maps))
     anchors, anchors_valid = self.anchors(maps, strides, image_extent)
     pre, post = ((self.pre_nms_topk_train, self.post_nms_topk_train) if training_counts
                  else (self.pre_nms_topk_test, self.post_nms_topk_test))
