@@ -110,7 +110,7 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
 
   # RPN head and proposals
   def rpn_proposals(p, maps, image_size, cot):
-    f = lambda sub, x: apply(lambda m, y: m.rpn.rpn_head(y), {**p, "rpn_head": sub}, x)
+    f = lambda sub, x: apply(lambda m, y: m.parts()[0].rpn_head(y), {**p, "rpn_head": sub}, x)
     (objectness, deltas), vjp = jax.vjp(f, p["rpn_head"], maps)
     anchors, valid = apply(lambda m, x: m.rpn.anchors(x, strides, image_extent), p, maps)
     objectness = [jnp.where(v, o, -jnp.inf) for o, v in zip(objectness, valid)]
@@ -118,7 +118,7 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
                                 rpn.pre_nms_topk_train, rpn.post_nms_topk_train,
                                 rpn.nms_threshold, rpn.min_size)
     return (objectness, deltas), proposals, vjp(cot)
-  head_shape = jax.eval_shape(lambda p, x: apply(lambda m, y: m.rpn.rpn_head(y), p, x),
+  head_shape = jax.eval_shape(lambda p, x: apply(lambda m, y: m.parts()[0].rpn_head(y), p, x),
                               params, maps)
   ((objectness, deltas), (proposals, _, proposals_valid), _), out["rpn_proposals"] = _timed(
       rpn_proposals, (params, maps, image_size, _cotangent(head_shape, 2)), repeats)
@@ -169,8 +169,8 @@ def breakdown(model, state, batch, key, repeats: int = 3) -> Dict[str, Dict]:
   classes = jnp.minimum(rois["classes"][:, :m_rois], roi_heads.num_classes - 1)
 
   def head_outputs(p, pooled_box, pooled_mask):
-    logits, box_deltas = apply(lambda m, x: m.roi_heads.box_head(x), p, pooled_box)
-    mask_logits = apply(lambda m, x: m.roi_heads.mask_head(x), p, pooled_mask)
+    logits, box_deltas = apply(lambda m, x: m.parts()[1].box_head(x), p, pooled_box)
+    mask_logits = apply(lambda m, x: m.parts()[1].mask_head(x), p, pooled_mask)
     picked = jnp.take_along_axis(mask_logits, classes[:, :, None, None, None], axis=-1)[..., 0]
     return logits, box_deltas, picked
 

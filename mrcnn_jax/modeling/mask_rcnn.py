@@ -91,6 +91,12 @@ class MaskRCNN(nn.Module):
                                       (images.shape[0], 2))
     return roi_features, self.rpn(maps, strides, image_extent, image_size, training_counts)
 
+  def parts(self):
+    """(rpn, roi_heads) in this module's shared scope, for tools that run one part alone:
+    the scope is shared when a method of this module runs, so ``model.rpn`` reached
+    before any method ran would look for its parameters elsewhere."""
+    return self.rpn, self.roi_heads
+
   # ------------------------------------------------------------------ init
   def initialize(self, images: Array) -> None:
     """Creates every variable with one cheap pass (no proposals, targets or NMS).
