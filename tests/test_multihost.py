@@ -52,8 +52,10 @@ def test_four_processes_of_two_devices_match_one_of_eight(dataset, tmp_path):  #
       if b[k] is None:  # COCOeval's "no such object"
         assert a[k] is None, k
       elif k.startswith("train/loss") or k.startswith("eval/") or k == "train/grad_norm":
-        # Gloo's all-reduce sums in another order than one process's: float noise.
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        # Gloo's all-reduce sums in another order than one process's: float noise, larger
+        # on the gradient norm (a sum over every parameter's reduced gradient; 3e-5 seen).
+        rtol = 1e-4 if k == "train/grad_norm" else 1e-5
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6, err_msg=k)
   assert len(four) == len(one)
   evals = [line for line in one if "eval/bbox/AP" in line]
   assert len(evals) == 1 and "eval/segm/AP" in evals[0] and "eval/keypoints/AP" in evals[0]
