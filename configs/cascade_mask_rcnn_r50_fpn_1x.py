@@ -26,6 +26,7 @@ adaptive ROIAlignV2, detectron2's resize and anchors), e.g. its 3x model
 
 from configs import coco_mask_rcnn_r50_fpn_1x as base
 from configs import detectron2_mask_rcnn
+from mrcnn_jax.modeling import cascade
 
 
 def get_config(arg=None):
@@ -35,6 +36,6 @@ def get_config(arg=None):
   m = config.model
   m.box_head.class_agnostic = True
   m.rpn.post_nms_topk_train = 2000
-  m.cascade.update(iou_thresholds=(0.6, 0.7),
-                   box_weights=((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)))
+  m.cascade.update(iou_thresholds=cascade.DETECTRON2_IOU_THRESHOLDS,
+                   box_weights=cascade.DETECTRON2_BOX_WEIGHTS)
   return config

@@ -29,7 +29,7 @@ import os
 import ml_collections
 
 from mrcnn_jax.mlperf import mlperf_config
-from mrcnn_jax.modeling import build
+from mrcnn_jax.modeling import build, cascade
 from mrcnn_jax.optim import optim_config
 from mrcnn_jax.sharding import mesh_config
 
@@ -94,8 +94,8 @@ def get_config(arg=None):
     model.box_head.update(num_convs=2, conv_dim=64, fc_dims=(128,))
   if arg == "cascade":  # detectron2's cascade stages, class-agnostic boxes
     model.box_head.class_agnostic = True
-    model.cascade.update(iou_thresholds=(0.6, 0.7),
-                         box_weights=((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)))
+    model.cascade.update(iou_thresholds=cascade.DETECTRON2_IOU_THRESHOLDS,
+                         box_weights=cascade.DETECTRON2_BOX_WEIGHTS)
   model.mask_head.update(num_convs=2, conv_dim=32)
   # Heatmaps over boxes 1.4x the detection's: a triangle's corners lie on its
   # box (see docs/experiments.md).

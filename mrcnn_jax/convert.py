@@ -59,6 +59,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mrcnn_jax.data.coco_names import COCO_IDS, COCO_KEYPOINT_NAMES, COCO_NAMES, COCO_SKELETON
+from mrcnn_jax.modeling import cascade
 
 
 class ConversionError(ValueError):
@@ -91,13 +92,10 @@ DETECTRON2_ARCHS = {
 } | {
     f"cascade_mask_rcnn_R_{depth}_FPN": Arch(depth, mask=True, cascade=True) for depth in (50, 101)
 }
-# detectron2's CascadeROIHeads settings (ROI_BOX_CASCADE_HEAD.IOUS and
-# BBOX_REG_WEIGHTS, the defaults every model-zoo cascade uses): a weight file
-# holds no settings, so a converted cascade gets these. Stage 1's IoU 0.5 and
-# weights (10, 10, 5, 5) are the standard box head's; these are the later stages'.
-CASCADE_STAGES = 3
-CASCADE_IOU_THRESHOLDS = (0.6, 0.7)
-CASCADE_BOX_WEIGHTS = ((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+# A weight file holds no settings, so a converted cascade gets detectron2's
+# (cascade.DETECTRON2_*, the defaults every model-zoo cascade uses): the first
+# box stage and those two refinement stages.
+CASCADE_STAGES = 1 + len(cascade.DETECTRON2_IOU_THRESHOLDS)
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # bottleneck blocks in res2..res5
 
 
@@ -481,9 +479,10 @@ def model_section(variables: Dict[str, dict], arch: Arch):
     model.fpn_channels = params["fpn"]["output2"]["bias"].shape[0]
     model.box_head.fc_dims = (params["box_head"]["fc6"]["bias"].shape[0],
                               params["box_head"]["fc7"]["bias"].shape[0])
-  if arch.cascade:  # the settings are detectron2's (not in the file: CASCADE_*)
+  if arch.cascade:  # the settings are detectron2's (not in the file)
     model.box_head.class_agnostic = True
-    model.cascade.update(iou_thresholds=CASCADE_IOU_THRESHOLDS, box_weights=CASCADE_BOX_WEIGHTS)
+    model.cascade.update(iou_thresholds=cascade.DETECTRON2_IOU_THRESHOLDS,
+                         box_weights=cascade.DETECTRON2_BOX_WEIGHTS)
   model.mask_head.enabled = arch.mask
   if arch.mask:
     model.mask_head.conv_dim = params["mask_head"]["deconv"]["bias"].shape[0]

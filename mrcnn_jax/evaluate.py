@@ -95,7 +95,8 @@ def evaluate(model, variables, config, mesh, max_steps: Optional[int] = None,
   """COCO metrics of ``variables`` on the eval split (the first ``max_steps`` batches);
   ``records``: its reader (``input_pipeline.open_split``) when the caller has it open."""
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  records = records or input_pipeline.open_split(config, "eval")
+  if records is None:
+    records = input_pipeline.open_split(config, "eval")
   meta = records.meta
   build.check_dataset(config, meta, f"the eval split {records.directory}")
   evaluator = coco_eval.COCOEvaluator(

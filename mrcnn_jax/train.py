@@ -77,11 +77,11 @@ class LogWriteError(RuntimeError):
   """metrics.jsonl or TensorBoard cannot be written (a full or unwritable disk)."""
 
 
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
-                num_keypoints: Optional[int] = None,
-                canvas: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
-  """A batch without instances (``records.placeholder_batch``) of the shapes and dtypes
-  ``make_dataset`` yields for ``canvas`` (default: the config's first).
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
+               num_keypoints: Optional[int] = None,
+               canvas: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+  """The shapes and dtypes (``records.batch_spec``) ``make_dataset`` yields for
+  ``canvas`` (default: the config's first).
 
   ``num_keypoints``: the data's keypoints per instance (what the pipeline
   yields); default: the keypoint head's, or 0 without one.
@@ -89,9 +89,16 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
   m = config.model
   if num_keypoints is None:
     num_keypoints = m.keypoint_head.num_keypoints if m.keypoint_head.enabled else 0
-  return records_lib.placeholder_batch(records_lib.batch_spec(
+  return records_lib.batch_spec(
       batch_size, canvas or canvas_lib.canvas_sizes(config)[0], config.data.max_instances,
-      config.data.mask_size, num_keypoints))
+      config.data.mask_size, num_keypoints)
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int,
+                num_keypoints: Optional[int] = None,
+                canvas: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+  """A batch without instances (``records.placeholder_batch``) of ``batch_spec``."""
+  return records_lib.placeholder_batch(batch_spec(config, batch_size, num_keypoints, canvas))
 
 
 def _split_batch(batch):
@@ -259,10 +266,10 @@ def compile_programs(config: ml_collections.ConfigDict) -> None:
 
 def compile_steps(config, abstract, step_fn, key, num_keypoints: Optional[int] = None):
   """``{canvas: the train step compiled for it}``, one per canvas of ``config``
-  (``num_keypoints``: the data's, see ``dummy_batch``)."""
+  (``num_keypoints``: the data's, see ``batch_spec``)."""
   compiled = {}
   for canvas in canvas_lib.canvas_sizes(config):
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dummy_batch(
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_spec(
         config, config.batch_size, num_keypoints, canvas=canvas))
     compiled[tuple(canvas)] = step_fn.lower(abstract, batch, key).compile()
   return compiled
@@ -271,22 +278,22 @@ def compile_steps(config, abstract, step_fn, key, num_keypoints: Optional[int] =
 def _check_paths(config, workdir: str) -> None:
   """Fails before any work when the workdir, the data or the initial checkpoint lies
   on a filesystem that cannot be reached (``SetupError`` naming the path: exit 2)."""
-  paths = [("--workdir", workdir)]
+  # Orbax reads and writes the workdir and the initial checkpoint: they need its schemes.
+  paths = [("--workdir", workdir, storage.check_checkpoint_reachable)]
   if config.data.get("source", "records") == "tfds":
     if config.data.get("tfds_data_dir"):
-      paths.append(("config.data.tfds_data_dir", config.data.tfds_data_dir))
+      paths.append(("config.data.tfds_data_dir", config.data.tfds_data_dir,
+                    storage.check_reachable))
   else:
-    paths.append(("config.data.train_dir", config.data.train_dir))
+    paths.append(("config.data.train_dir", config.data.train_dir, storage.check_reachable))
     if config.train.eval_every:
-      paths.append(("config.data.eval_dir", config.data.eval_dir))
+      paths.append(("config.data.eval_dir", config.data.eval_dir, storage.check_reachable))
   if config.get("init_checkpoint"):
-    paths.append(("config.init_checkpoint", config.init_checkpoint))
-  for what, path in paths:
+    paths.append(("config.init_checkpoint", config.init_checkpoint,
+                  storage.check_checkpoint_reachable))
+  for what, path, check in paths:
     try:
-      if what in ("--workdir", "config.init_checkpoint"):  # orbax reads and writes these
-        storage.check_checkpoint_reachable(path, what)
-      else:
-        storage.check_reachable(path, what)
+      check(path, what)
     except storage.UnreachableError as e:
       raise SetupError(str(e)) from None
   try:

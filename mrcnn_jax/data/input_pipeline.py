@@ -147,7 +147,8 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
   is_train = split == "train"
   if split not in ("train", "eval"):
     raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-  records = records or open_split(config, split)
+  if records is None:
+    records = open_split(config, split)
   global_batch = batch_size or (config.batch_size if is_train else config.eval_batch_size)
   if global_batch % process_count:
     raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
@@ -309,7 +310,8 @@ def make_dataset(config, split: str, *, start_step: int = 0, process_index: int 
 def num_eval_steps(config, batch_size: Optional[int] = None, records=None) -> int:
   """Batches in one eval pass (each canvas's last one padded); ``records``: the eval
   split's reader when the caller has it open."""
-  records = records or open_split(config, "eval")
+  if records is None:
+    records = open_split(config, "eval")
   return canvas_lib.num_eval_batches(canvas_lib.record_canvases(records, config),
                                      len(canvas_lib.canvas_sizes(config)),
                                      batch_size or config.eval_batch_size)

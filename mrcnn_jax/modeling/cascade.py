@@ -30,6 +30,11 @@ from mrcnn_jax.ops import targets as target_ops
 
 Array = jnp.ndarray
 
+# detectron2's cascade (ROI_BOX_CASCADE_HEAD): the refinement stages after the
+# first, their foreground IoUs and box coder weights (model.cascade).
+DETECTRON2_IOU_THRESHOLDS = (0.6, 0.7)
+DETECTRON2_BOX_WEIGHTS = ((20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+
 
 @jax.custom_vjp
 def scale_gradient(x: Array, scale: float) -> Array:
@@ -57,9 +62,8 @@ class CascadeRoIHeads(RoIHeads):
   @property
   def stages(self):
     """(box head, foreground IoU, box coder weights) of every stage, the first first."""
-    return ([(self.box_head, self.iou_threshold, box_ops.BOX_HEAD_WEIGHTS)]
-            + list(zip(self.refine_box_heads, self.refine_iou_thresholds,
-                       self.refine_box_weights)))
+    return super().stages + list(zip(self.refine_box_heads, self.refine_iou_thresholds,
+                                     self.refine_box_weights))
 
   def initialize(self, features: RoIFeatures, batch_size: int) -> None:
     super().initialize(features, batch_size)
@@ -115,8 +119,3 @@ class CascadeRoIHeads(RoIHeads):
       previous = (deltas, boxes, weights)
     mean = sum(probabilities) / len(probabilities)
     return jnp.log(jnp.maximum(mean, 1e-30)), previous[0][:, :, None], boxes
-
-  def detections(self, logits: Array, deltas: Array, boxes: Array, boxes_valid: Array,
-                 image_size: Array) -> Dict[str, Array]:
-    return self.postprocess(logits, deltas, boxes, boxes_valid, image_size,
-                            self.stages[-1][2])

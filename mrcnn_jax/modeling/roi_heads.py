@@ -130,6 +130,12 @@ class RoIHeads(nn.Module):
   keypoint_head: Optional[nn.Module] = None
 
   @property
+  def stages(self):
+    """(box head, foreground IoU, box coder weights) of each box stage: one here
+    (modeling/cascade.py has more); the last stage's boxes are the detections'."""
+    return [(self.box_head, self.iou_threshold, box_ops.BOX_HEAD_WEIGHTS)]
+
+  @property
   def res5_box_head(self) -> bool:
     """The C4 design: the mask head reads the box head's res5 output."""
     return isinstance(self.box_head, Res5Head)
@@ -255,7 +261,7 @@ class RoIHeads(nn.Module):
                  image_size: Array) -> Dict[str, Array]:
     """``box_predictions``' outputs -> D detections per image (``Postprocess``)."""
     return self.postprocess(logits, deltas, boxes, boxes_valid, image_size,
-                            box_ops.BOX_HEAD_WEIGHTS)
+                            self.stages[-1][2])
 
   def detection_heads(self, features: RoIFeatures, boxes: Array, classes: Array,
                       valid: Array) -> Tuple[Optional[Array], Optional[Array]]:

@@ -95,6 +95,21 @@ def convert_detectron2_state(state: dict, arch: str, directory) -> str:
   return out
 
 
+def our_stages(config, checkpoint: str, stages, height: int, width: int, boxes):
+  """Our side of a detectron2-layout test: ``config`` at one (height, width) canvas with
+  ``checkpoint``'s weights, ``stages`` (a method for ``model.apply``) on
+  ``normalised_inputs`` and ``boxes``. Returns (the inputs, our stages' outputs)."""
+  import functools
+  import jax
+  from mrcnn_jax import checkpointing
+  from mrcnn_jax.modeling import build
+  config.data.update(canvas_size=(height, width), canvas_sizes=())
+  model = build.build_model(config)
+  x = normalised_inputs(height, width)
+  return x, jax.device_get(jax.jit(functools.partial(model.apply, method=stages))(
+      checkpointing.load_variables(checkpoint), x, boxes))
+
+
 def build_torchvision(torch, torchvision, arch: str, seed: int = 0):
   """A torchvision detector in eval mode with random (scaled) weights, no resizing."""
   from torchvision.models import detection

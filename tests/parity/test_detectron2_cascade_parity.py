@@ -23,7 +23,6 @@ under detectron2's names (``roi_heads.box_head.{k}.fc1``,
 stage on the same input and proposals to within 1e-4 of each output's magnitude.
 """
 
-import functools
 import math
 
 import jax
@@ -31,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax import checkpointing, convert
-from mrcnn_jax.modeling import build
+from mrcnn_jax import convert
 from mrcnn_jax.ops import boxes as box_ops
 from tests.parity import conftest as parity
 from tests.parity.test_convert import detectron2_from_torchvision
@@ -206,12 +204,8 @@ def test_cascade_stages_match_detectron2_layout_reference(torch, reference, tmp_
   config = cascade_mask_rcnn_r50_fpn_1x.get_config("detectron2")
   config.model.num_classes = NUM_CLASSES
   config.model.roi.canonical_box_size = CANONICAL
-  config.data.update(canvas_size=(H, W), canvas_sizes=())
-  model = build.build_model(config)
-  x = parity.normalised_inputs(H, W)
+  x, ours = parity.our_stages(config, out, _stages, H, W, PROPOSALS)
   theirs = reference_stages(torch, backbone, heads, x, PROPOSALS)
-  ours = jax.device_get(jax.jit(functools.partial(model.apply, method=_stages))(
-      checkpointing.load_variables(out), x, PROPOSALS))
 
   for level in range(5):
     assert_close(f"P{level + 2}", ours["fpn"][level], theirs["fpn"][level])
