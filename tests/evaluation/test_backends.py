@@ -1,6 +1,8 @@
 """Fast evaluation: RLE from the pasted block, faster-coco-eval against pycocotools,
 worker processes and merged shards against one in-process evaluator."""
 
+import os
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -112,3 +114,18 @@ def test_bad_settings_are_named():
   gt = bench.make_ground_truth(np.random.default_rng(0), 1, 32, 1)
   with pytest.raises(ValueError, match="workers: expected an integer >= 0"):
     ev.COCOEvaluator(gt, bench.COCO_IDS, workers=-1)
+
+
+def test_workers_run_one_blas_thread_and_leave_the_parent_as_it_was(monkeypatch):
+  from mrcnn_jax.evaluation import workers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("OPENBLAS_NUM_THREADS", "7")
+  monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+  pool = workers.ResultWorkers(1)
+  try:
+    assert pool.submit([]).result() == []  # starts the worker
+    child = [pool._pool.submit(os.getenv, k).result()  # pylint: disable=protected-access
+             for k in workers._ONE_THREAD]  # pylint: disable=protected-access
+  finally:
+    pool.close()
+  assert child == ["1"] * 3
+  assert os.environ["OPENBLAS_NUM_THREADS"] == "7" and "OMP_NUM_THREADS" not in os.environ
