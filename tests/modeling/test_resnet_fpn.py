@@ -87,7 +87,8 @@ def test_upsample_nearest_matches_hand_and_torch(torch):
   y = fpn_lib.upsample_nearest(x, (4, 6))
   np.testing.assert_array_equal(y[0, :, :, 0], [[0, 0, 1, 1, 2, 2]] * 2 + [[3, 3, 4, 4, 5, 5]] * 2)
   z = np.random.default_rng(0).normal(size=(1, 7, 5, 2)).astype(np.float32)
-  ours = fpn_lib.upsample_nearest(jnp.asarray(z), (13, 9))
-  ref = torch.nn.functional.interpolate(torch.tensor(z).permute(0, 3, 1, 2), size=(13, 9),
-                                        mode="nearest").permute(0, 2, 3, 1).numpy()
-  np.testing.assert_array_equal(ours, ref)
+  for size in ((13, 9), (14, 10)):  # any size (a gather); exactly twice (a broadcast)
+    ours = fpn_lib.upsample_nearest(jnp.asarray(z), size)
+    ref = torch.nn.functional.interpolate(torch.tensor(z).permute(0, 3, 1, 2), size=size,
+                                          mode="nearest").permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(ours, ref, err_msg=str(size))
