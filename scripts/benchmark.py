@@ -364,7 +364,8 @@ def executed_flops(config, mesh, ours, batch, fg_rois_per_image: float) -> Dict:
     return {}
   every_config = copy.deepcopy(config)
   every_config.model.roi.head_chunk_size = 0
-  _, abstract, _, _, every_step = train._programs(every_config, mesh)  # pylint: disable=protected-access
+  _, abstract, _, _, every_step = train._programs(  # pylint: disable=protected-access
+      every_config, mesh)
   key = jax.random.PRNGKey(0)
   lowered = lambda fn, state: flops_of(fn.lower(state, batch, key))
   chunked, every = lowered(ours.step_fn, ours.state), lowered(every_step, abstract)

@@ -37,7 +37,6 @@ forward + backward 3-4x faster: docs/experiments.md, "Measurements behind
 the code"). On GPU/TPU one gather serves all RoIs.
 """
 
-import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 

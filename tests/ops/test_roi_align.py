@@ -317,6 +317,16 @@ def test_chunked_pooling_is_the_same(rng, rois_per_chunk):
   np.testing.assert_allclose(got, roi_align(features, boxes, (3, 2), 0.5), atol=1e-6, rtol=0)
   np.testing.assert_allclose(jax.grad(loss)(table, rois_per_chunk), jax.grad(loss)(table, 0),
                              atol=1e-5, rtol=0)
+  # bfloat16 maps: chunks read a float32 copy (roi_align_packed); outputs and gradients
+  # differ from the unchunked ones by bfloat16 rounding only (one unit in the last place).
+  half = table.astype(jnp.bfloat16)
+  got = roi_align_packed(half, boxes, rois_per_chunk=rois_per_chunk, **args)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(roi_align_packed(
+      half, boxes, rois_per_chunk=0, **args), np.float32), rtol=2 ** -7, atol=1e-6)
+  want = np.asarray(jax.grad(loss)(half, 0), np.float32)
+  np.testing.assert_allclose(np.asarray(jax.grad(loss)(half, rois_per_chunk), np.float32), want,
+                             atol=2e-2 * np.abs(want).max(), rtol=0)
 
 
 def test_default_chunking_is_decided_by_the_platform_lowered_for(rng):
