@@ -11,11 +11,14 @@ gradient contracts the output gradient with ``w`` on O and scatters the
 patch gradient back, the transpose of the slicing); the patches are rebuilt
 in the backward pass rather than stored. ``form`` picks where it applies:
 
-- ``"auto"``: 1x1 convolutions of at least ``MIN_MACS`` multiply-adds, and in
-  bfloat16 every convolution of at least ``MIN_MACS`` (XLA:CPU's bfloat16
-  convolution does not use the CPU's matrix units, its bfloat16 matmul with
-  float32 accumulation does). Larger float32 kernels stay XLA's, whose
-  weight gradient beats the patch matmul at top level.
+- ``"auto"``: convolutions of at least ``MIN_MACS`` multiply-adds, where the
+  matmul measured faster (``scripts/benchmark_convs.py``; the table in
+  docs/performance.md, "bfloat16"): every 1x1; in bfloat16 also larger
+  kernels whose patch matrix is deep and short (``BF16_MATMUL_MIN_DEPTH``,
+  ``BF16_MATMUL_MAX_ROWS``: ResNet's res4 and res5 3x3s at 512 px), where
+  the bfloat16 matmul with float32 accumulation (which uses the CPU's matrix
+  units; XLA:CPU's bfloat16 convolution does not) outruns the im2col copies.
+  Larger float32 kernels, and bfloat16 ones on large maps, stay XLA's.
 - ``"matmul"``: every plain convolution, whatever its size: for code inside
   ``lax.cond`` / ``lax.scan`` bodies (``modeling/chunked.py``), where XLA:CPU
   runs convolution gradients about 100x slower than at top level and
@@ -45,6 +48,14 @@ msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_MACS = 10_000_000  # "auto": smaller convs (coarse levels, test models) stay XLA's
+# "auto", bfloat16 kernels larger than 1x1: the matmul when kh * kw * Cin is at
+# least this and batch * output pixels at most that. Forward and both gradients
+# at 512 px, batch 2 (GFLOP/s, XLA's conv / the matmul): res4 3x3 256 over
+# 2 x 32^2 134 / 146, res5 3x3 512 over 2 x 16^2 180 / 280; but FPN 3x3 256
+# over 2 x 64^2 162 / 126, the mask head's 3x3 256 over 256 RoIs of 14^2
+# 176 / 139, res3 3x3 128 over 2 x 64^2 154 / 88.
+BF16_MATMUL_MIN_DEPTH = 2304
+BF16_MATMUL_MAX_ROWS = 4096
 FORMS = ("auto", "matmul", "xla")
 
 
@@ -87,12 +98,16 @@ def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
 
 
 def _matmul_wins(lhs, rhs, strides, padding) -> bool:
-  """``form="auto"``'s rule: 1x1 kernels, or any kernel in bfloat16, above ``MIN_MACS``."""
+  """``form="auto"``'s rule (module docstring), above ``MIN_MACS``."""
   out_pixels = math.prod(_output_size(size, k, lo, hi, s) for size, k, (lo, hi), s
                          in zip(lhs.shape[1:3], rhs.shape[:2], padding, strides))
-  if lhs.shape[0] * out_pixels * math.prod(rhs.shape) < MIN_MACS:
+  rows = lhs.shape[0] * out_pixels
+  if rows * math.prod(rhs.shape) < MIN_MACS:
     return False
-  return rhs.shape[:2] == (1, 1) or lhs.dtype == jnp.bfloat16
+  if rhs.shape[:2] == (1, 1):
+    return True
+  return (lhs.dtype == jnp.bfloat16 and math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH
+          and rows <= BF16_MATMUL_MAX_ROWS)
 
 
 def _output_size(size, kernel, lo, hi, stride):

@@ -128,10 +128,13 @@ def test_conv_by_hand():
 
 
 def test_forms_lowered(monkeypatch):
-  """Which convolutions become matmuls on CPU: "auto" takes bfloat16 kernels of
-  any size and float32 1x1s; "matmul" every plain one; "xla" none. GPU and TPU
-  keep their own convolutions whatever the form."""
+  """Which convolutions become matmuls on CPU: "auto" takes 1x1s, and bfloat16
+  kernels whose patch matrix is deep and short enough; "matmul" every plain one;
+  "xla" none. GPU and TPU keep their own convolutions whatever the form."""
   monkeypatch.setattr(conv, "MIN_MACS", 1)
+  # The test's 3x3 over 2 channels on 6x6: depth 18, 36 rows.
+  monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 18)
+  monkeypatch.setattr(conv, "BF16_MATMUL_MAX_ROWS", 36)
 
   def ops(w, form, platforms=("cpu",)):
     x = jnp.ones((1, 6, 6, 2), w.dtype)
@@ -143,7 +146,13 @@ def test_forms_lowered(monkeypatch):
 
   wide = jnp.ones((3, 3, 2, 2))
   assert ops(wide, "auto") == {"convolution"}
+  assert ops(jnp.ones((1, 1, 2, 2)), "auto") == {"dot_general"}
   assert ops(wide.astype(jnp.bfloat16), "auto") == {"dot_general"}
+  monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 19)  # too shallow
+  assert ops(wide.astype(jnp.bfloat16), "auto") == {"convolution"}
+  monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 18)
+  monkeypatch.setattr(conv, "BF16_MATMUL_MAX_ROWS", 35)  # too many rows
+  assert ops(wide.astype(jnp.bfloat16), "auto") == {"convolution"}
   assert ops(wide, "matmul") == {"dot_general"}
   assert ops(jnp.ones((1, 1, 2, 2)), "xla") == {"convolution"}
   assert ops(wide, "matmul", ("tpu",)) == {"convolution"}
