@@ -16,8 +16,10 @@ output are zeroed outside it, so the RPN's 3x3 conv reads zeros there too.
 from typing import Dict, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from mrcnn_jax import sharding
 from mrcnn_jax.modeling import padding
 from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.modeling.norm import make_norm
@@ -29,9 +31,13 @@ fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 def upsample_nearest(x: jnp.ndarray, size) -> jnp.ndarray:
   """``[B, h, w, C] -> [B, H, W, C]``, PyTorch's legacy 'nearest' (index floor(i * h / H))."""
   b, h, w, c = x.shape
-  if tuple(size) == (2 * h, 2 * w):  # every level of a canvas divisible by the top stride
-    # A broadcast, not a gather: XLA:CPU fused the gather with its neighbours
-    # into a slow loop in bfloat16 (R50-FPN at 512 px: ~0.5 s of the train step).
+  # Exactly 2x (every level of a canvas divisible by the top stride): a broadcast,
+  # not a gather, which XLA:CPU fused with its neighbours into a slow loop in
+  # bfloat16 (R50-FPN at 512 px: ~0.5 s of the train step). Not with maps split
+  # by rows (sharding.constrain_spatial): there XLA's partitioner got the
+  # broadcast's gradient wrong (24% off at an FPN bias; the gather's is exact).
+  spatial = sharding.space_size(jax.sharding.get_abstract_mesh()) > 1
+  if tuple(size) == (2 * h, 2 * w) and not spatial:
     return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
   rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
   cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
