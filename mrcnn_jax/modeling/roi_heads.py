@@ -226,29 +226,33 @@ class RoIHeads(nn.Module):
     return logits, deltas, None
 
   def mask_logits(self, features: RoIFeatures, boxes: Array, classes: Array, valid: Array,
-                  res5: Optional[Array] = None, train: bool = True) -> Array:
+                  res5: Optional[Array] = None, differentiated: bool = True) -> Array:
     """Mask logits ``[B, R, S, S]`` of ``boxes [B, R, 4]`` for ``classes [B, R]``.
 
     ``valid [B, R]``: the RoIs whose masks are wanted (others may be zeros).
     C4: the mask head reads ``res5``, the box head's output at these boxes.
-    ``train``: the logits are differentiated.
+    ``differentiated``: whether a gradient is taken of the logits (selects the
+    chunked head's convolution form; not BatchNorm's mode).
     """
     if res5 is not None:
       return _class_channel(self.mask_head(res5[:, :boxes.shape[1]]), classes)
     pooled = self.pooler(features, boxes, self.mask_pooler_resolution)
     return self._run_head(self.mask_head, (pooled, classes), valid,
-                          lambda head, x: _class_channel(head(x[0]), x[1]), train)
+                          lambda head, x: _class_channel(head(x[0]), x[1]), differentiated)
 
-  def _run_head(self, head, inputs, valid, call=lambda head, x: head(x), train=True):
+  def _run_head(self, head, inputs, valid, call=lambda head, x: head(x), differentiated=True):
     """``call(head, inputs)`` (inputs ``[B, R, ...]``), at the cost of the ``valid [B, R]``
-    RoIs only where ``head_chunk_size`` is set (``chunked.run``). ``train``: the
-    result is differentiated."""
+    RoIs only where ``head_chunk_size`` is set (``chunked.run``). ``differentiated``:
+    whether a gradient is taken of the result."""
     if not self.head_chunk_size or self.is_initializing():
       return call(head, inputs)
     # Inside the chunks' control flow the head is a pure function of its
     # parameters, and a differentiated one computes its convolutions as matmuls
     # (conv.py: XLA:CPU's convolution gradients are slow there, its forward is not).
-    pure = head.clone(parent=None, conv_form="matmul") if train else head.clone(parent=None)
+    if differentiated:
+      pure = head.clone(parent=None, conv_form="matmul")
+    else:
+      pure = head.clone(parent=None)
     fn = lambda params, x: call(functools.partial(pure.apply, {"params": params}), x)
     return chunked.run(fn, head.variables["params"], inputs, valid, self.head_chunk_size)
 
@@ -275,12 +279,13 @@ class RoIHeads(nn.Module):
     if self.mask_head is not None:
       # C4: the mask head reads res5, which the box head computes at these boxes.
       res5 = self.box_outputs(features, boxes, False)[2] if self.res5_box_head else None
-      masks = jax.nn.sigmoid(self.mask_logits(features, boxes, classes, valid, res5, False))
+      masks = jax.nn.sigmoid(self.mask_logits(features, boxes, classes, valid, res5,
+                                                  differentiated=False))
       masks = jnp.where(valid[:, :, None, None], masks, 0.0)
     if self.keypoint_head is not None:
       heatmaps = self._run_head(self.keypoint_head, self.pooler(
           features, box_ops.scale(boxes, self.keypoint_box_scale),
-          self.keypoint_pooler_resolution), valid, train=False)
+          self.keypoint_pooler_resolution), valid, differentiated=False)
     return masks, heatmaps
 
   def keypoints(self, heatmaps: Array, boxes: Array) -> Array:
