@@ -5,20 +5,25 @@ plain NHWC/HWIO convolutions (any kernel, stride and padding; no dilation,
 no groups), which it computes as one matmul over the input's patches
 (im2col): ``y = patches(x) @ w.reshape(kh * kw * C, O)``, with float32
 accumulation. Its gradients are two more matmuls (``jax.custom_vjp``), each
-with operands that XLA:CPU reads without a transposed copy (the weight
-gradient multiplies patches sliced from the channel-major input; the input
-gradient contracts the output gradient with ``w`` on O and scatters the
-patch gradient back, the transpose of the slicing); the patches are rebuilt
-in the backward pass rather than stored. ``form`` picks where it applies:
+with operands that XLA:CPU reads row-major, without a transposed copy: at
+stride 1 the input gradient is the convolution of the output gradient with
+the flipped kernel (another patch matmul; at other strides, the patch
+gradient ``dy @ w^T`` summed back in float32 by the transpose of the
+slicing), and the weight gradient multiplies the output gradient, transposed,
+by the input's patches. The patches are rebuilt in the backward pass rather
+than stored; 16-bit patches are copied as 32-bit words (pairs of channels),
+which XLA:CPU moves about twice as fast. ``form`` picks where it applies:
 
 - ``"auto"``: convolutions of at least ``MIN_MACS`` multiply-adds, where the
   matmul measured faster (``scripts/benchmark_convs.py``; the table in
   docs/performance.md, "bfloat16"): every 1x1; in bfloat16 also larger
   kernels whose patch matrix is deep and short (``BF16_MATMUL_MIN_DEPTH``,
   ``BF16_MATMUL_MAX_ROWS``: ResNet's res4 and res5 3x3s at 512 px), where
-  the bfloat16 matmul with float32 accumulation (which uses the CPU's matrix
-  units; XLA:CPU's bfloat16 convolution does not) outruns the im2col copies.
-  Larger float32 kernels, and bfloat16 ones on large maps, stay XLA's.
+  the bfloat16 matmul with float32 accumulation (XLA:CPU's fast bfloat16
+  path; its bfloat16 convolution runs at float32 speed) outruns the im2col
+  copies. Other bfloat16 convolutions at stride 1 keep XLA's convolution
+  forward (faster there) and take the matmul gradients (faster than XLA's at
+  every measured shape). Larger float32 kernels stay XLA's.
 - ``"matmul"``: every plain convolution, whatever its size: for code inside
   ``lax.cond`` / ``lax.scan`` bodies (``modeling/chunked.py``), where XLA:CPU
   runs convolution gradients about 100x slower than at top level and
@@ -73,13 +78,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   dilated = any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   if form != "xla" and not kwargs and feature_group_count == 1 and not dilated:
     pads = _plain_padding(lhs, rhs, window_strides, padding, dimension_numbers)
-  if pads is None or (form == "auto" and not _matmul_wins(lhs, rhs, window_strides, pads)):
+  forward = None if pads is None else (
+      "matmul" if form == "matmul" else _auto_forward(lhs, rhs, tuple(window_strides), pads))
+  if forward is None:
     return conv(lhs, rhs)
   # Chosen when the program is lowered (or, for a program exported for several
   # platforms, compiled) for its platform, not by the backend that traced it.
   return lax.platform_dependent(
-      lhs, rhs, cpu=lambda x, w: _conv_matmul(x, w, tuple(window_strides), pads, precision),
-      default=conv)
+      lhs, rhs, default=conv,
+      cpu=lambda x, w: _conv_matmul(x, w, tuple(window_strides), pads, precision, forward))
 
 
 def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
@@ -97,17 +104,21 @@ def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
   return padding
 
 
-def _matmul_wins(lhs, rhs, strides, padding) -> bool:
-  """``form="auto"``'s rule (module docstring), above ``MIN_MACS``."""
+def _auto_forward(lhs, rhs, strides, padding):
+  """``form="auto"``'s rule (module docstring): the forward pass of ``_conv_matmul``
+  ("matmul" or "xla", the gradients then matmuls), or None for XLA's convolution."""
   out_pixels = math.prod(_output_size(size, k, lo, hi, s) for size, k, (lo, hi), s
                          in zip(lhs.shape[1:3], rhs.shape[:2], padding, strides))
   rows = lhs.shape[0] * out_pixels
   if rows * math.prod(rhs.shape) < MIN_MACS:
-    return False
+    return None
   if rhs.shape[:2] == (1, 1):
-    return True
-  return (lhs.dtype == jnp.bfloat16 and math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH
-          and rows <= BF16_MATMUL_MAX_ROWS)
+    return "matmul"
+  if lhs.dtype != jnp.bfloat16:
+    return None
+  if math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH and rows <= BF16_MATMUL_MAX_ROWS:
+    return "matmul"
+  return "xla" if _flipped_padding(rhs.shape[:2], strides, padding) is not None else None
 
 
 def _output_size(size, kernel, lo, hi, stride):
@@ -137,7 +148,14 @@ def _patches(x, kernel_size, strides, padding):
 
   Tap-major: channel ``(i * kw + j) * C + c`` is input channel c at kernel
   offset (i, j), the order of ``w.reshape(kh * kw * C, O)`` for an HWIO ``w``.
+  16-bit ``x`` with an even C is moved as 32-bit words (pairs of channels):
+  XLA:CPU copies 16-bit elements about half as fast. Not differentiable
+  there (``_conv_matmul`` has its own gradients).
   """
+  if x.dtype.itemsize == 2 and x.shape[-1] % 2 == 0:
+    words = lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), jnp.uint32)
+    p = _patches(words, kernel_size, strides, padding)
+    return lax.bitcast_convert_type(p, x.dtype).reshape(*p.shape[:-1], -1)
   taps = _taps(x, kernel_size, strides, padding, (1, 2))
   return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
@@ -155,11 +173,30 @@ def _flat_patches(x, kernel_size, strides, padding):
 def _flat_patches_t(x, kernel_size, strides, padding):
   """``_flat_patches`` transposed, ``[kh * kw * C, N * OH * OW]``, sliced from the
   channel-major input: the weight gradient's matmul then reads both operands
-  row-major (XLA:CPU computes a bfloat16 matmul with a transposed operand in
-  float32, off the matrix units)."""
+  row-major."""
   taps = _taps(jnp.moveaxis(x, -1, 0), kernel_size, strides, padding, (2, 3))
   p = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=0)  # (kh*kw*C, N, OH, OW)
   return p.reshape(p.shape[0], -1)
+
+
+def _transposed(a):
+  """``a.T`` of a 16-bit ``[R, K]`` with an even R, materialised row-major:
+  transposed as 32-bit words (pairs of rows), behind a barrier. A 16-bit
+  matmul reading a transposed operand is off XLA:CPU's fast path (it converts
+  both to float32), and XLA folds a plain transpose into the matmul."""
+  pairs = jnp.transpose(a.reshape(a.shape[0] // 2, 2, a.shape[1]), (2, 0, 1))
+  words = lax.optimization_barrier(lax.bitcast_convert_type(pairs, jnp.uint32))
+  return lax.bitcast_convert_type(words, a.dtype).reshape(a.shape[1], a.shape[0])
+
+
+def _flipped_padding(kernel_size, strides, padding):
+  """The padding under which the input gradient of a stride-1 convolution is the
+  convolution of its output gradient with the flipped kernel; None where there
+  is none (other strides, padding beyond the kernel)."""
+  full = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_size, padding))
+  if tuple(strides) != (1, 1) or min(min(pair) for pair in full) < 0:
+    return None
+  return full
 
 
 def _dot(a, b, precision, contract=((1,), (0,))):
@@ -167,31 +204,49 @@ def _dot(a, b, precision, contract=((1,), (0,))):
                          preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul(x, w, strides, padding, precision):
-  """A convolution as one matmul over its patches: ``lax.conv_general_dilated``'s numbers."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_matmul(x, w, strides, padding, precision, forward="matmul"):
+  """A convolution whose gradients are matmuls: ``lax.conv_general_dilated``'s
+  numbers. ``forward``: "matmul" (one matmul over the patches) or "xla" (XLA's
+  convolution; where that is faster forward)."""
+  if forward == "xla":
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                    precision=precision)
   p, lead = _flat_patches(x, w.shape[:2], strides, padding)
   y = _dot(p, w.reshape(-1, w.shape[-1]), precision)
   return y.reshape(*lead, -1).astype(x.dtype)
 
 
-def _conv_matmul_fwd(x, w, strides, padding, precision):
-  return _conv_matmul(x, w, strides, padding, precision), (x, w)
+def _conv_matmul_fwd(x, w, strides, padding, precision, forward):
+  return _conv_matmul(x, w, strides, padding, precision, forward), (x, w)
 
 
-def _conv_matmul_bwd(strides, padding, precision, residuals, dy):
+def _conv_matmul_bwd(strides, padding, precision, forward, residuals, dy):
+  del forward  # the same gradients either way
   x, w = residuals
-  kernel_size, o = w.shape[:2], w.shape[-1]
-  lead = dy.shape[:3]
-  dy = dy.reshape(-1, o)
-  # Patch gradient dy @ w^T, contracting both on O: no transposed copy of w.
-  dp = _dot(dy, w.reshape(-1, o), precision, ((1,), (1,))).astype(x.dtype)
-  # The transpose of the slicing sums each tap's gradient back (the unused
-  # forward value of this vjp is dropped by XLA).
-  _, patches_vjp = jax.vjp(lambda v: _patches(v, kernel_size, strides, padding), x)
-  dx, = patches_vjp(dp.reshape(*lead, -1))
-  dw = _dot(_flat_patches_t(x, kernel_size, strides, padding), dy, precision)  # (kh*kw*C, O)
-  return dx, dw.reshape(w.shape).astype(w.dtype)
+  kernel_size, (c, o) = w.shape[:2], w.shape[2:]
+  flat_dy = dy.reshape(-1, o)
+  full = _flipped_padding(kernel_size, strides, padding)
+  if full is not None:
+    # dx = dy convolved with the flipped kernel, its in/out channels swapped.
+    p, lead = _flat_patches(dy, kernel_size, (1, 1), full)
+    flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3).reshape(-1, c)
+    dx = _dot(p, flipped, precision).reshape(*lead, c)
+  else:
+    # The patch gradient dy @ w^T (contracting both on O: no transposed copy of
+    # w), summed back in float32 by the transpose of the slicing.
+    dp = _dot(flat_dy, w.reshape(-1, o), precision, ((1,), (1,)))
+    unslice = jax.linear_transpose(lambda v: _patches(v, kernel_size, strides, padding),
+                                   jax.ShapeDtypeStruct(x.shape, dp.dtype))
+    dx, = unslice(dp.reshape(*dy.shape[:3], -1))
+  if x.dtype.itemsize == 2 and flat_dy.shape[0] % 2 == 0:
+    # dw^T = dy^T @ patches, both row-major; the barrier keeps XLA from folding
+    # the final (small) transpose into the matmul by swapping its operands.
+    p, _ = _flat_patches(x, kernel_size, strides, padding)
+    dw = lax.optimization_barrier(_dot(_transposed(flat_dy), p, precision)).T
+  else:
+    dw = _dot(_flat_patches_t(x, kernel_size, strides, padding), flat_dy, precision)
+  return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 _conv_matmul.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)

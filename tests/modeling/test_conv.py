@@ -73,6 +73,52 @@ def test_bfloat16_gradient_dtype(rng):
   np.testing.assert_allclose(np.asarray(gw, np.float32), ref, rtol=3e-2, atol=3e-1)
 
 
+@pytest.mark.parametrize("form", ["auto", "matmul"])
+# 4 channels, 2 images: patches and the weight gradient's transpose as 32-bit
+# words; 3 channels, one 7x9 image (an odd pixel count): 16-bit copies.
+@pytest.mark.parametrize("channels", [4, 3])
+@pytest.mark.parametrize("kernel,strides,padding", [
+    (3, (1, 1), ((1, 1), (1, 1))),   # "auto": XLA forward, matmul gradients
+    (3, (2, 2), ((1, 1), (1, 1))),
+    (1, (1, 1), ((0, 0), (0, 0))),
+    (1, (2, 2), ((0, 0), (0, 0))),
+    (3, (1, 1), ((2, 0), (0, 1))),   # uneven padding: the flipped kernel's is too
+    (2, (1, 1), ((3, 0), (0, 0))),   # padding beyond the kernel: the sliced gradient
+])
+def test_bfloat16_values_and_gradients(rng, kernel, strides, padding, channels, form):
+  """bfloat16 against float32 XLA on the same (bfloat16-rounded) numbers, within
+  bfloat16's rounding of the outputs and gradients."""
+  x = jnp.asarray(rng.normal(size=(channels - 2, 7, 9, channels)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 6)), jnp.bfloat16)
+  ours_fn = lambda x, w: conv.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), form=form)
+  want = _lax(x.astype(jnp.float32), w.astype(jnp.float32), strides, padding)
+  got = jax.jit(ours_fn)(x, w)
+  assert got.dtype == jnp.bfloat16
+  scale = lambda a: float(np.max(np.abs(a)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-2 * scale(want))
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  ours = jax.jit(jax.grad(lambda x, w: jnp.sum(ours_fn(x, w) * cot), (0, 1)))(x, w)
+  theirs = jax.grad(lambda x, w: jnp.sum(_lax(x, w, strides, padding) * cot), (0, 1))(
+      x.astype(jnp.float32), w.astype(jnp.float32))
+  for name, a, b in zip(("input", "weight"), ours, theirs):
+    assert a.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * scale(b), err_msg=name)
+
+
+def test_patches_and_transpose_as_words(rng):
+  """The 16-bit copies made as 32-bit words are exact: the same patches as
+  float32's, and a transpose."""
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.bfloat16)
+  for kernel, strides, padding in ((3, (1, 1), ((1, 1), (1, 1))), (2, (2, 1), ((0, 1), (2, 0)))):
+    words = conv._patches(x, (kernel, kernel), strides, padding)
+    plain = conv._patches(x.astype(jnp.float32), (kernel, kernel), strides, padding)
+    np.testing.assert_array_equal(np.asarray(words, np.float32), plain)
+  a = jnp.asarray(rng.normal(size=(6, 5)), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(jax.jit(conv._transposed)(a), np.float32),
+                                np.asarray(a, np.float32).T)
+
+
 def test_small_convs_larger_kernels_and_other_platforms_use_lax(monkeypatch):
   """Under MIN_MACS, kernels larger than 1x1, or lowered for GPU or TPU: the
   convolution and its gradients are lax's own. The platform decides at
@@ -129,19 +175,22 @@ def test_conv_by_hand():
 
 def test_forms_lowered(monkeypatch):
   """Which convolutions become matmuls on CPU: "auto" takes 1x1s, and bfloat16
-  kernels whose patch matrix is deep and short enough; "matmul" every plain one;
-  "xla" none. GPU and TPU keep their own convolutions whatever the form."""
+  kernels whose patch matrix is deep and short enough; other bfloat16 ones at
+  stride 1 keep XLA's convolution forward and take matmul gradients; "matmul"
+  every plain one; "xla" none. GPU and TPU keep their own convolutions whatever
+  the form."""
   monkeypatch.setattr(conv, "MIN_MACS", 1)
   # The test's 3x3 over 2 channels on 6x6: depth 18, 36 rows.
   monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 18)
   monkeypatch.setattr(conv, "BF16_MATMUL_MAX_ROWS", 36)
 
-  def ops(w, form, platforms=("cpu",)):
+  def ops(w, form, platforms=("cpu",), strides=(1, 1)):
     x = jnp.ones((1, 6, 6, 2), w.dtype)
     f = lambda v: jnp.sum(conv.conv_general_dilated(
-        x, v, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x, v, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         form=form).astype(jnp.float32))
-    text = jax.jit(jax.grad(f)).trace(w).lower(lowering_platforms=platforms).as_text()
+    text = (jax.jit(jax.value_and_grad(f)).trace(w).lower(lowering_platforms=platforms)
+            .as_text())
     return {op for op in ("dot_general", "convolution") if f"stablehlo.{op}" in text}
 
   wide = jnp.ones((3, 3, 2, 2))
@@ -149,10 +198,12 @@ def test_forms_lowered(monkeypatch):
   assert ops(jnp.ones((1, 1, 2, 2)), "auto") == {"dot_general"}
   assert ops(wide.astype(jnp.bfloat16), "auto") == {"dot_general"}
   monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 19)  # too shallow
-  assert ops(wide.astype(jnp.bfloat16), "auto") == {"convolution"}
+  both = {"convolution", "dot_general"}
+  assert ops(wide.astype(jnp.bfloat16), "auto") == both
+  assert ops(wide.astype(jnp.bfloat16), "auto", strides=(2, 2)) == {"convolution"}
   monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 18)
   monkeypatch.setattr(conv, "BF16_MATMUL_MAX_ROWS", 35)  # too many rows
-  assert ops(wide.astype(jnp.bfloat16), "auto") == {"convolution"}
+  assert ops(wide.astype(jnp.bfloat16), "auto") == both
   assert ops(wide, "matmul") == {"dot_general"}
   assert ops(jnp.ones((1, 1, 2, 2)), "xla") == {"convolution"}
   assert ops(wide, "matmul", ("tpu",)) == {"convolution"}
