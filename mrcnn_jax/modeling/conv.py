@@ -266,15 +266,50 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
                              preferred_element_type=None, **kwargs):
   """``lax.dot_general`` accumulating in float32, rounded to the inputs' dtype.
 
-  A bfloat16 matmul that accumulates (and returns) float32 runs on the
-  matrix units of CPUs with AMX / AVX512-BF16 (XLA:CPU's bfloat16-out matmul
-  does not) and is what TPUs and GPUs do natively; in float32 it is the
-  plain matmul. For ``nn.Dense(dot_general=...)``.
+  A bfloat16 matmul that accumulates (and returns) float32 takes XLA:CPU's
+  fast bfloat16 path (its bfloat16-out matmul does not) and is what TPUs and
+  GPUs do natively; in float32 it is the plain matmul. For
+  ``nn.Dense(dot_general=...)``: on CPU a 16-bit ``x [..., K] @ w [K, N]``
+  is ``matmul``, whose gradients stay on that path.
   """
   del preferred_element_type  # always float32, then the inputs' dtype
-  out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                        preferred_element_type=jnp.float32, **kwargs)
-  return out.astype(jnp.result_type(lhs, rhs))
+  dtype = jnp.result_type(lhs, rhs)
+  dense = (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+           and lhs.dtype == rhs.dtype and dtype.itemsize == 2 and not kwargs)
+  out = lambda x, w: lax.dot_general(x, w, dimension_numbers, precision=precision,
+                                     preferred_element_type=jnp.float32, **kwargs).astype(dtype)
+  if not dense:
+    return out(lhs, rhs)
+  return lax.platform_dependent(lhs, rhs, default=out,
+                                cpu=lambda x, w: matmul(x, w, precision))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x, w, precision=None):
+  """``x [..., K] @ w [K, N]`` accumulating in float32, in ``x``'s dtype, with
+  gradients whose matmuls read their operands row-major: the weight gradient
+  as ``x^T @ dy`` with ``x^T`` materialised (``_transposed``) where ``x`` is
+  16-bit, a transposed operand taking XLA:CPU's 16-bit matmul off its fast path."""
+  return _dot(x.reshape(-1, x.shape[-1]), w, precision).reshape(
+      *x.shape[:-1], w.shape[-1]).astype(x.dtype)
+
+
+def _matmul_fwd(x, w, precision):
+  return matmul(x, w, precision), (x, w)
+
+
+def _matmul_bwd(precision, residuals, dy):
+  x, w = residuals
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  dx = _dot(dy2, w, precision, ((1,), (1,))).reshape(x.shape)
+  if x.dtype.itemsize == 2 and x2.shape[0] % 2 == 0:
+    dw = _dot(_transposed(x2), dy2, precision)
+  else:
+    dw = _dot(x2, dy2, precision, ((0,), (0,)))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 Dense = functools.partial(nn.Dense, dot_general=accumulating_dot_general)

@@ -17,6 +17,8 @@ spatial axes and transposed (see the weight-import tests).
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import accumulating_dot_general
+
 
 def msra_fill() -> nn.initializers.Initializer:
   """detectron2's ``c2_msra_fill`` (``kaiming_normal_(mode="fan_out")``) for a Deconv kernel.
@@ -57,9 +59,12 @@ class Deconv(nn.Module):
     # nn.ConvTranspose correlates with the kernel as stored; placing patches
     # directly needs it flipped.
     flipped = kernel[::-1, ::-1].astype(self.dtype)
-    # float32 accumulation (conv.accumulating_dot_general), rounded to the compute dtype.
-    patches = jnp.einsum("nhwc,ijcd->nhwijd", x.astype(self.dtype), flipped,
-                         preferred_element_type=jnp.float32).astype(self.dtype)
+    # Every tap's contribution as one matmul [n*h*w, c] @ [c, k*k*features],
+    # accumulating in float32 and rounded to the compute dtype.
+    taps = jnp.moveaxis(flipped, 2, 0).reshape(c, k * k * self.features)
+    patches = accumulating_dot_general(x.astype(self.dtype).reshape(-1, c), taps,
+                                       (((1,), (0,)), ((), ())))
+    patches = patches.reshape(n, h, w, k, k, self.features)
     q = k // s
     # Tap i = s * qi + ai lands on output row s * (h + qi) + ai.
     patches = patches.reshape(n, h, w, q, s, q, s, self.features)

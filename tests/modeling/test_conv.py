@@ -223,3 +223,30 @@ def test_matmul_form_inside_control_flow(rng):
   np.testing.assert_allclose(jax.jit(jax.grad(inside))(w, True), jax.grad(top)(w),
                              rtol=1e-4, atol=1e-4)
   assert not np.any(jax.jit(jax.grad(inside))(w, False))
+
+
+@pytest.mark.parametrize("rows", [6, 5])  # even: the weight gradient reads x^T as 32-bit words
+def test_dense_matmul_bfloat16(rng, rows):
+  """Dense's matmul (accumulating_dot_general -> matmul on CPU in 16 bits): bfloat16
+  values and gradients against float32 on the same numbers, over [3, rows, K] inputs."""
+  x = jnp.asarray(rng.normal(size=(3, rows, 12)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(12, 7)), jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+  cot = jnp.asarray(rng.normal(size=(3, rows, 7)), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cot)
+  ours = lambda x, w: conv.accumulating_dot_general(x, w, dims)
+  theirs = lambda x, w: lax.dot_general(x, w, dims)
+  (value, grads) = jax.jit(jax.value_and_grad(loss(ours), (0, 1)))(x, w)
+  assert ours(x, w).dtype == jnp.bfloat16
+  f32 = x.astype(jnp.float32), w.astype(jnp.float32)
+  want_value, want_grads = jax.value_and_grad(loss(theirs), (0, 1))(*f32)
+  np.testing.assert_allclose(value, want_value, rtol=1e-2)
+  for name, a, b in zip(("input", "weight"), grads, want_grads):
+    assert a.dtype == jnp.bfloat16, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), b,
+                               atol=1e-2 * float(np.max(np.abs(b))), err_msg=name)
+  lowered = lambda platform: jax.jit(jax.grad(loss(ours), (0, 1))).trace(x, w).lower(
+      lowering_platforms=(platform,)).as_text()
+  # The materialised x^T (a barrier) on CPU at even rows; plain dots elsewhere.
+  assert ("optimization_barrier" in lowered("cpu")) == (rows % 2 == 0)
+  assert "optimization_barrier" not in lowered("tpu")
