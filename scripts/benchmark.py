@@ -100,6 +100,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import machine  # noqa: E402  (scripts/machine.py)
 from mrcnn_jax import evaluate, optim, sharding, train  # noqa: E402
 from mrcnn_jax.modeling import build  # noqa: E402
 
@@ -493,6 +494,7 @@ def run(config, overrides: List[str]) -> Dict:
       "infer_batch": FLAGS.infer_batch, "backend": backend,
       "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+      "cpu": machine.cpu_description(),  # bfloat16 speed depends on its AMX / AVX512-BF16
       "jax": jax.__version__, "torch": getattr(torch, "__version__", None),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),  # mrcnn_jax.xla_flags adds one on CPU
       "load_average_1m_before": os.getloadavg()[0]}}
@@ -711,7 +713,8 @@ def table(r: Dict) -> str:
            f"{s['canvas'][1]}, {s['dtype']}, {s['rois_per_image']} RoIs/img "
            f"({s['mask_rois_per_image']} mask), {s['gt_instances']} gt/img | {s['backend']} "
            f"{s['device_kind']}, "
-           f"{s['cpu_count']} CPUs, load {s['load_average_1m_before']:.1f} -> "
+           f"{s['cpu_count']} CPUs ({s['cpu']['model']}: {' '.join(s['cpu']['flags'])}), "
+           f"load {s['load_average_1m_before']:.1f} -> "
            f"{s['load_average_1m_after']:.1f}",
            f"peak ({r['peak']['used']}): {r['peak']['used_gflops']:.0f} GFLOP/s", ""]
   row = lambda name, ours, theirs="", ratio=None: lines.append(

@@ -5,12 +5,15 @@
 
 For each convolution shape of the R50-FPN Mask R-CNN (stem, a 3x3 and a 1x1
 of each ResNet stage, the FPN and RPN 3x3s, the mask and keypoint heads' 3x3s
-over their RoIs), forward and both gradients (``jax.value_and_grad``), in
-float32 and bfloat16: ``conv.conv_general_dilated`` with ``form="xla"``
-(XLA's convolution) and ``form="matmul"`` (one im2col matmul with float32
-accumulation), at top level, which is what ``form="auto"`` picks between.
-Prints a table and writes JSON: per shape and dtype the median seconds of
-each form, GFLOP/s and which form won.
+over their RoIs), in float32 and bfloat16, at top level:
+``conv.conv_general_dilated`` with ``form="xla"`` (XLA's convolution),
+``form="matmul"`` (one im2col matmul with float32 accumulation, matmul
+gradients) and ``form="auto"`` (what the model runs: one of those, or in
+bfloat16 XLA's forward with the matmul gradients), forward and both
+gradients (``jax.value_and_grad``); and the forward alone (inference) for
+"xla" and "matmul". Prints a table and writes JSON: per shape and dtype the
+median seconds of each, GFLOP/s and which form won; the settings name the CPU
+(scripts/machine.py: bfloat16 speed depends on its AMX / AVX512-BF16).
 """
 
 import json
@@ -25,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import machine  # noqa: E402  (scripts/machine.py)
 from mrcnn_jax.modeling import conv  # noqa: E402
 
 flags.DEFINE_integer("canvas", 512, "Square canvas side.")
@@ -54,13 +58,13 @@ def shapes(canvas: int, b: int, rois: int):
   ]
 
 
-def time_form(x, w, stride, form, repeats):
+def time_form(x, w, stride, form, repeats, gradients=True):
   k = w.shape[0]
   pad = ((k // 2, k // 2),) * 2
   f = lambda x, w: jnp.sum(conv.conv_general_dilated(
       x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
       form=form).astype(jnp.float32) ** 2)
-  g = jax.jit(jax.value_and_grad(f, (0, 1)))
+  g = jax.jit(jax.value_and_grad(f, (0, 1)) if gradients else f)
   jax.block_until_ready(g(x, w))
   times = []
   for _ in range(repeats):
@@ -82,18 +86,24 @@ def main(argv):
       pixels = shape[0] * (-(-shape[1] // stride)) * (-(-shape[2] // stride))
       gflop = 3 * 2 * pixels * k * k * shape[-1] * out / 1e9  # forward + 2 gradients
       row = {"conv": name, "dtype": dtype, "gflop": gflop}
-      for form in ("xla", "matmul"):
+      for form in ("xla", "matmul", "auto"):
         row[f"{form}_s"] = time_form(x, w, stride, form, FLAGS.repeats)
         row[f"{form}_gflops"] = gflop / row[f"{form}_s"]
+      for form in ("xla", "matmul"):
+        row[f"{form}_forward_s"] = time_form(x, w, stride, form, FLAGS.repeats, False)
+        row[f"{form}_forward_gflops"] = gflop / 3 / row[f"{form}_forward_s"]
       row["faster"] = min(("xla", "matmul"), key=lambda f: row[f"{f}_s"])
+      row["faster_forward"] = min(("xla", "matmul"), key=lambda f: row[f"{f}_forward_s"])
       rows.append(row)
-      print(f"{name:<26}{dtype:>9}  xla {row['xla_s'] * 1e3:8.1f} ms {row['xla_gflops']:6.0f}"
-            f"  matmul {row['matmul_s'] * 1e3:8.1f} ms {row['matmul_gflops']:6.0f} GFLOP/s"
-            f"  -> {row['faster']}", file=sys.stderr, flush=True)
+      print(f"{name:<26}{dtype:>9}  GFLOP/s, forward + gradients: xla "
+            f"{row['xla_gflops']:4.0f} matmul {row['matmul_gflops']:4.0f} auto "
+            f"{row['auto_gflops']:4.0f} -> {row['faster']};  forward: xla "
+            f"{row['xla_forward_gflops']:4.0f} matmul {row['matmul_forward_gflops']:4.0f} -> "
+            f"{row['faster_forward']}", file=sys.stderr, flush=True)
   result = {"settings": {"canvas": FLAGS.canvas, "batch_size": FLAGS.batch_size,
                          "rois": FLAGS.rois, "repeats": FLAGS.repeats,
                          "jax": jax.__version__, "backend": jax.default_backend(),
-                         "cpu_count": os.cpu_count(),
+                         "cpu_count": os.cpu_count(), "cpu": machine.cpu_description(),
                          "load_average_1m": os.getloadavg()[0]},
             "convs": rows}
   text = json.dumps(result, indent=1)

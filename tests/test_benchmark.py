@@ -64,6 +64,7 @@ def test_train_and_inference(result):
   assert _positive(i["latency_s_batch_1"]["median"]) and _positive(i["images_per_s_batch_2"])
   assert i["detections_per_image"] > 0  # the biased classifier keeps some
   assert _positive(r["peak"]["used_gflops"])
+  assert r["settings"]["cpu"]["model"] and isinstance(r["settings"]["cpu"]["flags"], list)
   assert _positive(r["memory"]["host_peak_mib_end"])
   assert _positive(r["memory"]["xla_train_buffers"]["temp_size_mib"])
   child_env = dict(os.environ)  # the benchmark's, once its `import mrcnn_jax` added its flag
@@ -119,3 +120,18 @@ def test_torchvision_side(result):
     assert _positive(r["ops"][op]["ours_ms"]) and _positive(r["ops"][op]["torchvision_ms"])
   assert r["ops"]["nms"]["kept"]["ours"] == r["ops"]["nms"]["kept"]["torchvision"]
   assert r["targets"]["train_step_vs_torchvision"]["met"] is not None
+
+
+def test_cpu_description(tmp_path):
+  """The CPU model and its matrix extensions, read from a cpuinfo file (the first
+  processor's lines); a missing file gives the platform's name and no flags."""
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import machine  # pylint: disable=g-import-not-at-top
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nmodel name\t: Example Xeon\n"
+                  "flags\t\t: fpu avx2 avx512f amx_tile amx_bf16 sse\n\n"
+                  "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+  assert machine.cpu_description(str(info)) == {
+      "model": "Example Xeon", "flags": ["amx_bf16", "amx_tile", "avx512f", "avx2"]}
+  missing = machine.cpu_description(str(tmp_path / "absent"))
+  assert missing["model"] and missing["flags"] == []

@@ -4,26 +4,29 @@
 plain NHWC/HWIO convolutions (any kernel, stride and padding; no dilation,
 no groups), which it computes as one matmul over the input's patches
 (im2col): ``y = patches(x) @ w.reshape(kh * kw * C, O)``, with float32
-accumulation. Its gradients are two more matmuls (``jax.custom_vjp``), each
-with operands that XLA:CPU reads row-major, without a transposed copy: at
-stride 1 the input gradient is the convolution of the output gradient with
-the flipped kernel (another patch matmul; at other strides, the patch
-gradient ``dy @ w^T`` summed back in float32 by the transpose of the
-slicing), and the weight gradient multiplies the output gradient, transposed,
-by the input's patches. The patches are rebuilt in the backward pass rather
-than stored; 16-bit patches are copied as 32-bit words (pairs of channels),
+accumulation. Its gradients are two more matmuls (``jax.custom_vjp``) whose
+operands XLA:CPU reads row-major (given a transposed one, its 16-bit matmul
+converts both to float32): at stride 1 the input gradient is the convolution
+of the output gradient with the flipped kernel (another patch matmul; at
+other strides, the patch gradient ``dy @ w^T`` summed back in float32 by the
+transpose of the slicing); the weight gradient multiplies the output
+gradient, transposed, by the input's patches (16-bit), or the patches sliced
+from the channel-major input by the output gradient (float32). The patches are rebuilt in the backward pass rather
+than stored (XLA computes them once where the forward pass is in the same
+program); 16-bit patches are copied as 32-bit words (pairs of channels),
 which XLA:CPU moves about twice as fast. ``form`` picks where it applies:
 
 - ``"auto"``: convolutions of at least ``MIN_MACS`` multiply-adds, where the
   matmul measured faster (``scripts/benchmark_convs.py``; the table in
-  docs/performance.md, "bfloat16"): every 1x1; in bfloat16 also larger
-  kernels whose patch matrix is deep and short (``BF16_MATMUL_MIN_DEPTH``,
-  ``BF16_MATMUL_MAX_ROWS``: ResNet's res4 and res5 3x3s at 512 px), where
-  the bfloat16 matmul with float32 accumulation (XLA:CPU's fast bfloat16
-  path; its bfloat16 convolution runs at float32 speed) outruns the im2col
-  copies. Other bfloat16 convolutions at stride 1 keep XLA's convolution
-  forward (faster there) and take the matmul gradients (faster than XLA's at
-  every measured shape). Larger float32 kernels stay XLA's.
+  docs/performance.md, "bfloat16"). In float32: every 1x1. In bfloat16 (whose
+  matmul with float32 accumulation is XLA:CPU's fast bfloat16 path; its
+  bfloat16 convolution runs at float32 speed) every plain convolution is the
+  matmul form when differentiated, the forward pass's patches then serving
+  the weight gradient too; its forward pass alone (inference) is the matmul
+  for 1x1s and for kernels whose patch matrix is deep and short
+  (``BF16_MATMUL_MIN_DEPTH``, ``BF16_MATMUL_MAX_ROWS``: ResNet's res4 and res5
+  3x3s at 512 px), XLA's convolution elsewhere. Larger float32 kernels stay
+  XLA's.
 - ``"matmul"``: every plain convolution, whatever its size: for code inside
   ``lax.cond`` / ``lax.scan`` bodies (``modeling/chunked.py``), where XLA:CPU
   runs convolution gradients about 100x slower than at top level and
@@ -105,8 +108,8 @@ def _plain_padding(lhs, rhs, strides, padding, dimension_numbers):
 
 
 def _auto_forward(lhs, rhs, strides, padding):
-  """``form="auto"``'s rule (module docstring): the forward pass of ``_conv_matmul``
-  ("matmul" or "xla", the gradients then matmuls), or None for XLA's convolution."""
+  """``form="auto"``'s rule (module docstring): ``_conv_matmul``'s forward pass
+  when not differentiated ("matmul" or "xla"), or None for XLA's convolution."""
   out_pixels = math.prod(_output_size(size, k, lo, hi, s) for size, k, (lo, hi), s
                          in zip(lhs.shape[1:3], rhs.shape[:2], padding, strides))
   rows = lhs.shape[0] * out_pixels
@@ -116,9 +119,9 @@ def _auto_forward(lhs, rhs, strides, padding):
     return "matmul"
   if lhs.dtype != jnp.bfloat16:
     return None
-  if math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH and rows <= BF16_MATMUL_MAX_ROWS:
-    return "matmul"
-  return "xla" if _flipped_padding(rhs.shape[:2], strides, padding) is not None else None
+  deep_and_short = (math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH
+                    and rows <= BF16_MATMUL_MAX_ROWS)
+  return "matmul" if deep_and_short else "xla"
 
 
 def _output_size(size, kernel, lo, hi, stride):
@@ -206,9 +209,10 @@ def _dot(a, b, precision, contract=((1,), (0,))):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_matmul(x, w, strides, padding, precision, forward="matmul"):
-  """A convolution whose gradients are matmuls: ``lax.conv_general_dilated``'s
-  numbers. ``forward``: "matmul" (one matmul over the patches) or "xla" (XLA's
-  convolution; where that is faster forward)."""
+  """A convolution as matmuls: ``lax.conv_general_dilated``'s numbers.
+  Differentiated, one matmul over the patches forward (which the weight
+  gradient's matmul reuses) and two backward; not differentiated, ``forward``:
+  "matmul" or "xla" (XLA's convolution, where that is faster alone)."""
   if forward == "xla":
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                     precision=precision)
@@ -218,11 +222,12 @@ def _conv_matmul(x, w, strides, padding, precision, forward="matmul"):
 
 
 def _conv_matmul_fwd(x, w, strides, padding, precision, forward):
-  return _conv_matmul(x, w, strides, padding, precision, forward), (x, w)
+  del forward  # differentiated: the matmul, its patches shared with the weight gradient
+  return _conv_matmul(x, w, strides, padding, precision, "matmul"), (x, w)
 
 
 def _conv_matmul_bwd(strides, padding, precision, forward, residuals, dy):
-  del forward  # the same gradients either way
+  del forward
   x, w = residuals
   kernel_size, (c, o) = w.shape[:2], w.shape[2:]
   flat_dy = dy.reshape(-1, o)

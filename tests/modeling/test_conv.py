@@ -78,7 +78,7 @@ def test_bfloat16_gradient_dtype(rng):
 # words; 3 channels, one 7x9 image (an odd pixel count): 16-bit copies.
 @pytest.mark.parametrize("channels", [4, 3])
 @pytest.mark.parametrize("kernel,strides,padding", [
-    (3, (1, 1), ((1, 1), (1, 1))),   # "auto": XLA forward, matmul gradients
+    (3, (1, 1), ((1, 1), (1, 1))),   # "auto": XLA's forward alone, matmuls differentiated
     (3, (2, 2), ((1, 1), (1, 1))),
     (1, (1, 1), ((0, 0), (0, 0))),
     (1, (2, 2), ((0, 0), (0, 0))),
@@ -174,39 +174,41 @@ def test_conv_by_hand():
 
 
 def test_forms_lowered(monkeypatch):
-  """Which convolutions become matmuls on CPU: "auto" takes 1x1s, and bfloat16
-  kernels whose patch matrix is deep and short enough; other bfloat16 ones at
-  stride 1 keep XLA's convolution forward and take matmul gradients; "matmul"
-  every plain one; "xla" none. GPU and TPU keep their own convolutions whatever
-  the form."""
+  """Which convolutions become matmuls on CPU: "auto" takes 1x1s; in bfloat16
+  every plain convolution when differentiated, and forward alone those whose
+  patch matrix is deep and short enough; "matmul" every plain one; "xla" none.
+  GPU and TPU keep their own convolutions whatever the form."""
   monkeypatch.setattr(conv, "MIN_MACS", 1)
   # The test's 3x3 over 2 channels on 6x6: depth 18, 36 rows.
   monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 18)
   monkeypatch.setattr(conv, "BF16_MATMUL_MAX_ROWS", 36)
 
-  def ops(w, form, platforms=("cpu",), strides=(1, 1)):
+  def ops(w, form, platforms=("cpu",), strides=(1, 1), differentiated=True):
     x = jnp.ones((1, 6, 6, 2), w.dtype)
     f = lambda v: jnp.sum(conv.conv_general_dilated(
         x, v, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         form=form).astype(jnp.float32))
-    text = (jax.jit(jax.value_and_grad(f)).trace(w).lower(lowering_platforms=platforms)
-            .as_text())
+    text = (jax.jit(jax.value_and_grad(f) if differentiated else f).trace(w)
+            .lower(lowering_platforms=platforms).as_text())
     return {op for op in ("dot_general", "convolution") if f"stablehlo.{op}" in text}
 
-  wide = jnp.ones((3, 3, 2, 2))
+  wide, narrow = jnp.ones((3, 3, 2, 2)), jnp.ones((1, 1, 2, 2))
   assert ops(wide, "auto") == {"convolution"}
-  assert ops(jnp.ones((1, 1, 2, 2)), "auto") == {"dot_general"}
-  assert ops(wide.astype(jnp.bfloat16), "auto") == {"dot_general"}
-  monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 19)  # too shallow
-  both = {"convolution", "dot_general"}
-  assert ops(wide.astype(jnp.bfloat16), "auto") == both
-  assert ops(wide.astype(jnp.bfloat16), "auto", strides=(2, 2)) == {"convolution"}
-  monkeypatch.setattr(conv, "BF16_MATMUL_MIN_DEPTH", 18)
-  monkeypatch.setattr(conv, "BF16_MATMUL_MAX_ROWS", 35)  # too many rows
-  assert ops(wide.astype(jnp.bfloat16), "auto") == both
+  assert ops(narrow, "auto") == ops(narrow, "auto", differentiated=False) == {"dot_general"}
+  bf16 = wide.astype(jnp.bfloat16)
+  assert ops(bf16, "auto") == ops(bf16, "auto", differentiated=False) == {"dot_general"}
+  # Too shallow (at stride 1 and 2), too many rows: XLA's forward alone.
+  for name, value, strides in (("BF16_MATMUL_MIN_DEPTH", 19, (1, 1)),
+                               ("BF16_MATMUL_MIN_DEPTH", 19, (2, 2)),
+                               ("BF16_MATMUL_MAX_ROWS", 35, (1, 1))):
+    with monkeypatch.context() as m:
+      m.setattr(conv, name, value)
+      assert ops(bf16, "auto", strides=strides) == {"dot_general"}
+      assert ops(bf16, "auto", strides=strides, differentiated=False) == {"convolution"}
   assert ops(wide, "matmul") == {"dot_general"}
-  assert ops(jnp.ones((1, 1, 2, 2)), "xla") == {"convolution"}
+  assert ops(narrow, "xla") == {"convolution"}
   assert ops(wide, "matmul", ("tpu",)) == {"convolution"}
+  assert ops(bf16, "auto", ("tpu",)) == {"convolution"}
   with pytest.raises(ValueError, match="conv form"):
     ops(wide, "im2col")
 
