@@ -23,9 +23,11 @@ which XLA:CPU moves about twice as fast. ``form`` picks where it applies:
   bfloat16 convolution runs at float32 speed) every plain convolution is the
   matmul form when differentiated, the forward pass's patches then serving
   the weight gradient too; its forward pass alone (inference) is the matmul
-  for 1x1s and for kernels whose patch matrix is deep and short
-  (``BF16_MATMUL_MIN_DEPTH``, ``BF16_MATMUL_MAX_ROWS``: ResNet's res4 and res5
-  3x3s at 512 px), XLA's convolution elsewhere. Larger float32 kernels stay
+  for 1x1s and for kernels whose patch matrix is deep
+  (``BF16_MATMUL_MIN_DEPTH``: 3x3s of 256 channels and up) at stride 1 or
+  over few pixels (``BF16_MATMUL_MAX_ROWS``), XLA's convolution elsewhere.
+  16-bit stride-1 patch matmuls over many pixels run in bands of output rows
+  whose patches stay in cache (``BAND_ROWS``). Larger float32 kernels stay
   XLA's.
 - ``"matmul"``: every plain convolution, whatever its size: for code inside
   ``lax.cond`` / ``lax.scan`` bodies (``modeling/chunked.py``), where XLA:CPU
@@ -56,14 +58,21 @@ msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_MACS = 10_000_000  # "auto": smaller convs (coarse levels, test models) stay XLA's
-# "auto", bfloat16 kernels larger than 1x1: the matmul when kh * kw * Cin is at
-# least this and batch * output pixels at most that. Forward and both gradients
-# at 512 px, batch 2 (GFLOP/s, XLA's conv / the matmul): res4 3x3 256 over
-# 2 x 32^2 134 / 146, res5 3x3 512 over 2 x 16^2 180 / 280; but FPN 3x3 256
-# over 2 x 64^2 162 / 126, the mask head's 3x3 256 over 256 RoIs of 14^2
-# 176 / 139, res3 3x3 128 over 2 x 64^2 154 / 88.
+# "auto", bfloat16 kernels larger than 1x1, forward alone (inference): the
+# matmul when kh * kw * Cin is at least this and the convolution has stride 1
+# (in bands, below) or at most that many output pixels (batch included).
+# Forward at 512 px, batch 2 (GFLOP/s, XLA's conv / one matmul): res4 3x3 256
+# over 2 x 32^2 175 / 229, res5 3x3 512 over 2 x 16^2 165 / 232, the keypoint
+# head 144 / 207; res3 3x3 128 (depth 1152) 187 / 142.
 BF16_MATMUL_MIN_DEPTH = 2304
 BF16_MATMUL_MAX_ROWS = 4096
+# 16-bit stride-1 patch matmuls over more output pixels run band by band of
+# output rows, at most this many pixels each: a 2048 x 2304 bfloat16 patch
+# matrix (9.4 MB) stays in cache; over all rows at once (151 MB on P2) the
+# copies run at memory speed. Forward at 512 px (GFLOP/s, XLA's conv / one
+# matmul / bands): P2 3x3 256 182 / 172 / 274, P3 204 / 179 / 321, the mask
+# head's 3x3 over 32 RoIs 177 / 159 / 308.
+BAND_ROWS = 2048
 FORMS = ("auto", "matmul", "xla")
 
 
@@ -119,9 +128,9 @@ def _auto_forward(lhs, rhs, strides, padding):
     return "matmul"
   if lhs.dtype != jnp.bfloat16:
     return None
-  deep_and_short = (math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH
-                    and rows <= BF16_MATMUL_MAX_ROWS)
-  return "matmul" if deep_and_short else "xla"
+  deep = math.prod(rhs.shape[:3]) >= BF16_MATMUL_MIN_DEPTH
+  short_or_banded = rows <= BF16_MATMUL_MAX_ROWS or tuple(strides) == (1, 1)
+  return "matmul" if deep and short_or_banded else "xla"
 
 
 def _output_size(size, kernel, lo, hi, stride):
@@ -207,50 +216,93 @@ def _dot(a, b, precision, contract=((1,), (0,))):
                          preferred_element_type=jnp.float32)
 
 
+def _bands(x, kernel_size, strides, padding):
+  """How ``_patch_matmul`` splits a 16-bit stride-1 convolution into bands of
+  output rows whose patch matrices stay cache-sized (``BAND_ROWS`` rows):
+  ``(band height, number of bands)``, or None for one matmul over all rows."""
+  n, h, w = x.shape[:3]
+  oh, ow = (_output_size(size, k, lo, hi, 1) for size, k, (lo, hi)
+            in zip((h, w), kernel_size, padding))
+  if (x.dtype.itemsize != 2 or tuple(strides) != (1, 1) or tuple(kernel_size) == (1, 1)
+      or n * oh * ow <= BAND_ROWS):
+    return None
+  band = max([b for b in range(1, oh + 1) if oh % b == 0 and n * b * ow <= BAND_ROWS],
+             default=1)
+  return band, oh // band
+
+
+def _patch_matmul(x, w2d, kernel_size, strides, padding, precision, banded=False):
+  """``patches(x) @ w2d`` accumulated in float32, rounded to ``x``'s dtype:
+  ``[N, OH, OW, O]``. ``banded``: band by band of output rows where ``_bands``
+  says (a ``lax.map``; each band reads its rows of the row-padded input). For
+  forward passes alone: differentiated, one matmul over all rows shares its
+  patches with the weight gradient's (the bands measured slower there)."""
+  def whole(x, strides, padding):
+    p, lead = _flat_patches(x, kernel_size, strides, padding)
+    return _dot(p, w2d, precision).astype(x.dtype).reshape(*lead, -1)
+
+  bands = _bands(x, kernel_size, strides, padding) if banded else None
+  if bands is None:
+    return whole(x, strides, padding)
+  (band, count), kh = bands, kernel_size[0]
+  rows = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0)))
+
+  def one(i):
+    part = lax.dynamic_slice_in_dim(rows, i * band, band + kh - 1, axis=1)
+    return whole(part, (1, 1), ((0, 0), padding[1]))
+
+  y = lax.map(one, jnp.arange(count))  # [count, N, band, OW, O]
+  return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], count * band, *y.shape[3:])
+
+
+def _weight_gradient(x, dy, kernel_size, strides, padding, precision):
+  """``patches(x)^T @ dy`` in float32, ``[kh * kw * C, O]``. 16-bit, over an even
+  number of pixels: ``(dy^T @ patches)^T`` with both operands row-major (the
+  barrier keeps XLA from folding the final, small, transpose into the matmul by
+  swapping its operands); else the channel-major patches times dy."""
+  flat_dy = dy.reshape(-1, dy.shape[-1])
+  if x.dtype.itemsize != 2 or flat_dy.shape[0] % 2:
+    return _dot(_flat_patches_t(x, kernel_size, strides, padding), flat_dy, precision)
+  p, _ = _flat_patches(x, kernel_size, strides, padding)
+  return lax.optimization_barrier(_dot(_transposed(flat_dy), p, precision)).T
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_matmul(x, w, strides, padding, precision, forward="matmul"):
   """A convolution as matmuls: ``lax.conv_general_dilated``'s numbers.
-  Differentiated, one matmul over the patches forward (which the weight
-  gradient's matmul reuses) and two backward; not differentiated, ``forward``:
-  "matmul" or "xla" (XLA's convolution, where that is faster alone)."""
+  Differentiated, one matmul over the patches forward and two backward; not
+  differentiated, ``forward``: "matmul" (in bands where ``_bands`` says) or
+  "xla" (XLA's convolution, where that is faster alone)."""
   if forward == "xla":
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                     precision=precision)
-  p, lead = _flat_patches(x, w.shape[:2], strides, padding)
-  y = _dot(p, w.reshape(-1, w.shape[-1]), precision)
-  return y.reshape(*lead, -1).astype(x.dtype)
+  return _patch_matmul(x, w.reshape(-1, w.shape[-1]), w.shape[:2], strides, padding, precision,
+                       banded=True)
 
 
 def _conv_matmul_fwd(x, w, strides, padding, precision, forward):
-  del forward  # differentiated: the matmul, its patches shared with the weight gradient
-  return _conv_matmul(x, w, strides, padding, precision, "matmul"), (x, w)
+  del forward  # differentiated: one matmul, its patches shared with the weight gradient
+  y = _patch_matmul(x, w.reshape(-1, w.shape[-1]), w.shape[:2], strides, padding, precision)
+  return y, (x, w)
 
 
 def _conv_matmul_bwd(strides, padding, precision, forward, residuals, dy):
   del forward
   x, w = residuals
   kernel_size, (c, o) = w.shape[:2], w.shape[2:]
-  flat_dy = dy.reshape(-1, o)
   full = _flipped_padding(kernel_size, strides, padding)
   if full is not None:
     # dx = dy convolved with the flipped kernel, its in/out channels swapped.
-    p, lead = _flat_patches(dy, kernel_size, (1, 1), full)
     flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3).reshape(-1, c)
-    dx = _dot(p, flipped, precision).reshape(*lead, c)
+    dx = _patch_matmul(dy, flipped, kernel_size, (1, 1), full, precision)
   else:
     # The patch gradient dy @ w^T (contracting both on O: no transposed copy of
     # w), summed back in float32 by the transpose of the slicing.
-    dp = _dot(flat_dy, w.reshape(-1, o), precision, ((1,), (1,)))
+    dp = _dot(dy.reshape(-1, o), w.reshape(-1, o), precision, ((1,), (1,)))
     unslice = jax.linear_transpose(lambda v: _patches(v, kernel_size, strides, padding),
                                    jax.ShapeDtypeStruct(x.shape, dp.dtype))
     dx, = unslice(dp.reshape(*dy.shape[:3], -1))
-  if x.dtype.itemsize == 2 and flat_dy.shape[0] % 2 == 0:
-    # dw^T = dy^T @ patches, both row-major; the barrier keeps XLA from folding
-    # the final (small) transpose into the matmul by swapping its operands.
-    p, _ = _flat_patches(x, kernel_size, strides, padding)
-    dw = lax.optimization_barrier(_dot(_transposed(flat_dy), p, precision)).T
-  else:
-    dw = _dot(_flat_patches_t(x, kernel_size, strides, padding), flat_dy, precision)
+  dw = _weight_gradient(x, dy, kernel_size, strides, padding, precision)
   return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 

@@ -85,9 +85,13 @@ def test_bfloat16_gradient_dtype(rng):
     (3, (1, 1), ((2, 0), (0, 1))),   # uneven padding: the flipped kernel's is too
     (2, (1, 1), ((3, 0), (0, 0))),   # padding beyond the kernel: the sliced gradient
 ])
-def test_bfloat16_values_and_gradients(rng, kernel, strides, padding, channels, form):
+@pytest.mark.parametrize("band_rows", [None, 20])  # 20: stride-1 patch matmuls in bands
+def test_bfloat16_values_and_gradients(rng, monkeypatch, kernel, strides, padding, channels,
+                                       form, band_rows):
   """bfloat16 against float32 XLA on the same (bfloat16-rounded) numbers, within
   bfloat16's rounding of the outputs and gradients."""
+  if band_rows:
+    monkeypatch.setattr(conv, "BAND_ROWS", band_rows)
   x = jnp.asarray(rng.normal(size=(channels - 2, 7, 9, channels)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 6)), jnp.bfloat16)
   ours_fn = lambda x, w: conv.conv_general_dilated(
@@ -104,6 +108,41 @@ def test_bfloat16_values_and_gradients(rng, kernel, strides, padding, channels, 
   for name, a, b in zip(("input", "weight"), ours, theirs):
     assert a.dtype == jnp.bfloat16, name
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * scale(b), err_msg=name)
+
+
+def test_bands(rng, monkeypatch):
+  """Forward alone, stride-1 16-bit patch matmuls over more than BAND_ROWS output
+  pixels run in bands of output rows (the largest divisor of the output height
+  that fits, at least one row): the same numbers as one matmul."""
+  x = jnp.asarray(rng.normal(size=(2, 12, 10, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.bfloat16)
+  pads = ((1, 1), (1, 1))
+  assert conv._bands(x, (3, 3), (1, 1), pads) is None  # 240 pixels: one matmul
+  monkeypatch.setattr(conv, "BAND_ROWS", 2 * 4 * 10 + 5)
+  assert conv._bands(x, (3, 3), (1, 1), pads) == (4, 3)
+  assert conv._bands(x[:, :5], (3, 3), (1, 1), pads) == (1, 5)  # 5 rows: no divisor fits
+  assert conv._bands(x, (3, 3), (2, 2), pads) is None  # strided: never
+  assert conv._bands(x.astype(jnp.float32), (3, 3), (1, 1), pads) is None
+
+  def forward(band_rows, padding=pads):
+    monkeypatch.setattr(conv, "BAND_ROWS", band_rows)
+    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), padding, form="matmul",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return np.asarray(jax.jit(f)(x, w), np.float32)
+
+  def looped(band_rows):
+    monkeypatch.setattr(conv, "BAND_ROWS", band_rows)
+    f = lambda x: conv._patch_matmul(x, w.reshape(-1, 6), (3, 3), (1, 1), pads, None, True)
+    return "stablehlo.while" in jax.jit(f).lower(x).as_text()
+
+  assert looped(15) and not looped(10 ** 9)
+  whole = forward(10 ** 9)
+  # Bands of 4 rows, of one row (2 x 10 pixels, more than 15), and uneven padding.
+  for band_rows in (85, 15):
+    np.testing.assert_allclose(forward(band_rows), whole, rtol=1e-2, atol=1e-2 * np.abs(whole).max())
+  uneven = ((2, 0), (0, 1))
+  np.testing.assert_allclose(forward(15, uneven), forward(10 ** 9, uneven), rtol=1e-2,
+                             atol=1e-2 * np.abs(whole).max())
 
 
 def test_patches_and_transpose_as_words(rng):
@@ -176,7 +215,8 @@ def test_conv_by_hand():
 def test_forms_lowered(monkeypatch):
   """Which convolutions become matmuls on CPU: "auto" takes 1x1s; in bfloat16
   every plain convolution when differentiated, and forward alone those whose
-  patch matrix is deep and short enough; "matmul" every plain one; "xla" none.
+  patch matrix is deep enough, at stride 1 or short enough; "matmul" every
+  plain one; "xla" none.
   GPU and TPU keep their own convolutions whatever the form."""
   monkeypatch.setattr(conv, "MIN_MACS", 1)
   # The test's 3x3 over 2 channels on 6x6: depth 18, 36 rows.
@@ -197,14 +237,16 @@ def test_forms_lowered(monkeypatch):
   assert ops(narrow, "auto") == ops(narrow, "auto", differentiated=False) == {"dot_general"}
   bf16 = wide.astype(jnp.bfloat16)
   assert ops(bf16, "auto") == ops(bf16, "auto", differentiated=False) == {"dot_general"}
-  # Too shallow (at stride 1 and 2), too many rows: XLA's forward alone.
-  for name, value, strides in (("BF16_MATMUL_MIN_DEPTH", 19, (1, 1)),
-                               ("BF16_MATMUL_MIN_DEPTH", 19, (2, 2)),
-                               ("BF16_MATMUL_MAX_ROWS", 35, (1, 1))):
+  # Too shallow (at stride 1 and 2), too many rows at stride 2 (9 here; at
+  # stride 1 bands of rows): XLA's forward alone.
+  for name, value, strides, alone in (("BF16_MATMUL_MIN_DEPTH", 19, (1, 1), "convolution"),
+                                      ("BF16_MATMUL_MIN_DEPTH", 19, (2, 2), "convolution"),
+                                      ("BF16_MATMUL_MAX_ROWS", 8, (2, 2), "convolution"),
+                                      ("BF16_MATMUL_MAX_ROWS", 8, (1, 1), "dot_general")):
     with monkeypatch.context() as m:
       m.setattr(conv, name, value)
       assert ops(bf16, "auto", strides=strides) == {"dot_general"}
-      assert ops(bf16, "auto", strides=strides, differentiated=False) == {"convolution"}
+      assert ops(bf16, "auto", strides=strides, differentiated=False) == {alone}
   assert ops(wide, "matmul") == {"dot_general"}
   assert ops(narrow, "xla") == {"convolution"}
   assert ops(wide, "matmul", ("tpu",)) == {"convolution"}
