@@ -201,6 +201,14 @@ def _transposed(a):
   return lax.bitcast_convert_type(words, a.dtype).reshape(a.shape[1], a.shape[0])
 
 
+def _dot_tn(a, b, precision):
+  """``a^T @ b`` in float32: for 16-bit ``a`` with an even row count, ``a^T``
+  materialised (``_transposed``) and both operands read row-major."""
+  if a.dtype.itemsize == 2 and a.shape[0] % 2 == 0:
+    return _dot(_transposed(a), b, precision)
+  return _dot(a, b, precision, ((0,), (0,)))
+
+
 def _flipped_padding(kernel_size, strides, padding):
   """The padding under which the input gradient of a stride-1 convolution is the
   convolution of its output gradient with the flipped kernel; None where there
@@ -264,7 +272,7 @@ def _weight_gradient(x, dy, kernel_size, strides, padding, precision):
   if x.dtype.itemsize != 2 or flat_dy.shape[0] % 2:
     return _dot(_flat_patches_t(x, kernel_size, strides, padding), flat_dy, precision)
   p, _ = _flat_patches(x, kernel_size, strides, padding)
-  return lax.optimization_barrier(_dot(_transposed(flat_dy), p, precision)).T
+  return lax.optimization_barrier(_dot_tn(flat_dy, p, precision)).T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -345,8 +353,8 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
 def matmul(x, w, precision=None):
   """``x [..., K] @ w [K, N]`` accumulating in float32, in ``x``'s dtype, with
   gradients whose matmuls read their operands row-major: the weight gradient
-  as ``x^T @ dy`` with ``x^T`` materialised (``_transposed``) where ``x`` is
-  16-bit, a transposed operand taking XLA:CPU's 16-bit matmul off its fast path."""
+  as ``x^T @ dy`` with ``x^T`` materialised where ``x`` is 16-bit (``_dot_tn``),
+  a transposed operand taking XLA:CPU's 16-bit matmul off its fast path."""
   return _dot(x.reshape(-1, x.shape[-1]), w, precision).reshape(
       *x.shape[:-1], w.shape[-1]).astype(x.dtype)
 
@@ -359,11 +367,7 @@ def _matmul_bwd(precision, residuals, dy):
   x, w = residuals
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   dx = _dot(dy2, w, precision, ((1,), (1,))).reshape(x.shape)
-  if x.dtype.itemsize == 2 and x2.shape[0] % 2 == 0:
-    dw = _dot(_transposed(x2), dy2, precision)
-  else:
-    dw = _dot(x2, dy2, precision, ((0,), (0,)))
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  return dx.astype(x.dtype), _dot_tn(x2, dy2, precision).astype(w.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
