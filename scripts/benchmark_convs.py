@@ -8,11 +8,11 @@ of each ResNet stage, the FPN and RPN 3x3s, the mask and keypoint heads' 3x3s
 over their RoIs), in float32 and bfloat16, at top level:
 ``conv.conv_general_dilated`` with ``form="xla"`` (XLA's convolution),
 ``form="matmul"`` (one im2col matmul with float32 accumulation, matmul
-gradients) and ``form="auto"`` (what the model runs: one of those, or in
-bfloat16 XLA's forward with the matmul gradients), forward and both
-gradients (``jax.value_and_grad``); and the forward alone (inference) for
-"xla" and "matmul". Prints a table and writes JSON: per shape and dtype the
-median seconds of each, GFLOP/s and which form won; the settings name the CPU
+gradients) and ``form="auto"`` (what the model trains with: one of those),
+forward and both gradients (``jax.value_and_grad``); and the forward alone
+(inference) for "xla" and "matmul" (16-bit stride-1 matmuls then in bands of
+``conv.BAND_ROWS`` output pixels). Prints a table and writes JSON: per shape and
+dtype the median seconds of each, GFLOP/s and which form won; the settings name the CPU
 (scripts/machine.py: bfloat16 speed depends on its AMX / AVX512-BF16).
 """
 

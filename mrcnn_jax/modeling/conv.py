@@ -245,9 +245,9 @@ def _patch_matmul(x, w2d, kernel_size, strides, padding, precision, banded=False
   says (a ``lax.map``; each band reads its rows of the row-padded input). For
   forward passes alone: differentiated, one matmul over all rows shares its
   patches with the weight gradient's (the bands measured slower there)."""
-  def whole(x, strides, padding):
-    p, lead = _flat_patches(x, kernel_size, strides, padding)
-    return _dot(p, w2d, precision).astype(x.dtype).reshape(*lead, -1)
+  def whole(inputs, strides, padding):
+    p, lead = _flat_patches(inputs, kernel_size, strides, padding)
+    return _dot(p, w2d, precision).astype(inputs.dtype).reshape(*lead, -1)
 
   bands = _bands(x, kernel_size, strides, padding) if banded else None
   if bands is None:

@@ -64,7 +64,6 @@ class Deconv(nn.Module):
     taps = jnp.moveaxis(flipped, 2, 0).reshape(c, k * k * self.features)
     patches = accumulating_dot_general(x.astype(self.dtype).reshape(-1, c), taps,
                                        (((1,), (0,)), ((), ())))
-    patches = patches.reshape(n, h, w, k, k, self.features)
     q = k // s
     # Tap i = s * qi + ai lands on output row s * (h + qi) + ai.
     patches = patches.reshape(n, h, w, q, s, q, s, self.features)
